@@ -1,0 +1,199 @@
+//! Settings: command-line flags override `CAPTIOND_*` environment variables (and a
+//! `.env` file), which override the defaults. `.env.example` documents every variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::queue::{Durability, RetryPolicy, StoreOptions};
+use crate::vision::image::DecodeLimits;
+use crate::vision::moondream2::loader::{DEFAULT_MODEL_REPO, DEFAULT_MODEL_REVISION, DEFAULT_TOKENIZER_REPO, ModelSource};
+use crate::vision::{DeviceChoice, ModelOptions, SkillSettings};
+use crate::workers::PoolConfig;
+
+/// Where data lives: the database and uploaded images.
+#[derive(Debug, Clone, Args)]
+pub struct DataSettings {
+    /// Folder for the queue database and uploaded images [default: the per-user data folder, e.g. ~/.local/share/captiond].
+    #[arg(long, env = "CAPTIOND_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Commit durability: `full` survives power loss; `normal` is faster but may lose the last commits on power loss.
+    #[arg(long, env = "CAPTIOND_DURABILITY", default_value = "full", value_name = "full|normal")]
+    pub durability: Durability,
+}
+
+impl DataSettings {
+    /// The data folder, defaulting to the platform's per-user data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            directories::ProjectDirs::from("", "", "captiond")
+                .map(|d| d.data_dir().to_path_buf())
+                .unwrap_or_else(|| PathBuf::from(".captiond"))
+        })
+    }
+
+    /// Path of the SQLite database.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir().join("captiond.db")
+    }
+
+    /// Store options.
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            durability: self.durability,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+/// Which model to load and where to run it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelSettings {
+    /// Local model folder (config.json, model.safetensors, tokenizer.json); overrides the Hub download.
+    #[arg(long, env = "CAPTIOND_MODEL_DIR", value_name = "DIR")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Hugging Face repository of the model, used when no --model-dir is given.
+    #[arg(long, env = "CAPTIOND_MODEL_REPO", default_value = DEFAULT_MODEL_REPO)]
+    pub model_repo: String,
+
+    /// Revision of that repository (pinned for reproducible captions).
+    #[arg(long, env = "CAPTIOND_MODEL_REVISION", default_value = DEFAULT_MODEL_REVISION)]
+    pub model_revision: String,
+
+    /// Repository holding the tokenizer of the Hub model.
+    #[arg(long, env = "CAPTIOND_TOKENIZER_REPO", default_value = DEFAULT_TOKENIZER_REPO)]
+    pub tokenizer_repo: String,
+
+    /// Never download; use only local files and the Hugging Face cache.
+    #[arg(long, env = "CAPTIOND_OFFLINE", default_value_t = false)]
+    pub offline: bool,
+
+    /// Device: auto (CUDA when built with it and present), cpu, or cuda.
+    #[arg(long, env = "CAPTIOND_DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceChoice,
+
+    /// Default cap on generated tokens per request.
+    #[arg(long, env = "CAPTIOND_MAX_TOKENS", default_value_t = 768)]
+    pub max_tokens: usize,
+
+    /// Largest image side accepted, in pixels (decompression-bomb guard).
+    #[arg(long, env = "CAPTIOND_MAX_IMAGE_SIDE", default_value_t = 16_384)]
+    pub max_image_side: u32,
+
+    /// Largest image area accepted, in pixels.
+    #[arg(long, env = "CAPTIOND_MAX_IMAGE_PIXELS", default_value_t = 100_000_000)]
+    pub max_image_pixels: u64,
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" => Ok(DeviceChoice::Auto),
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+        other => Err(format!("unknown device {other:?}; use auto, cpu or cuda")),
+    }
+}
+
+impl ModelSettings {
+    /// Options for [`crate::vision::Moondream::load`].
+    pub fn model_options(&self) -> ModelOptions {
+        let source = match &self.model_dir {
+            Some(dir) => ModelSource::Dir(dir.clone()),
+            None => ModelSource::Hub {
+                repo: self.model_repo.clone(),
+                revision: self.model_revision.clone(),
+                tokenizer_repo: self.tokenizer_repo.clone(),
+            },
+        };
+        let offline = self.offline || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        ModelOptions {
+            source,
+            offline,
+            device: self.device,
+            limits: self.decode_limits(),
+        }
+    }
+
+    /// Image decode limits.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_side: self.max_image_side,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
+    /// Default generation settings.
+    pub fn skill_defaults(&self) -> SkillSettings {
+        SkillSettings {
+            max_tokens: self.max_tokens,
+            ..SkillSettings::default()
+        }
+    }
+}
+
+/// Queue and worker behaviour.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerSettings {
+    /// Most captions generated at once.
+    #[arg(long, env = "CAPTIOND_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Lease of a running job in seconds; a crashed worker's job runs again after this.
+    #[arg(long, env = "CAPTIOND_LEASE_SECS", default_value_t = 30)]
+    pub lease_secs: u64,
+
+    /// Fallback poll in seconds when no wake-up arrives (at least 1).
+    #[arg(long, env = "CAPTIOND_POLL_SECS", default_value_t = 5)]
+    pub poll_secs: u64,
+
+    /// Attempts per job before it fails.
+    #[arg(long, env = "CAPTIOND_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: i64,
+
+    /// Out-of-memory requeues per job before it fails.
+    #[arg(long, env = "CAPTIOND_MAX_OOM_RETRIES", default_value_t = 10)]
+    pub max_oom_retries: i64,
+
+    /// Seconds running jobs get to finish on shutdown before they are released.
+    #[arg(long, env = "CAPTIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl WorkerSettings {
+    /// Pool configuration.
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            lease: Duration::from_secs(self.lease_secs.max(3)),
+            poll_interval: Duration::from_secs(self.poll_secs.max(1)),
+            max_concurrency: self.workers.max(1),
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            max_oom_retries: self.max_oom_retries.max(1),
+            retry: RetryPolicy::default(),
+            ..PoolConfig::default()
+        }
+    }
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct ServerSettings {
+    /// Address to listen on; keep it on 127.0.0.1 unless a token is set.
+    #[arg(long, env = "CAPTIOND_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Bearer token required on every /v1 route when set.
+    #[arg(long, env = "CAPTIOND_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Folders whose images may be enqueued by path (repeat the flag, or separate with ':' in the variable).
+    #[arg(long = "library-root", env = "CAPTIOND_LIBRARY_ROOTS", value_delimiter = ':', value_name = "DIR")]
+    pub library_roots: Vec<PathBuf>,
+
+    /// Largest request body in MiB.
+    #[arg(long, env = "CAPTIOND_BODY_LIMIT_MIB", default_value_t = 32)]
+    pub body_limit_mib: usize,
+}

@@ -1,0 +1,31 @@
+//! The durable queue: jobs and their state machine, the SQLite store, retry policy
+//! and the wake-up signal. Knows nothing of images or models.
+
+pub mod job;
+pub mod retry;
+pub mod store;
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+pub use job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
+pub use retry::RetryPolicy;
+pub use store::{CancelOutcome, Durability, Finish, FinishOp, Heartbeat, ListQuery, RetryOutcome, StateCounts, Store, StoreError, StoreOptions};
+
+/// Wakes the dispatcher right after a commit that makes work claimable (insert,
+/// retry, resume, freed capacity), so pickup has no polling delay.
+#[derive(Debug, Clone, Default)]
+pub struct Wakeup(Arc<Notify>);
+
+impl Wakeup {
+    /// Signals that there may be work; a signal sent while nobody waits is kept.
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    /// Waits for the next signal.
+    pub async fn wait(&self) {
+        self.0.notified().await;
+    }
+}

@@ -1,0 +1,756 @@
+//! Every SQL statement of the queue: connection pragmas, migrations, and one guarded
+//! statement per state transition. Writes go through one connection; reads use a pool.
+//! Workers' finishing writes are grouped into shared commits by a finisher task.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
+
+/// How durable each commit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: a commit survives power loss (the default).
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: faster; may lose the last commits on power loss.
+    Normal,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "full" => Ok(Self::Full),
+            "normal" => Ok(Self::Normal),
+            other => Err(format!("unknown durability {other:?}; use full or normal")),
+        }
+    }
+}
+
+/// Queue store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The disk holding the database is full.
+    #[error("the database disk is full; free space and retry")]
+    DiskFull,
+    /// Another process holds the database.
+    #[error("the database is locked by another process")]
+    Locked,
+    /// The database file is not a usable SQLite database.
+    #[error("database {path} is unreadable or corrupt: {message}")]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// What SQLite said.
+        message: String,
+    },
+    /// A stored row could not be interpreted.
+    #[error("invalid stored row: {0}")]
+    InvalidRow(String),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The finisher task is gone (shutting down).
+    #[error("the queue store is shutting down")]
+    Closed,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if let Some(db) = e.as_database_error() {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let msg = db.message().to_ascii_lowercase();
+            // SQLITE_FULL = 13; extended codes keep the primary code in the low byte.
+            let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
+            if primary == 13 || msg.contains("disk is full") {
+                return StoreError::DiskFull;
+            }
+            if primary == 5 || primary == 6 || msg.contains("database is locked") {
+                return StoreError::Locked;
+            }
+        }
+        StoreError::Database(e)
+    }
+}
+
+/// Result type of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How a worker finishes an attempt; each becomes one guarded statement.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// Store the result and succeed.
+    Succeeded {
+        /// Model id and revision.
+        model: String,
+        /// Skill output.
+        output: serde_json::Value,
+    },
+    /// Fail for good.
+    Failed(JobErrorInfo),
+    /// Retry at `run_at` (ms), or fail when attempts are exhausted.
+    Retry {
+        /// When to run again.
+        run_at: i64,
+        /// Why.
+        error: JobErrorInfo,
+    },
+    /// Out of memory: requeue without counting the attempt, unless `max_oom` is reached.
+    OutOfMemory {
+        /// Cap on OOM requeues.
+        max_oom: i64,
+        /// Why.
+        error: JobErrorInfo,
+    },
+    /// Cancelled while running.
+    Cancelled,
+    /// Given back on shutdown without counting the attempt.
+    Released,
+}
+
+/// One attempt's finishing write.
+#[derive(Debug, Clone)]
+pub struct FinishOp {
+    /// Job id.
+    pub id: Uuid,
+    /// Lease owner that claimed it.
+    pub owner: String,
+    /// Attempt number it claimed.
+    pub attempt: i64,
+    /// What happened.
+    pub finish: Finish,
+}
+
+/// Outcome of a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// Still ours; `cancel` says whether cancellation was requested.
+    Held {
+        /// Cancellation requested.
+        cancel: bool,
+    },
+    /// The lease was rescued or the job changed: stop working on it.
+    Lost,
+}
+
+/// Outcome of a cancel request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CancelOutcome {
+    /// A queued or scheduled job was cancelled at once.
+    Cancelled(Job),
+    /// A running job will stop at its next token.
+    Requested(Job),
+    /// The job had already finished.
+    AlreadyFinished(Job),
+}
+
+/// Outcome of a retry request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    /// Failed or cancelled job queued again.
+    Queued(Job),
+    /// The job is not failed or cancelled.
+    NotRetryable(Job),
+}
+
+/// Counts per state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StateCounts {
+    /// Waiting.
+    pub queued: i64,
+    /// Waiting for a retry time.
+    pub scheduled: i64,
+    /// Running.
+    pub running: i64,
+    /// Done.
+    pub succeeded: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+}
+
+impl StateCounts {
+    fn add(&mut self, state: JobState, n: i64) {
+        match state {
+            JobState::Queued => self.queued += n,
+            JobState::Scheduled => self.scheduled += n,
+            JobState::Running => self.running += n,
+            JobState::Succeeded => self.succeeded += n,
+            JobState::Failed => self.failed += n,
+            JobState::Cancelled => self.cancelled += n,
+        }
+    }
+
+    /// All jobs counted.
+    pub fn total(&self) -> i64 {
+        self.queued + self.scheduled + self.running + self.succeeded + self.failed + self.cancelled
+    }
+
+    /// Jobs not yet in a terminal state.
+    pub fn pending(&self) -> i64 {
+        self.queued + self.scheduled + self.running
+    }
+}
+
+/// Filter and page of a job listing (keyset pagination on id).
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this state.
+    pub state: Option<JobState>,
+    /// Only this batch.
+    pub batch: Option<Uuid>,
+    /// Ids strictly after this one.
+    pub after: Option<Uuid>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Commit durability.
+    pub durability: Durability,
+    /// How long a statement waits for a lock.
+    pub busy_timeout: Duration,
+    /// Read connections.
+    pub read_connections: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 4,
+        }
+    }
+}
+
+/// The job columns in the order `job_from_row` reads them by name.
+macro_rules! job_columns {
+    () => {
+        "id, task, params, source_kind, source, priority, state, attempt, max_attempts, oom_count, run_at, lease_owner, lease_expires_at, cancel_requested, error_code, error_message, created_at, started_at, finished_at, idempotency_key, batch_id"
+    };
+}
+
+const SQL_INSERT_JOB: &str = concat!(
+    "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?9, ?10) ON CONFLICT(idempotency_key) DO NOTHING"
+);
+const SQL_JOB_BY_ID: &str = concat!(
+    "SELECT ", job_columns!(), " ",
+    "FROM jobs WHERE id = ?1"
+);
+const SQL_JOB_BY_KEY: &str = concat!(
+    "SELECT ", job_columns!(), " ",
+    "FROM jobs WHERE idempotency_key = ?1"
+);
+const SQL_LIST: &str = concat!(
+    "SELECT ", job_columns!(), " ",
+    "FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR batch_id = ?2) AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
+);
+const SQL_CLAIM: &str = concat!(
+    "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2, ",
+    "started_at = COALESCE(started_at, ?3), cancel_requested = 0 ",
+    "WHERE id IN (SELECT id FROM jobs WHERE state IN ('queued', 'scheduled') AND run_at <= ?3 ORDER BY priority, run_at LIMIT ?4) ",
+    "RETURNING ", job_columns!()
+);
+const SQL_HEARTBEAT: &str = "UPDATE jobs SET lease_expires_at = ?4 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running' RETURNING cancel_requested";
+const SQL_SUCCEED: &str = "UPDATE jobs SET state = 'succeeded', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
+const SQL_INSERT_RESULT: &str = "INSERT INTO results (job_id, attempt, model, output, created_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(job_id) DO UPDATE SET attempt = excluded.attempt, model = excluded.model, output = excluded.output, created_at = excluded.created_at";
+const SQL_FAIL: &str = "UPDATE jobs SET state = 'failed', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = ?5, error_message = ?6 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
+const SQL_RETRY_LATER: &str = concat!(
+    "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'scheduled' END, ",
+    "finished_at = CASE WHEN attempt >= max_attempts THEN ?4 ELSE NULL END, run_at = ?5, ",
+    "lease_owner = NULL, lease_expires_at = NULL, error_code = ?6, error_message = ?7 ",
+    "WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'"
+);
+const SQL_OOM: &str = concat!(
+    "UPDATE jobs SET oom_count = oom_count + 1, attempt = attempt - 1, ",
+    "state = CASE WHEN oom_count + 1 >= ?5 THEN 'failed' ELSE 'queued' END, ",
+    "finished_at = CASE WHEN oom_count + 1 >= ?5 THEN ?4 ELSE NULL END, run_at = ?4, ",
+    "lease_owner = NULL, lease_expires_at = NULL, error_code = ?6, error_message = ?7 ",
+    "WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'"
+);
+const SQL_FINISH_CANCELLED: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
+const SQL_RELEASE: &str = "UPDATE jobs SET state = 'queued', attempt = attempt - 1, run_at = ?4, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
+const SQL_CANCEL_WAITING: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?2, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND state IN ('queued', 'scheduled')";
+const SQL_CANCEL_RUNNING: &str = "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'";
+const SQL_RETRY: &str = "UPDATE jobs SET state = 'queued', attempt = 0, oom_count = 0, run_at = ?2, finished_at = NULL, error_code = NULL, error_message = NULL, cancel_requested = 0 WHERE id = ?1 AND state IN ('failed', 'cancelled')";
+const SQL_RESCUE: &str = concat!(
+    "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END, ",
+    "finished_at = CASE WHEN attempt >= max_attempts THEN ?1 ELSE NULL END, run_at = ?1, ",
+    "error_code = 'lease_expired', error_message = 'the worker stopped heartbeating (crash or hang); attempt ' || attempt || ' of ' || max_attempts, ",
+    "lease_owner = NULL, lease_expires_at = NULL ",
+    "WHERE state = 'running' AND (?2 OR lease_expires_at < ?1)"
+);
+const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs WHERE state IN ('queued', 'scheduled')";
+const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
+const SQL_BATCH_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";
+const SQL_BATCH: &str = "SELECT created_at, total FROM batches WHERE id = ?1";
+const SQL_INSERT_BATCH: &str = "INSERT INTO batches (id, created_at, total) VALUES (?1, ?2, ?3)";
+const SQL_FINISHED_SINCE: &str = "SELECT COUNT(*) FROM jobs WHERE finished_at >= ?1 AND state = 'succeeded' AND (?2 IS NULL OR batch_id = ?2)";
+const SQL_RESULT: &str = "SELECT attempt, model, output, created_at FROM results WHERE job_id = ?1";
+const SQL_SET_SETTING: &str = "INSERT INTO queue_settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
+const SQL_GET_SETTING: &str = "SELECT value FROM queue_settings WHERE key = ?1";
+const SQL_CHECKPOINT: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
+
+/// The queue's SQLite database.
+#[derive(Debug, Clone)]
+pub struct Store {
+    write: SqlitePool,
+    read: SqlitePool,
+    finisher: mpsc::Sender<(FinishOp, oneshot::Sender<StoreResult<bool>>)>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if missing) the database at `path`, applies pragmas on every
+    /// connection and runs migrations. An existing file that is not a SQLite database
+    /// is an error, never silently replaced.
+    pub async fn open(path: &Path, opts: &StoreOptions) -> StoreResult<Self> {
+        let corrupt = |message: String| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        };
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(opts.busy_timeout)
+            .foreign_keys(true)
+            .synchronous(match opts.durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            });
+        let write_opts = base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(write_opts)
+            .await
+            .map_err(|e| classify_open_error(e, &corrupt))?;
+        let check: Result<String, sqlx::Error> = sqlx::query_scalar("PRAGMA quick_check").fetch_one(&write).await;
+        match check {
+            Ok(s) if s == "ok" => {}
+            Ok(s) => return Err(corrupt(s)),
+            Err(e) => return Err(classify_open_error(e, &corrupt)),
+        }
+        sqlx::migrate!("./migrations").run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(opts.read_connections.max(1))
+            .connect_with(base.read_only(true))
+            .await?;
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(run_finisher(write.clone(), rx));
+        Ok(Self {
+            write,
+            read,
+            finisher: tx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Inserts one job (in a batch when `batch` is set). With an idempotency key that
+    /// already exists, returns the existing job and `false`.
+    pub async fn insert_job(&self, new: &NewJob) -> StoreResult<(Job, bool)> {
+        let id = Uuid::now_v7();
+        let now = now_ms();
+        let done = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now, None)
+            .execute(&self.write)
+            .await?;
+        if done.rows_affected() == 1 {
+            let job = self.get_job_from(&self.write, id).await?.ok_or(StoreError::Closed)?;
+            return Ok((job, true));
+        }
+        let key = new.idempotency_key.clone().unwrap_or_default();
+        let row = sqlx::query(SQL_JOB_BY_KEY).bind(key).fetch_one(&self.write).await?;
+        Ok((job_from_row(&row)?, false))
+    }
+
+    /// Inserts many jobs and their batch in one transaction. Jobs whose idempotency
+    /// key exists already are not inserted again. Returns the batch id and the job ids.
+    pub async fn insert_batch(&self, jobs: &[NewJob]) -> StoreResult<(Uuid, Vec<Uuid>)> {
+        let batch = Uuid::now_v7();
+        let now = now_ms();
+        let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(SQL_INSERT_BATCH)
+            .bind(batch.to_string())
+            .bind(now)
+            .bind(jobs.len() as i64)
+            .execute(&mut *tx)
+            .await?;
+        let mut ids = Vec::with_capacity(jobs.len());
+        for new in jobs {
+            let id = Uuid::now_v7();
+            let done = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now, Some(batch))
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 1 {
+                ids.push(id);
+            } else {
+                let key = new.idempotency_key.clone().unwrap_or_default();
+                let existing: String = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?1")
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                ids.push(parse_uuid(&existing)?);
+            }
+        }
+        tx.commit().await?;
+        Ok((batch, ids))
+    }
+
+    async fn get_job_from(&self, pool: &SqlitePool, id: Uuid) -> StoreResult<Option<Job>> {
+        let row = sqlx::query(SQL_JOB_BY_ID).bind(id.to_string()).fetch_optional(pool).await?;
+        row.map(|r| job_from_row(&r)).transpose()
+    }
+
+    /// One job by id.
+    pub async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
+        self.get_job_from(&self.read, id).await
+    }
+
+    /// The stored result of a succeeded job.
+    pub async fn get_result(&self, id: Uuid) -> StoreResult<Option<JobResult>> {
+        let row = sqlx::query(SQL_RESULT).bind(id.to_string()).fetch_optional(&self.read).await?;
+        row.map(|r| {
+            let output: String = r.try_get(2)?;
+            Ok(JobResult {
+                attempt: r.try_get(0)?,
+                model: r.try_get(1)?,
+                output: serde_json::from_str(&output).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+                created_at: r.try_get(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// A page of jobs ordered by id.
+    pub async fn list_jobs(&self, q: &ListQuery) -> StoreResult<Vec<Job>> {
+        let rows = sqlx::query(SQL_LIST)
+            .bind(q.state.map(|s| s.as_str()))
+            .bind(q.batch.map(|b| b.to_string()))
+            .bind(q.after.map(|a| a.to_string()))
+            .bind(q.limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Claims up to `n` due jobs for `owner` in one statement, highest priority first.
+    pub async fn claim(&self, owner: &str, n: usize, lease: Duration) -> StoreResult<Vec<Job>> {
+        let now = now_ms();
+        let rows = sqlx::query(SQL_CLAIM)
+            .bind(owner)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(n as i64)
+            .fetch_all(&self.write)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Extends a lease; tells whether it is still held and whether cancel was asked.
+    pub async fn heartbeat(&self, id: Uuid, owner: &str, attempt: i64, lease: Duration) -> StoreResult<Heartbeat> {
+        let row: Option<i64> = sqlx::query_scalar(SQL_HEARTBEAT)
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(attempt)
+            .bind(now_ms() + lease.as_millis() as i64)
+            .fetch_optional(&self.write)
+            .await?;
+        Ok(match row {
+            Some(c) => Heartbeat::Held { cancel: c != 0 },
+            None => Heartbeat::Lost,
+        })
+    }
+
+    /// Finishes an attempt through the group-committing finisher; `false` when the
+    /// lease was no longer held (the write was refused).
+    pub async fn finish(&self, op: FinishOp) -> StoreResult<bool> {
+        let (tx, rx) = oneshot::channel();
+        self.finisher.send((op, tx)).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Cancels a waiting job at once, or flags a running one.
+    pub async fn cancel(&self, id: Uuid) -> StoreResult<Option<CancelOutcome>> {
+        let sid = id.to_string();
+        let waiting = sqlx::query(SQL_CANCEL_WAITING).bind(&sid).bind(now_ms()).execute(&self.write).await?;
+        let running = if waiting.rows_affected() == 0 {
+            sqlx::query(SQL_CANCEL_RUNNING).bind(&sid).execute(&self.write).await?.rows_affected()
+        } else {
+            0
+        };
+        let Some(job) = self.get_job_from(&self.write, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(if waiting.rows_affected() == 1 {
+            CancelOutcome::Cancelled(job)
+        } else if running == 1 {
+            CancelOutcome::Requested(job)
+        } else {
+            CancelOutcome::AlreadyFinished(job)
+        }))
+    }
+
+    /// Queues a failed or cancelled job again with fresh attempts.
+    pub async fn retry(&self, id: Uuid) -> StoreResult<Option<RetryOutcome>> {
+        let done = sqlx::query(SQL_RETRY).bind(id.to_string()).bind(now_ms()).execute(&self.write).await?;
+        let Some(job) = self.get_job_from(&self.write, id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(if done.rows_affected() == 1 {
+            RetryOutcome::Queued(job)
+        } else {
+            RetryOutcome::NotRetryable(job)
+        }))
+    }
+
+    /// Returns running jobs to the queue: those whose lease expired, or (`all`) every
+    /// running job, as at start-up after a crash. Counts the attempt.
+    pub async fn rescue(&self, all: bool) -> StoreResult<u64> {
+        let done = sqlx::query(SQL_RESCUE).bind(now_ms()).bind(all).execute(&self.write).await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Earliest `run_at` of a waiting job.
+    pub async fn next_run_at(&self) -> StoreResult<Option<i64>> {
+        Ok(sqlx::query_scalar(SQL_NEXT_RUN_AT).fetch_one(&self.read).await?)
+    }
+
+    /// Jobs per state, over everything or one batch.
+    pub async fn counts(&self, batch: Option<Uuid>) -> StoreResult<StateCounts> {
+        let rows = match batch {
+            None => sqlx::query(SQL_COUNTS).fetch_all(&self.read).await?,
+            Some(b) => sqlx::query(SQL_BATCH_COUNTS).bind(b.to_string()).fetch_all(&self.read).await?,
+        };
+        let mut counts = StateCounts::default();
+        for r in rows {
+            let state: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            let st = JobState::parse(&state).ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
+            counts.add(st, n);
+        }
+        Ok(counts)
+    }
+
+    /// A batch's creation time and size.
+    pub async fn batch(&self, id: Uuid) -> StoreResult<Option<(i64, i64)>> {
+        let row = sqlx::query(SQL_BATCH).bind(id.to_string()).fetch_optional(&self.read).await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    /// Jobs that succeeded since `since_ms` (optionally in one batch).
+    pub async fn succeeded_since(&self, since_ms: i64, batch: Option<Uuid>) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(SQL_FINISHED_SINCE)
+            .bind(since_ms)
+            .bind(batch.map(|b| b.to_string()))
+            .fetch_one(&self.read)
+            .await?)
+    }
+
+    /// Persists the queue pause switch.
+    pub async fn set_paused(&self, paused: bool) -> StoreResult<()> {
+        sqlx::query(SQL_SET_SETTING)
+            .bind("paused")
+            .bind(if paused { "1" } else { "0" })
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    /// Reads the queue pause switch.
+    pub async fn is_paused(&self) -> StoreResult<bool> {
+        let v: Option<String> = sqlx::query_scalar(SQL_GET_SETTING).bind("paused").fetch_optional(&self.read).await?;
+        Ok(v.as_deref() == Some("1"))
+    }
+
+    /// Checkpoints and truncates the WAL so it cannot grow without bound.
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        sqlx::query(SQL_CHECKPOINT).execute(&self.write).await?;
+        Ok(())
+    }
+
+    /// `PRAGMA integrity_check`: "ok" when the file is sound.
+    pub async fn integrity_check(&self) -> StoreResult<String> {
+        Ok(sqlx::query_scalar(SQL_INTEGRITY).fetch_one(&self.write).await?)
+    }
+
+    /// Closes both pools after pending writes.
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+fn classify_open_error(e: sqlx::Error, corrupt: &dyn Fn(String) -> StoreError) -> StoreError {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("not a database") || lower.contains("malformed") || lower.contains("unable to open") || lower.contains("readonly") || lower.contains("permission") {
+        return corrupt(text);
+    }
+    StoreError::from(e)
+}
+
+fn bind_insert<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    id: Uuid,
+    new: &NewJob,
+    now: i64,
+    batch: Option<Uuid>,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    let (kind, source) = match &new.source {
+        ImageSource::Path(p) => ("path", p.clone()),
+        ImageSource::Blob(h) => ("blob", h.clone()),
+    };
+    q.bind(id.to_string())
+        .bind(new.task.as_str())
+        .bind(new.params.to_string())
+        .bind(kind)
+        .bind(source)
+        .bind(new.priority)
+        .bind(new.max_attempts)
+        .bind(now)
+        .bind(new.idempotency_key.clone())
+        .bind(batch.map(|b| b.to_string()))
+}
+
+/// Writes finishing ops in shared transactions: whatever arrived while the previous
+/// commit ran goes into the next one.
+async fn run_finisher(pool: SqlitePool, mut rx: mpsc::Receiver<(FinishOp, oneshot::Sender<StoreResult<bool>>)>) {
+    let mut pending = Vec::with_capacity(256);
+    while rx.recv_many(&mut pending, 256).await > 0 {
+        let outcome = apply_finishes(&pool, &pending).await;
+        match outcome {
+            Ok(applied) => {
+                for ((_, reply), ok) in pending.drain(..).zip(applied) {
+                    let _ = reply.send(Ok(ok));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let disk_full = matches!(e, StoreError::DiskFull);
+                for (_, reply) in pending.drain(..) {
+                    let err = if disk_full { StoreError::DiskFull } else { StoreError::InvalidRow(msg.clone()) };
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+async fn apply_finishes(pool: &SqlitePool, ops: &[(FinishOp, oneshot::Sender<StoreResult<bool>>)]) -> StoreResult<Vec<bool>> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut applied = Vec::with_capacity(ops.len());
+    let now = now_ms();
+    for (op, _) in ops {
+        let id = op.id.to_string();
+        let guarded = |sql: &'static str| sqlx::query(sql).bind(id.clone()).bind(op.owner.clone()).bind(op.attempt).bind(now);
+        let done = match &op.finish {
+            Finish::Succeeded { model, output } => {
+                let done = guarded(SQL_SUCCEED).execute(&mut *tx).await?;
+                if done.rows_affected() == 1 {
+                    sqlx::query(SQL_INSERT_RESULT)
+                        .bind(&id)
+                        .bind(op.attempt)
+                        .bind(model)
+                        .bind(output.to_string())
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                done
+            }
+            Finish::Failed(err) => {
+                guarded(SQL_FAIL)
+                    .bind(err.code.clone())
+                    .bind(err.message.clone())
+                    .execute(&mut *tx)
+                    .await?
+            }
+            Finish::Retry { run_at, error } => {
+                guarded(SQL_RETRY_LATER)
+                    .bind(*run_at)
+                    .bind(error.code.clone())
+                    .bind(error.message.clone())
+                    .execute(&mut *tx)
+                    .await?
+            }
+            Finish::OutOfMemory { max_oom, error } => {
+                guarded(SQL_OOM)
+                    .bind(*max_oom)
+                    .bind(error.code.clone())
+                    .bind(error.message.clone())
+                    .execute(&mut *tx)
+                    .await?
+            }
+            Finish::Cancelled => guarded(SQL_FINISH_CANCELLED).execute(&mut *tx).await?,
+            Finish::Released => guarded(SQL_RELEASE).execute(&mut *tx).await?,
+        };
+        applied.push(done.rows_affected() == 1);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}
+
+fn parse_uuid(s: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(s).map_err(|e| StoreError::InvalidRow(format!("id {s}: {e}")))
+}
+
+fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
+    let id: String = r.try_get("id")?;
+    let task: String = r.try_get("task")?;
+    let params: String = r.try_get("params")?;
+    let kind: String = r.try_get("source_kind")?;
+    let source: String = r.try_get("source")?;
+    let state: String = r.try_get("state")?;
+    let code: Option<String> = r.try_get("error_code")?;
+    let message: Option<String> = r.try_get("error_message")?;
+    let batch: Option<String> = r.try_get("batch_id")?;
+    let cancel: i64 = r.try_get("cancel_requested")?;
+    Ok(Job {
+        id: parse_uuid(&id)?,
+        task: TaskKind::parse(&task).ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
+        params: serde_json::from_str(&params).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+        source: if kind == "blob" { ImageSource::Blob(source) } else { ImageSource::Path(source) },
+        priority: r.try_get("priority")?,
+        state: JobState::parse(&state).ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?,
+        attempt: r.try_get("attempt")?,
+        max_attempts: r.try_get("max_attempts")?,
+        oom_count: r.try_get("oom_count")?,
+        run_at: r.try_get("run_at")?,
+        lease_owner: r.try_get("lease_owner")?,
+        lease_expires_at: r.try_get("lease_expires_at")?,
+        cancel_requested: cancel != 0,
+        error: code.map(|code| JobErrorInfo {
+            code,
+            message: message.unwrap_or_default(),
+        }),
+        created_at: r.try_get("created_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        batch_id: batch.map(|b| parse_uuid(&b)).transpose()?,
+    })
+}

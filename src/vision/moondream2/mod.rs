@@ -1,0 +1,129 @@
+//! Native candle port of Moondream2 (2025 releases): configuration, vision encoder,
+//! text decoder, region heads and the generation loops of the four skills.
+//!
+//! Works on token ids; [`crate::vision::Moondream`] adds the tokenizer and text.
+
+pub mod config;
+pub mod generate;
+mod layers;
+pub mod loader;
+pub mod region;
+pub mod text;
+pub mod vision;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+pub use config::Config;
+pub use generate::{Generation, GenerateOptions, Sampling, StopReason};
+use region::RegionModel;
+use text::{KvCache, TextModel};
+use vision::VisionModel;
+
+use crate::vision::image::{CropGeometry, Crops, prepare_crops};
+
+/// Moondream2 weights, loaded once and shared by all generations (no mutable state).
+#[derive(Debug, Clone)]
+pub struct Moondream2 {
+    cfg: Config,
+    vision: VisionModel,
+    text: TextModel,
+    region: RegionModel,
+    device: Device,
+    dtype: DType,
+}
+
+/// An image encoded into the text model's KV cache: BOS plus one token per patch.
+#[derive(Debug, Clone)]
+pub struct EncodedImage {
+    cache: KvCache,
+}
+
+impl EncodedImage {
+    /// A copy of the prefix cache for one generation to extend.
+    pub fn cache(&self) -> KvCache {
+        self.cache.clone()
+    }
+}
+
+impl Moondream2 {
+    /// Builds the model from tensors named as in the checkpoint, without `model.`.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            cfg: cfg.clone(),
+            vision: VisionModel::new(&cfg.vision, vb.pp("vision"))?,
+            text: TextModel::new(&cfg.text, vb.pp("text"))?,
+            region: RegionModel::new(&cfg.region, vb.pp("region"))?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The configuration the weights were built for.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The vision encoder and projection.
+    pub fn vision(&self) -> &VisionModel {
+        &self.vision
+    }
+
+    /// The text decoder.
+    pub fn text(&self) -> &TextModel {
+        &self.text
+    }
+
+    /// The region heads.
+    pub fn region(&self) -> &RegionModel {
+        &self.region
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Crop geometry from the vision config.
+    pub fn crop_geometry(&self) -> CropGeometry {
+        let v = &self.cfg.vision;
+        CropGeometry {
+            crop_size: v.crop_size,
+            margin_px: v.overlap_margin * v.enc_patch_size,
+            max_crops: v.max_crops,
+        }
+    }
+
+    /// Preprocesses an (already oriented) RGB image into crops.
+    pub fn prepare(&self, img: &RgbImage) -> Crops {
+        prepare_crops(img, &self.crop_geometry())
+    }
+
+    /// Runs vision and the bidirectional text prefill for an RGB image.
+    pub fn encode_image(&self, img: &RgbImage) -> Result<EncodedImage> {
+        let crops = self.prepare(img);
+        let t = VisionModel::crops_tensor(&crops, &self.device, self.dtype)?;
+        self.encode_crops(&t, crops.tiling)
+    }
+
+    /// Same as [`Self::encode_image`] from a crops tensor `[n, 3, side, side]`.
+    pub fn encode_crops(&self, crops: &Tensor, tiling: crate::vision::image::Tiling) -> Result<EncodedImage> {
+        let img_emb = self.vision.embed(crops, tiling)?;
+        self.encode_embeddings(&img_emb)
+    }
+
+    /// Prefills BOS and projected image embeddings `[grid², dim]` into a fresh cache.
+    pub fn encode_embeddings(&self, img_emb: &Tensor) -> Result<EncodedImage> {
+        let bos = self.text.embed(&[self.cfg.tokenizer.bos_id])?;
+        let prefix = Tensor::cat(&[&bos, &img_emb.to_dtype(self.dtype)?], 0)?;
+        let mut cache = KvCache::new(self.cfg.text.n_layers);
+        self.text.feed(&prefix, &mut cache, self.cfg.prefix_len())?;
+        Ok(EncodedImage { cache })
+    }
+}

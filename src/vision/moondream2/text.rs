@@ -1,0 +1,268 @@
+//! The text decoder (`text.py`, `rope.py`): parallel blocks with partial rotary
+//! embeddings, a bidirectional image prefix and a per-generation KV cache.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::config::TextConfig;
+use super::layers::{Mlp, layer_norm, linear};
+
+/// Head width; the reference hard-codes the rotary layout around 64.
+pub const HEAD_DIM: usize = 64;
+/// Dimensions of each head that are rotated.
+const ROT_DIM: usize = 32;
+
+/// Keys and values of every layer for the positions fed so far.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+        }
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been fed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    mlp: Mlp,
+    n_heads: usize,
+    n_kv_heads: usize,
+}
+
+/// Text decoder with embeddings and output head.
+#[derive(Debug, Clone)]
+pub struct TextModel {
+    wte: Tensor,
+    blocks: Vec<Block>,
+    post_ln: LayerNorm,
+    lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    cfg: TextConfig,
+}
+
+/// Output of feeding positions: the last position's pre-`post_ln` hidden state and,
+/// when asked for, its logits.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// `[dim]` hidden state before the final LayerNorm (what the region heads read).
+    pub hidden: Tensor,
+    /// `[vocab]` logits of the last position, in f32.
+    pub logits: Tensor,
+}
+
+impl TextModel {
+    /// Loads `text.*` tensors and builds the rotary table.
+    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let qkv_dim = (cfg.n_heads + 2 * cfg.n_kv_heads) * HEAD_DIM;
+        let blocks = (0..cfg.n_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("blocks.{i}"));
+                Ok(Block {
+                    ln: layer_norm(cfg.dim, vb.pp("ln"))?,
+                    qkv: linear(cfg.dim, qkv_dim, vb.pp("attn.qkv"))?,
+                    proj: linear(cfg.dim, cfg.dim, vb.pp("attn.proj"))?,
+                    mlp: Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"))?,
+                    n_heads: cfg.n_heads,
+                    n_kv_heads: cfg.n_kv_heads,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (cos, sin) = rotary_table(cfg.max_context, vb.device(), vb.dtype())?;
+        Ok(Self {
+            wte: vb.get((cfg.vocab_size, cfg.dim), "wte")?,
+            blocks,
+            post_ln: layer_norm(cfg.dim, vb.pp("post_ln"))?,
+            lm_head: linear(cfg.dim, cfg.vocab_size, vb.pp("lm_head"))?,
+            cos,
+            sin,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Embeddings of token ids → `[n, dim]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(ids, self.wte.device())?;
+        self.wte.embedding(&ids)
+    }
+
+    /// Feeds `x` (`[n, dim]`) at the cache's next positions. Positions below
+    /// `bidirectional_prefix` attend to each other both ways; all others are causal.
+    pub fn feed(&self, x: &Tensor, cache: &mut KvCache, bidirectional_prefix: usize) -> Result<Step> {
+        let (n, _) = x.dims2()?;
+        let pos = cache.len;
+        if pos + n > self.cfg.max_context {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's context of {}",
+                pos + n,
+                self.cfg.max_context
+            );
+        }
+        let mask = attention_mask(pos, n, bidirectional_prefix, x.device(), x.dtype())?;
+        let mut x = x.unsqueeze(0)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, cache, pos, mask.as_ref(), &self.cos, &self.sin)?;
+        }
+        cache.len += n;
+        let hidden = x.get(0)?.get(n - 1)?;
+        let logits = self.logits(&hidden)?;
+        Ok(Step { hidden, logits })
+    }
+
+    /// Feeds `x` and returns the pre-`post_ln` hidden states of every fed position.
+    pub fn feed_all_hidden(&self, x: &Tensor, cache: &mut KvCache, prefix: usize) -> Result<Vec<Tensor>> {
+        let (n, _) = x.dims2()?;
+        let pos = cache.len;
+        let mask = attention_mask(pos, n, prefix, x.device(), x.dtype())?;
+        let mut x = x.unsqueeze(0)?;
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, i, cache, pos, mask.as_ref(), &self.cos, &self.sin)?;
+            out.push(x.get(0)?);
+        }
+        cache.len += n;
+        Ok(out)
+    }
+
+    /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = self.post_ln.forward(&hidden.unsqueeze(0)?)?;
+        self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)
+    }
+
+    /// The text configuration.
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.ln.forward(x)?;
+        let attn = self.attention(&h, layer, cache, pos, mask, cos, sin)?;
+        let mlp = self.mlp.forward(&h)?;
+        (x + attn)? + mlp
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        h: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        pos: usize,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, n, dim) = h.dims3()?;
+        let qkv = self.qkv.forward(h)?;
+        let q_w = self.n_heads * HEAD_DIM;
+        let kv_w = self.n_kv_heads * HEAD_DIM;
+        let heads = |start: usize, width: usize, count: usize| -> Result<Tensor> {
+            qkv.narrow(D::Minus1, start, width)?
+                .reshape((b, n, count, HEAD_DIM))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let cos = cos.narrow(0, pos, n)?;
+        let sin = sin.narrow(0, pos, n)?;
+        let q = partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)?;
+        let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &cos, &sin)?;
+        let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
+        let (k, v) = cache.append(layer, k, v)?;
+        let rep = self.n_heads / self.n_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?;
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (HEAD_DIM as f64).sqrt()))?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, dim))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// Half-split rotary embedding on the first 32 dims of each head; the rest pass through.
+fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let rot = x.narrow(D::Minus1, 0, ROT_DIM)?.contiguous()?;
+    let pass = x.narrow(D::Minus1, ROT_DIM, HEAD_DIM - ROT_DIM)?;
+    let rot = candle_nn::rotary_emb::rope(&rot, cos, sin)?;
+    Tensor::cat(&[&rot, &pass], D::Minus1)
+}
+
+/// cos/sin of `p * 10000^(-2j/32)` for `j < 16`, computed in f32 like the reference.
+fn rotary_table(max_context: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let half = ROT_DIM / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| 1.0 / 10000f32.powf((2 * j) as f32 / ROT_DIM as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(max_context * half);
+    let mut sin = Vec::with_capacity(max_context * half);
+    for p in 0..max_context {
+        for f in &freqs {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (max_context, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (max_context, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Additive mask `[n, pos+n]` for queries at `pos..pos+n`, or `None` when every key is
+/// visible to every query.
+fn attention_mask(pos: usize, n: usize, prefix: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+    let total = pos + n;
+    let visible = |i: usize, j: usize| j <= i || (i < prefix && j < prefix);
+    let all_visible = (pos..total).all(|i| (0..total).all(|j| visible(i, j)));
+    if all_visible {
+        return Ok(None);
+    }
+    let mut m = Vec::with_capacity(n * total);
+    for i in pos..total {
+        m.extend((0..total).map(|j| if visible(i, j) { 0f32 } else { f32::NEG_INFINITY }));
+    }
+    Ok(Some(Tensor::from_vec(m, (n, total), device)?.to_dtype(dtype)?))
+}
