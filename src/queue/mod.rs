@@ -7,7 +7,8 @@ pub mod store;
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
+use uuid::Uuid;
 
 pub use job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
 pub use retry::RetryPolicy;
@@ -27,5 +28,28 @@ impl Wakeup {
     /// Waits for the next signal.
     pub async fn wait(&self) {
         self.0.notified().await;
+    }
+}
+
+/// Announces jobs that reached a terminal state (or were cancelled), so long-polls
+/// and waiting requests answer at once.
+#[derive(Debug, Clone)]
+pub struct JobEvents(broadcast::Sender<Uuid>);
+
+impl Default for JobEvents {
+    fn default() -> Self {
+        Self(broadcast::channel(1024).0)
+    }
+}
+
+impl JobEvents {
+    /// Announces that job `id` changed state.
+    pub fn publish(&self, id: Uuid) {
+        let _ = self.0.send(id);
+    }
+
+    /// Receives later announcements.
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.0.subscribe()
     }
 }

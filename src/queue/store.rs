@@ -166,7 +166,7 @@ pub enum RetryOutcome {
 }
 
 /// Counts per state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StateCounts {
     /// Waiting.
     pub queued: i64,

@@ -88,9 +88,9 @@ impl Default for SkillSettings {
     }
 }
 
-/// What a skill produced.
+/// What a skill produced; serialises flat (`{"caption": ...}`, `{"objects": [...]}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(untagged)]
 pub enum SkillOutput {
     /// A caption.
     Caption {

@@ -12,7 +12,6 @@ use crate::vision::{CaptionLength, Captioner, RunControl, Skill, SkillError, Ski
 
 /// Task parameters as stored in a job's `params` column.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TaskParams {
     /// Caption length (caption).
     #[serde(default, skip_serializing_if = "Option::is_none")]

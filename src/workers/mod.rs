@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::queue::{Finish, FinishOp, Heartbeat, Job, JobErrorInfo, RetryPolicy, Store, Wakeup, now_ms};
+use crate::queue::{Finish, FinishOp, Heartbeat, Job, JobErrorInfo, JobEvents, RetryPolicy, Store, Wakeup, now_ms};
 
 /// What a handler produced for a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +100,7 @@ struct Inner {
     store: Store,
     handler: Arc<dyn JobHandler>,
     wakeup: Wakeup,
+    events: JobEvents,
     cfg: PoolConfig,
     target: AtomicUsize,
     running: Mutex<HashMap<Uuid, Running>>,
@@ -144,7 +145,7 @@ impl std::fmt::Debug for WorkerPool {
 
 impl WorkerPool {
     /// Rescues jobs a previous instance held, then starts dispatching.
-    pub async fn start(store: Store, handler: Arc<dyn JobHandler>, wakeup: Wakeup, cfg: PoolConfig) -> Result<Self, crate::queue::StoreError> {
+    pub async fn start(store: Store, handler: Arc<dyn JobHandler>, wakeup: Wakeup, events: JobEvents, cfg: PoolConfig) -> Result<Self, crate::queue::StoreError> {
         let rescued = store.rescue(true).await?;
         if rescued > 0 {
             info!(rescued, "returned jobs held by a previous run to the queue");
@@ -155,6 +156,7 @@ impl WorkerPool {
             store,
             handler,
             wakeup,
+            events,
             target: AtomicUsize::new(cfg.max_concurrency.max(1)),
             cfg,
             running: Mutex::new(HashMap::new()),
@@ -437,6 +439,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job, cancel: Arc<AtomicBool>, user_can
         finish,
     };
     write_finish(inner, op).await;
+    inner.events.publish(job.id);
 }
 
 /// Writes the outcome, retrying while the disk is full or the database busy; if it

@@ -206,14 +206,14 @@ impl Block {
         };
         let cos = cos.narrow(0, pos, n)?;
         let sin = sin.narrow(0, pos, n)?;
-        let q = partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)?;
+        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)? * (1.0 / (HEAD_DIM as f64).sqrt()))?;
         let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &cos, &sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
         let (k, v) = cache.append(layer, k, v)?;
         let rep = self.n_heads / self.n_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?;
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (HEAD_DIM as f64).sqrt()))?;
+        let mut scores = q.matmul(&k.t()?)?;
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }

@@ -41,8 +41,9 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let q = (split(0)? * (1.0 / (hd as f64).sqrt()))?;
+        let (k, v) = (split(1)?, split(2)?);
+        let scores = q.matmul(&k.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
         self.proj.forward(&out)
@@ -152,8 +153,14 @@ impl VisionModel {
     }
 
     /// Full image path: encoder, stitching, pooling and projection → `[grid², dim]`.
+    /// With a 1 × 1 tiling the local crop equals the global one, so it is encoded once.
     pub fn embed(&self, crops: &Tensor, tiling: Tiling) -> Result<Tensor> {
-        let out = self.encode(crops)?;
+        let out = if tiling.rows * tiling.cols == 1 && crops.dim(0)? == 2 {
+            let one = self.encode(&crops.narrow(0, 0, 1)?)?;
+            Tensor::cat(&[&one, &one], 0)?
+        } else {
+            self.encode(crops)?
+        };
         let n = out.dim(0)?;
         let global = out.get(0)?;
         let local = out.narrow(0, 1, n - 1)?;

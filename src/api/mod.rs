@@ -1,0 +1,163 @@
+//! The HTTP API (axum): jobs, batches, queue control, health, stats and metrics.
+//! Handlers stay thin: parse the request, call the queue, map the result.
+
+pub mod auth;
+pub mod error;
+pub mod input;
+pub mod jobs;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+
+pub use error::ApiError;
+
+use crate::blobs::BlobStore;
+use crate::queue::{JobEvents, StateCounts, Store, Wakeup, now_ms};
+use crate::vision::SkillSettings;
+use crate::vision::image::DecodeLimits;
+use crate::workers::{PoolStats, WorkerPool};
+
+/// Everything a handler needs, shared by all requests.
+#[derive(Clone)]
+pub struct AppState {
+    /// The queue database.
+    pub store: Store,
+    /// Wakes the dispatcher after inserts, retries and resumes.
+    pub wakeup: Wakeup,
+    /// Terminal-state announcements.
+    pub events: JobEvents,
+    /// Uploaded images.
+    pub blobs: BlobStore,
+    /// The worker pool, once the model is loaded.
+    pub pool: Arc<OnceLock<WorkerPool>>,
+    /// Whether the model is loaded.
+    pub ready: Arc<AtomicBool>,
+    /// Canonical library roots for path inputs.
+    pub roots: Arc<Vec<PathBuf>>,
+    /// Required bearer token.
+    pub api_token: Option<Arc<str>>,
+    /// Image decode limits.
+    pub limits: DecodeLimits,
+    /// Default generation settings.
+    pub skill_defaults: SkillSettings,
+    /// Default attempts per job.
+    pub max_attempts: i64,
+    /// Process start.
+    pub started: Instant,
+}
+
+/// Builds the router with auth and body-size limits.
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
+        .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .route("/v1/jobs/{id}/retry", post(jobs::retry_job))
+        .route("/v1/batches", post(jobs::create_batch))
+        .route("/v1/batches/{id}", get(jobs::get_batch))
+        .route("/v1/queue/pause", post(jobs::pause_queue))
+        .route("/v1/queue/resume", post(jobs::resume_queue))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, Json(serde_json::json!({"ready": true})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "error": {"code": "loading", "message": "the model is still loading"}})),
+        )
+    }
+}
+
+/// The figures behind `/v1/stats` and `/metrics`.
+#[derive(Debug, serde::Serialize)]
+pub struct Stats {
+    /// Jobs per state.
+    pub jobs: StateCounts,
+    /// Jobs that succeeded per second over the last minute.
+    pub images_per_second: f64,
+    /// Worker figures (absent while the model loads).
+    pub workers: Option<PoolStats>,
+    /// Whether claiming is paused.
+    pub paused: bool,
+    /// Whether the model is loaded.
+    pub ready: bool,
+    /// Seconds since start.
+    pub uptime_seconds: f64,
+}
+
+async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
+    let jobs = state.store.counts(None).await?;
+    let recent = state.store.succeeded_since(now_ms() - 60_000, None).await?;
+    let uptime = state.started.elapsed().as_secs_f64();
+    Ok(Stats {
+        jobs,
+        images_per_second: recent as f64 / uptime.clamp(1.0, 60.0),
+        workers: state.pool.get().map(|p| p.stats()),
+        paused: state.store.is_paused().await?,
+        ready: state.ready.load(Ordering::SeqCst),
+        uptime_seconds: uptime,
+    })
+}
+
+async fn stats(State(state): State<AppState>) -> Result<Json<Stats>, ApiError> {
+    Ok(Json(collect_stats(&state).await?))
+}
+
+async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    use std::fmt::Write;
+    let s = collect_stats(&state).await?;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP captiond_jobs Jobs in the queue by state.\n# TYPE captiond_jobs gauge");
+    for (name, n) in [
+        ("queued", s.jobs.queued),
+        ("scheduled", s.jobs.scheduled),
+        ("running", s.jobs.running),
+        ("succeeded", s.jobs.succeeded),
+        ("failed", s.jobs.failed),
+        ("cancelled", s.jobs.cancelled),
+    ] {
+        let _ = writeln!(out, "captiond_jobs{{state=\"{name}\"}} {n}");
+    }
+    let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(&mut out, "captiond_images_per_second", "Jobs succeeded per second over the last minute.", s.images_per_second);
+    gauge(&mut out, "captiond_ready", "1 when the model is loaded.", f64::from(u8::from(s.ready)));
+    gauge(&mut out, "captiond_paused", "1 when claiming is paused.", f64::from(u8::from(s.paused)));
+    if let Some(w) = &s.workers {
+        gauge(&mut out, "captiond_workers_busy", "Jobs running now.", w.busy as f64);
+        gauge(&mut out, "captiond_workers_target", "Concurrency target.", w.target as f64);
+        let _ = writeln!(
+            out,
+            "# HELP captiond_jobs_completed_total Jobs this process completed.\n# TYPE captiond_jobs_completed_total counter\ncaptiond_jobs_completed_total {}",
+            w.completed
+        );
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}

@@ -1,0 +1,285 @@
+//! `App::build(settings)`: the one way the service is assembled, used by `main` and by
+//! the integration tests. Owns the data-dir lock, the store, the HTTP server, model
+//! loading and the worker pool, and shuts them down in order.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::api::{self, AppState};
+use crate::blobs::BlobStore;
+use crate::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
+use crate::queue::{JobEvents, Store, StoreError, Wakeup};
+use crate::vision::{Captioner, Moondream};
+use crate::workers::caption::CaptionHandler;
+use crate::workers::{JobHandler, WorkerPool};
+
+/// Exit code after an unrecoverable device fault: supervisors should restart on it.
+pub const EXIT_DEVICE_FAULT: i32 = 75;
+
+/// All settings of `captiond serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Data folder and durability.
+    pub data: DataSettings,
+    /// Model.
+    pub model: ModelSettings,
+    /// Workers.
+    pub workers: WorkerSettings,
+    /// HTTP server.
+    pub server: ServerSettings,
+}
+
+/// What runs the jobs.
+pub enum Engine {
+    /// Load Moondream2 from the model settings (in the background; `/ready` tells).
+    LoadModel,
+    /// Use an already-loaded captioner.
+    Captioner(Arc<dyn Captioner>),
+    /// Use any handler (benchmarks and tests of the queue machinery).
+    Handler(Arc<dyn JobHandler>),
+}
+
+/// Start-up failures, each with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data dir could not be created or locked.
+    #[error("data dir {path}: {message}")]
+    DataDir {
+        /// Folder.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+    /// The database could not be opened.
+    #[error("opening the queue database: {0}")]
+    Store(#[from] StoreError),
+    /// A library root does not exist.
+    #[error("library root {path}: {message}")]
+    LibraryRoot {
+        /// Folder.
+        path: PathBuf,
+        /// What happened.
+        message: String,
+    },
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Why the service stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// Asked to stop (signal or test).
+    Requested,
+    /// The model could not be loaded.
+    ModelLoadFailed(String),
+    /// The device failed irrecoverably.
+    DeviceFault(String),
+}
+
+impl StopReason {
+    /// Process exit code for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::Requested => 0,
+            StopReason::ModelLoadFailed(_) => 1,
+            StopReason::DeviceFault(_) => EXIT_DEVICE_FAULT,
+        }
+    }
+}
+
+/// A running service.
+pub struct App {
+    addr: SocketAddr,
+    state: AppState,
+    server_stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    stop_rx: watch::Receiver<Option<StopReason>>,
+    stop_tx: watch::Sender<Option<StopReason>>,
+    _lock: File,
+}
+
+/// Takes an exclusive lock on `<data dir>/captiond.lock` so two instances never share a queue.
+fn lock_data_dir(dir: &Path) -> Result<File, StartError> {
+    let err = |message: String| StartError::DataDir {
+        path: dir.to_path_buf(),
+        message,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create: {e}")))?;
+    let path = dir.join("captiond.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(err("another captiond process is using this data dir (captiond.lock is held); stop it or choose another --data-dir".into()));
+    }
+    Ok(file)
+}
+
+impl App {
+    /// Locks the data dir, opens the store, binds the listener, starts serving, and
+    /// starts the workers (after loading the model when `engine` asks for it).
+    pub async fn build(settings: &Settings, engine: Engine) -> Result<App, StartError> {
+        let data_dir = settings.data.data_dir();
+        let lock = lock_data_dir(&data_dir)?;
+        let store = Store::open(&settings.data.database_path(), &settings.data.store_options()).await?;
+        let blobs = BlobStore::new(data_dir.join("blobs")).map_err(|e| StartError::DataDir {
+            path: data_dir.clone(),
+            message: format!("cannot create blobs folder: {e}"),
+        })?;
+        let mut roots = Vec::new();
+        for r in &settings.server.library_roots {
+            let c = std::fs::canonicalize(r).map_err(|e| StartError::LibraryRoot {
+                path: r.clone(),
+                message: e.to_string(),
+            })?;
+            roots.push(c);
+        }
+        let listener = tokio::net::TcpListener::bind(settings.server.bind).await.map_err(|source| StartError::Bind {
+            addr: settings.server.bind,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: settings.server.bind,
+            source,
+        })?;
+        let state = AppState {
+            store: store.clone(),
+            wakeup: Wakeup::default(),
+            events: JobEvents::default(),
+            blobs: blobs.clone(),
+            pool: Arc::new(OnceLock::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+            roots: Arc::new(roots),
+            api_token: settings.server.api_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
+            limits: settings.model.decode_limits(),
+            skill_defaults: settings.model.skill_defaults(),
+            max_attempts: settings.workers.max_attempts,
+            started: Instant::now(),
+        };
+        let router = api::router(state.clone(), settings.server.body_limit_mib.max(1) * 1024 * 1024);
+        let server_stop = CancellationToken::new();
+        let stop = server_stop.clone();
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            if let Err(e) = served {
+                error!(error = %e, "HTTP server stopped");
+            }
+        });
+        info!(%addr, data_dir = %data_dir.display(), "captiond listening");
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let app = App {
+            addr,
+            state,
+            server_stop,
+            server,
+            stop_rx,
+            stop_tx,
+            _lock: lock,
+        };
+        app.start_engine(settings, engine, blobs);
+        Ok(app)
+    }
+
+    fn start_engine(&self, settings: &Settings, engine: Engine, blobs: BlobStore) {
+        let state = self.state.clone();
+        let stop_tx = self.stop_tx.clone();
+        let model = settings.model.clone();
+        let pool_cfg = settings.workers.pool_config();
+        tokio::spawn(async move {
+            let handler: Arc<dyn JobHandler> = match engine {
+                Engine::Handler(h) => h,
+                Engine::Captioner(c) => Arc::new(CaptionHandler::new(c, blobs, model.skill_defaults())),
+                Engine::LoadModel => {
+                    let opts = model.model_options();
+                    info!(model = %opts.source.label(), "loading the model");
+                    match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
+                        Ok(Ok((m, _))) => Arc::new(CaptionHandler::new(Arc::new(m), blobs, model.skill_defaults())),
+                        Ok(Err(e)) => {
+                            error!("cannot load the model: {e}");
+                            let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                            return;
+                        }
+                    }
+                }
+            };
+            match WorkerPool::start(state.store.clone(), handler, state.wakeup.clone(), state.events.clone(), pool_cfg).await {
+                Ok(pool) => {
+                    let mut fatal = pool.fatal_errors();
+                    let _ = state.pool.set(pool);
+                    state.ready.store(true, Ordering::SeqCst);
+                    info!("ready: workers are claiming jobs");
+                    if fatal.wait_for(|f| f.is_some()).await.is_ok() {
+                        let reason = fatal.borrow().clone().unwrap_or_default();
+                        let _ = stop_tx.send(Some(StopReason::DeviceFault(reason)));
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "cannot start the workers");
+                    let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                }
+            }
+        });
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shared state (store, pool, ...).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Runs until `shutdown` resolves or a fatal condition stops the service, then
+    /// shuts down gracefully and says why it stopped.
+    pub async fn run_until_stopped(self, shutdown: impl std::future::Future<Output = ()>) -> StopReason {
+        let mut stop_rx = self.stop_rx.clone();
+        let reason = tokio::select! {
+            _ = shutdown => StopReason::Requested,
+            r = stop_rx.wait_for(|r| r.is_some()) => r.ok().and_then(|r| r.clone()).unwrap_or(StopReason::Requested),
+        };
+        info!(?reason, "shutting down");
+        self.shutdown().await;
+        reason
+    }
+
+    /// Stops claiming, lets running jobs finish (or releases them), stops the HTTP
+    /// server and checkpoints the database.
+    pub async fn shutdown(self) {
+        if let Some(pool) = self.state.pool.get() {
+            pool.shutdown().await;
+        }
+        self.server_stop.cancel();
+        let _ = self.server.await;
+        if let Err(e) = self.state.store.checkpoint().await {
+            tracing::warn!(error = %e, "final checkpoint failed");
+        }
+        self.state.store.close().await;
+        info!("stopped");
+    }
+}
