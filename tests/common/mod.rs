@@ -1,0 +1,201 @@
+//! The one helper every integration test uses: start the real service on port 0
+//! with a fresh SQLite file and the tiny Moondream2 checkpoint, and talk HTTP to it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use captiond::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
+use captiond::queue::Durability;
+use captiond::vision::DeviceChoice;
+use captiond::{App, Engine, Settings};
+use serde_json::{Value, json};
+
+/// The tiny checkpoint folder (config, weights, tokenizer).
+pub fn tiny_model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+/// Settings for a test instance.
+pub struct TestOptions {
+    /// Bearer token to require.
+    pub token: Option<String>,
+    /// Body limit in MiB.
+    pub body_limit_mib: usize,
+    /// Concurrent jobs.
+    pub workers: usize,
+    /// Reuse this data dir (for restart tests).
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            token: None,
+            body_limit_mib: 32,
+            workers: 1,
+            data_dir: None,
+        }
+    }
+}
+
+/// Settings for the service under test.
+pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings {
+    Settings {
+        data: DataSettings {
+            data_dir: Some(data_dir.to_path_buf()),
+            durability: Durability::Full,
+        },
+        model: ModelSettings {
+            model_dir: Some(tiny_model_dir()),
+            model_repo: String::new(),
+            model_revision: String::new(),
+            tokenizer_repo: String::new(),
+            offline: true,
+            device: DeviceChoice::Cpu,
+            max_tokens: 8,
+            max_image_side: 16_384,
+            max_image_pixels: 100_000_000,
+        },
+        workers: WorkerSettings {
+            workers: opts.workers,
+            lease_secs: 30,
+            poll_secs: 1,
+            max_attempts: 5,
+            max_oom_retries: 10,
+            shutdown_grace_secs: 5,
+        },
+        server: ServerSettings {
+            bind: "127.0.0.1:0".parse().unwrap(),
+            api_token: opts.token.clone(),
+            library_roots: vec![library.to_path_buf()],
+            body_limit_mib: opts.body_limit_mib,
+        },
+    }
+}
+
+/// A running instance with its folders and an HTTP client.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The client.
+    pub client: reqwest::Client,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// A library root that path inputs may use.
+    pub library: PathBuf,
+    /// Keeps temp folders alive.
+    pub _tmp: Option<tempfile::TempDir>,
+    /// The service.
+    pub app: Option<App>,
+    /// Token sent with requests, if any.
+    pub token: Option<String>,
+}
+
+impl TestApp {
+    /// Starts the real app on port 0 and waits until the model is loaded.
+    pub async fn spawn(opts: TestOptions) -> TestApp {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = opts.data_dir.clone().unwrap_or_else(|| tmp.path().join("data"));
+        let library = tmp.path().join("library");
+        std::fs::create_dir_all(&library).unwrap();
+        let library = library.canonicalize().unwrap();
+        Self::spawn_in(tmp, data_dir, library, opts).await
+    }
+
+    /// Starts on given folders (restart tests reuse them).
+    pub async fn spawn_in(tmp: tempfile::TempDir, data_dir: PathBuf, library: PathBuf, opts: TestOptions) -> TestApp {
+        let s = settings(&data_dir, &library, &opts);
+        let app = App::build(&s, Engine::LoadModel).await.expect("app starts");
+        let base = format!("http://{}", app.address());
+        let t = TestApp {
+            base,
+            client: reqwest::Client::new(),
+            data_dir,
+            library,
+            _tmp: Some(tmp),
+            app: Some(app),
+            token: opts.token,
+        };
+        t.wait_ready().await;
+        t
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if self.get("/ready").await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("service not ready");
+    }
+
+    fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => rb.bearer_auth(t),
+            None => rb,
+        }
+    }
+
+    /// GET → (status, JSON body or Null).
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.auth(self.client.get(format!("{}{path}", self.base))).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST JSON → (status, JSON body or Null).
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.auth(self.client.post(format!("{}{path}", self.base))).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Enqueues a caption of `png` bytes with extra JSON fields.
+    pub async fn enqueue(&self, png: &[u8], extra: Value) -> (u16, Value) {
+        let mut body = json!({"task": "caption", "image": {"data": data_uri(png)}});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        self.post("/v1/jobs", &body).await
+    }
+
+    /// Long-polls a job until terminal (or 60 s).
+    pub async fn wait_job(&self, id: &str) -> Value {
+        for _ in 0..3 {
+            let (status, job) = self.get(&format!("/v1/jobs/{id}?wait=20s")).await;
+            assert_eq!(status, 200, "{job}");
+            if ["succeeded", "failed", "cancelled"].contains(&job["state"].as_str().unwrap_or("")) {
+                return job;
+            }
+        }
+        panic!("job {id} did not finish");
+    }
+
+    /// Stops the service gracefully, keeping the folders.
+    pub async fn stop(&mut self) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        if let Some(app) = self.app.take() {
+            app.shutdown().await;
+        }
+        (self._tmp.take().unwrap(), self.data_dir.clone(), self.library.clone())
+    }
+}
+
+/// A small PNG whose pixels depend on `seed`.
+pub fn png(width: u32, height: u32, seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([(x * 5) as u8 ^ seed, (y * 7) as u8, seed.wrapping_mul(31).wrapping_add((x + y) as u8)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// `data:image/png;base64,...`.
+pub fn data_uri(bytes: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
