@@ -141,7 +141,11 @@ impl App {
     pub async fn build(settings: &Settings, engine: Engine) -> Result<App, StartError> {
         let data_dir = settings.data.data_dir();
         let lock = lock_data_dir(&data_dir)?;
-        let store = Store::open(&settings.data.database_path(), &settings.data.store_options()).await?;
+        let store = Store::open(
+            &settings.data.database_path(),
+            &settings.data.store_options(),
+        )
+        .await?;
         let blobs = BlobStore::new(data_dir.join("blobs")).map_err(|e| StartError::DataDir {
             path: data_dir.clone(),
             message: format!("cannot create blobs folder: {e}"),
@@ -154,10 +158,12 @@ impl App {
             })?;
             roots.push(c);
         }
-        let listener = tokio::net::TcpListener::bind(settings.server.bind).await.map_err(|source| StartError::Bind {
-            addr: settings.server.bind,
-            source,
-        })?;
+        let listener = tokio::net::TcpListener::bind(settings.server.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.server.bind,
+                source,
+            })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: settings.server.bind,
             source,
@@ -170,17 +176,27 @@ impl App {
             pool: Arc::new(OnceLock::new()),
             ready: Arc::new(AtomicBool::new(false)),
             roots: Arc::new(roots),
-            api_token: settings.server.api_token.clone().filter(|t| !t.is_empty()).map(Arc::from),
+            api_token: settings
+                .server
+                .api_token
+                .clone()
+                .filter(|t| !t.is_empty())
+                .map(Arc::from),
             limits: settings.model.decode_limits(),
             skill_defaults: settings.model.skill_defaults(),
             max_attempts: settings.workers.max_attempts,
             started: Instant::now(),
         };
-        let router = api::router(state.clone(), settings.server.body_limit_mib.max(1) * 1024 * 1024);
+        let router = api::router(
+            state.clone(),
+            settings.server.body_limit_mib.max(1) * 1024 * 1024,
+        );
         let server_stop = CancellationToken::new();
         let stop = server_stop.clone();
         let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
             if let Err(e) = served {
                 error!(error = %e, "HTTP server stopped");
             }
@@ -208,12 +224,18 @@ impl App {
         tokio::spawn(async move {
             let handler: Arc<dyn JobHandler> = match engine {
                 Engine::Handler(h) => h,
-                Engine::Captioner(c) => Arc::new(CaptionHandler::new(c, blobs, model.skill_defaults())),
+                Engine::Captioner(c) => {
+                    Arc::new(CaptionHandler::new(c, blobs, model.skill_defaults()))
+                }
                 Engine::LoadModel => {
                     let opts = model.model_options();
                     info!(model = %opts.source.label(), "loading the model");
                     match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
-                        Ok(Ok((m, _))) => Arc::new(CaptionHandler::new(Arc::new(m), blobs, model.skill_defaults())),
+                        Ok(Ok((m, _))) => Arc::new(CaptionHandler::new(
+                            Arc::new(m),
+                            blobs,
+                            model.skill_defaults(),
+                        )),
                         Ok(Err(e)) => {
                             error!("cannot load the model: {e}");
                             let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
@@ -226,7 +248,15 @@ impl App {
                     }
                 }
             };
-            match WorkerPool::start(state.store.clone(), handler, state.wakeup.clone(), state.events.clone(), pool_cfg).await {
+            match WorkerPool::start(
+                state.store.clone(),
+                handler,
+                state.wakeup.clone(),
+                state.events.clone(),
+                pool_cfg,
+            )
+            .await
+            {
                 Ok(pool) => {
                     let mut fatal = pool.fatal_errors();
                     let _ = state.pool.set(pool);
@@ -257,7 +287,10 @@ impl App {
 
     /// Runs until `shutdown` resolves or a fatal condition stops the service, then
     /// shuts down gracefully and says why it stopped.
-    pub async fn run_until_stopped(self, shutdown: impl std::future::Future<Output = ()>) -> StopReason {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> StopReason {
         let mut stop_rx = self.stop_rx.clone();
         let reason = tokio::select! {
             _ = shutdown => StopReason::Requested,

@@ -41,7 +41,10 @@ impl BlobStore {
     }
 
     fn path_of(&self, id: &str) -> Result<PathBuf, BlobError> {
-        let valid = id.len() == 64 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let valid = id.len() == 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid {
             return Err(BlobError::InvalidId(id.to_string()));
         }

@@ -9,7 +9,9 @@ use clap::Args;
 
 use crate::queue::{Durability, RetryPolicy, StoreOptions};
 use crate::vision::image::DecodeLimits;
-use crate::vision::moondream2::loader::{DEFAULT_MODEL_REPO, DEFAULT_MODEL_REVISION, DEFAULT_TOKENIZER_REPO, ModelSource};
+use crate::vision::moondream2::loader::{
+    DEFAULT_MODEL_REPO, DEFAULT_MODEL_REVISION, DEFAULT_TOKENIZER_REPO, ModelSource,
+};
 use crate::vision::{DeviceChoice, ModelOptions, SkillSettings};
 use crate::workers::PoolConfig;
 
@@ -21,7 +23,12 @@ pub struct DataSettings {
     pub data_dir: Option<PathBuf>,
 
     /// Commit durability: `full` survives power loss; `normal` is faster but may lose the last commits on power loss.
-    #[arg(long, env = "CAPTIOND_DURABILITY", default_value = "full", value_name = "full|normal")]
+    #[arg(
+        long,
+        env = "CAPTIOND_DURABILITY",
+        default_value = "full",
+        value_name = "full|normal"
+    )]
     pub durability: Durability,
 }
 
@@ -109,7 +116,9 @@ impl ModelSettings {
                 tokenizer_repo: self.tokenizer_repo.clone(),
             },
         };
-        let offline = self.offline || std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        let offline = self.offline
+            || std::env::var("HF_HUB_OFFLINE")
+                .is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
         ModelOptions {
             source,
             offline,
@@ -190,7 +199,12 @@ pub struct ServerSettings {
     pub api_token: Option<String>,
 
     /// Folders whose images may be enqueued by path (repeat the flag, or separate with ':' in the variable).
-    #[arg(long = "library-root", env = "CAPTIOND_LIBRARY_ROOTS", value_delimiter = ':', value_name = "DIR")]
+    #[arg(
+        long = "library-root",
+        env = "CAPTIOND_LIBRARY_ROOTS",
+        value_delimiter = ':',
+        value_name = "DIR"
+    )]
     pub library_roots: Vec<PathBuf>,
 
     /// Largest request body in MiB.

@@ -73,7 +73,9 @@ fn parse_length(s: &str) -> Result<CaptionLength, String> {
         "short" => Ok(CaptionLength::Short),
         "normal" => Ok(CaptionLength::Normal),
         "long" => Ok(CaptionLength::Long),
-        other => Err(format!("unknown length {other:?}; use short, normal or long")),
+        other => Err(format!(
+            "unknown length {other:?}; use short, normal or long"
+        )),
     }
 }
 
@@ -84,7 +86,11 @@ fn main() -> ExitCode {
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -103,8 +109,18 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::Serve { data, model, workers, server } => {
-            let settings = Settings { data, model, workers, server };
+        Command::Serve {
+            data,
+            model,
+            workers,
+            server,
+        } => {
+            let settings = Settings {
+                data,
+                model,
+                workers,
+                server,
+            };
             let app = App::build(&settings, Engine::LoadModel).await?;
             let reason = app.run_until_stopped(shutdown_signal()).await;
             if let captiond::StopReason::ModelLoadFailed(e) = &reason {
@@ -112,7 +128,14 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(reason.exit_code())
         }
-        Command::Caption { paths, length, json, data, model, workers } => caption(paths, length, json, data, model, workers).await,
+        Command::Caption {
+            paths,
+            length,
+            json,
+            data,
+            model,
+            workers,
+        } => caption(paths, length, json, data, model, workers).await,
         Command::Status { data } => {
             let store = Store::open(&data.database_path(), &data.store_options()).await?;
             let c = store.counts(None).await?;
@@ -164,7 +187,9 @@ fn collect_images(root: &Path, out: &mut Vec<PathBuf>) {
     let mut stack = vec![root.to_path_buf()];
     let mut seen = std::collections::HashSet::new();
     while let Some(dir) = stack.pop() {
-        let Ok(canonical) = std::fs::canonicalize(&dir) else { continue };
+        let Ok(canonical) = std::fs::canonicalize(&dir) else {
+            continue;
+        };
         if !seen.insert(canonical) {
             eprintln!("warning: skipping {} (symlink loop)", dir.display());
             continue;
@@ -191,18 +216,36 @@ fn collect_images(root: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: DataSettings, model: ModelSettings, workers: WorkerSettings) -> Result<i32> {
+async fn caption(
+    paths: Vec<PathBuf>,
+    length: CaptionLength,
+    json: bool,
+    data: DataSettings,
+    model: ModelSettings,
+    workers: WorkerSettings,
+) -> Result<i32> {
     let mut roots = Vec::new();
     let mut images = Vec::new();
     for p in &paths {
         let c = std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?;
-        roots.push(if c.is_file() { c.parent().map(Path::to_path_buf).unwrap_or(c.clone()) } else { c.clone() });
+        roots.push(if c.is_file() {
+            c.parent().map(Path::to_path_buf).unwrap_or(c.clone())
+        } else {
+            c.clone()
+        });
         collect_images(&c, &mut images);
     }
     images.sort();
     images.dedup();
     if images.is_empty() {
-        eprintln!("no images found under {}", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "no images found under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         return Ok(0);
     }
     let server = ServerSettings {
@@ -211,24 +254,50 @@ async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: D
         library_roots: roots.clone(),
         body_limit_mib: 32,
     };
-    let settings = Settings { data, model, workers, server };
+    let settings = Settings {
+        data,
+        model,
+        workers,
+        server,
+    };
     let app = App::build(&settings, Engine::LoadModel).await?;
     let state = app.state().clone();
     let mut news = Vec::with_capacity(images.len());
     for img in &images {
         let meta = std::fs::metadata(img)?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis()).unwrap_or(0);
-        let canonical = resolve_library_path(&img.to_string_lossy(), &state.roots).map_err(|e| anyhow::anyhow!(e.message))?;
-        let key = format!("caption:{:?}:{}:{}:{}", length, canonical.display(), meta.len(), mtime);
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let canonical = resolve_library_path(&img.to_string_lossy(), &state.roots)
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let key = format!(
+            "caption:{:?}:{}:{}:{}",
+            length,
+            canonical.display(),
+            meta.len(),
+            mtime
+        );
         let req = JobRequest {
             task: captiond::queue::TaskKind::Caption,
-            image: Some(captiond::api::input::ImageInput { path: Some(canonical.to_string_lossy().into_owned()), data: None }),
-            params: TaskParams { length: Some(length), ..TaskParams::default() },
+            image: Some(captiond::api::input::ImageInput {
+                path: Some(canonical.to_string_lossy().into_owned()),
+                data: None,
+            }),
+            params: TaskParams {
+                length: Some(length),
+                ..TaskParams::default()
+            },
             priority: None,
             max_attempts: None,
             idempotency_key: Some(key),
         };
-        news.push(req.into_new_job(&state, None).map_err(|e| anyhow::anyhow!(e.message))?);
+        news.push(
+            req.into_new_job(&state, None)
+                .map_err(|e| anyhow::anyhow!(e.message))?,
+        );
     }
     let mut ids = Vec::with_capacity(news.len());
     let mut batches = Vec::new();
@@ -238,7 +307,10 @@ async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: D
         ids.extend(chunk_ids);
     }
     state.wakeup.wake();
-    eprintln!("{} images; captioning (Ctrl-C stops; run the same command again to resume)", ids.len());
+    eprintln!(
+        "{} images; captioning (Ctrl-C stops; run the same command again to resume)",
+        ids.len()
+    );
     let started = Instant::now();
     let total = ids.len();
     let interrupted = tokio::select! {
@@ -247,7 +319,9 @@ async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: D
     };
     let mut failed = 0;
     for id in &ids {
-        let Some(job) = state.store.get_job(*id).await? else { continue };
+        let Some(job) = state.store.get_job(*id).await? else {
+            continue;
+        };
         let path = match &job.source {
             captiond::queue::ImageSource::Path(p) => p.clone(),
             captiond::queue::ImageSource::Blob(b) => b.clone(),
@@ -255,16 +329,27 @@ async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: D
         match job.state {
             JobState::Succeeded => {
                 let result = state.store.get_result(*id).await?;
-                let caption = result.as_ref().and_then(|r| r.output.get("caption")).and_then(|c| c.as_str()).unwrap_or_default().to_string();
+                let caption = result
+                    .as_ref()
+                    .and_then(|r| r.output.get("caption"))
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default()
+                    .to_string();
                 if json {
-                    println!("{}", serde_json::json!({"path": path, "caption": caption, "model": result.map(|r| r.model)}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"path": path, "caption": caption, "model": result.map(|r| r.model)})
+                    );
                 } else {
                     println!("{path}\t{caption}");
                 }
             }
             JobState::Failed => {
                 failed += 1;
-                let why = job.error.map(|e| format!("{}: {}", e.code, e.message)).unwrap_or_default();
+                let why = job
+                    .error
+                    .map(|e| format!("{}: {}", e.code, e.message))
+                    .unwrap_or_default();
                 eprintln!("failed: {path}: {why}");
             }
             _ => {}
@@ -275,13 +360,23 @@ async fn caption(paths: Vec<PathBuf>, length: CaptionLength, json: bool, data: D
         eprintln!("interrupted; run the same command again to resume");
         return Ok(130);
     }
-    eprintln!("done in {:.1}s; {} failed", started.elapsed().as_secs_f64(), failed);
+    eprintln!(
+        "done in {:.1}s; {} failed",
+        started.elapsed().as_secs_f64(),
+        failed
+    );
     Ok(if failed > 0 { 2 } else { 0 })
 }
 
 /// Waits until every job is terminal. Jobs that already existed (same image and
 /// settings) sit in earlier batches, so they are checked one by one once.
-async fn wait_all(store: &Store, ids: &[uuid::Uuid], batches: &[uuid::Uuid], total: usize, started: Instant) {
+async fn wait_all(
+    store: &Store,
+    ids: &[uuid::Uuid],
+    batches: &[uuid::Uuid],
+    total: usize,
+    started: Instant,
+) {
     let mut earlier = Vec::new();
     for id in ids {
         if let Ok(Some(j)) = store.get_job(*id).await
@@ -304,7 +399,10 @@ async fn wait_all(store: &Store, ids: &[uuid::Uuid], batches: &[uuid::Uuid], tot
                 done += 1;
             }
         }
-        eprint!("\r{done}/{total} done, {:.1} images/s   ", done as f64 / started.elapsed().as_secs_f64().max(0.001));
+        eprint!(
+            "\r{done}/{total} done, {:.1} images/s   ",
+            done as f64 / started.elapsed().as_secs_f64().max(0.001)
+        );
         if done == total {
             eprintln!();
             return;

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 #[tokio::test]
 async fn an_enqueued_image_is_captioned_and_the_result_can_be_polled() {
     let app = TestApp::spawn(TestOptions::default()).await;
-    let (status, job) = app.enqueue(&png(50, 40, 1), json!({"length": "short"})).await;
+    let (status, job) = app
+        .enqueue(&png(50, 40, 1), json!({"length": "short"}))
+        .await;
     assert_eq!(status, 202, "{job}");
     assert_eq!(job["state"], "queued");
     let id = job["id"].as_str().unwrap();
@@ -28,8 +30,12 @@ async fn an_enqueued_image_is_captioned_and_the_result_can_be_polled() {
 async fn the_same_idempotency_key_returns_the_existing_job() {
     let app = TestApp::spawn(TestOptions::default()).await;
     let img = png(50, 40, 2);
-    let (s1, a) = app.enqueue(&img, json!({"idempotency_key": "photo-1"})).await;
-    let (s2, b) = app.enqueue(&img, json!({"idempotency_key": "photo-1"})).await;
+    let (s1, a) = app
+        .enqueue(&img, json!({"idempotency_key": "photo-1"}))
+        .await;
+    let (s2, b) = app
+        .enqueue(&img, json!({"idempotency_key": "photo-1"}))
+        .await;
     assert_eq!((s1, s2), (202, 200));
     assert_eq!(a["id"], b["id"]);
     let r = app
@@ -47,7 +53,9 @@ async fn the_same_idempotency_key_returns_the_existing_job() {
 #[tokio::test]
 async fn a_batch_is_enqueued_in_one_request_and_reports_progress() {
     let app = TestApp::spawn(TestOptions::default()).await;
-    let jobs: Vec<Value> = (0..4).map(|i| json!({"image": {"data": common::data_uri(&png(40, 30, i))}, "max_tokens": 3})).collect();
+    let jobs: Vec<Value> = (0..4)
+        .map(|i| json!({"image": {"data": common::data_uri(&png(40, 30, i))}, "max_tokens": 3}))
+        .collect();
     let (status, body) = app.post("/v1/batches", &json!({"jobs": jobs})).await;
     assert_eq!(status, 202, "{body}");
     let batch = body["batch_id"].as_str().unwrap().to_string();
@@ -69,10 +77,17 @@ async fn a_batch_is_enqueued_in_one_request_and_reports_progress() {
 #[tokio::test]
 async fn a_batch_with_one_invalid_job_is_refused_whole() {
     let app = TestApp::spawn(TestOptions::default()).await;
-    let jobs = json!([{"image": {"data": common::data_uri(&png(40, 30, 1))}}, {"image": {"data": "%%%"}}]);
+    let jobs =
+        json!([{"image": {"data": common::data_uri(&png(40, 30, 1))}}, {"image": {"data": "%%%"}}]);
     let (status, body) = app.post("/v1/batches", &json!({"jobs": jobs})).await;
     assert_eq!(status, 400);
-    assert!(body["error"]["message"].as_str().unwrap().starts_with("jobs[1]"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("jobs[1]"),
+        "{body}"
+    );
     assert_eq!(app.get("/v1/stats").await.1["jobs"]["queued"], 0);
 }
 
@@ -124,7 +139,10 @@ async fn pause_survives_a_restart_and_resume_runs_the_waiting_jobs() {
     let app = TestApp::spawn_in(tmp, data, lib, TestOptions::default()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
-    assert_eq!(job["state"], "queued", "paused queue must not run jobs after a restart");
+    assert_eq!(
+        job["state"], "queued",
+        "paused queue must not run jobs after a restart"
+    );
     assert_eq!(app.get("/v1/stats").await.1["paused"], true);
     app.post("/v1/queue/resume", &json!({})).await;
     assert_eq!(app.wait_job(&id).await["state"], "succeeded");
@@ -136,12 +154,21 @@ async fn jobs_are_listed_with_keyset_pagination() {
     app.post("/v1/queue/pause", &json!({})).await;
     let mut ids = Vec::new();
     for i in 0..7 {
-        ids.push(app.enqueue(&png(20, 20, i), json!({})).await.1["id"].as_str().unwrap().to_string());
+        ids.push(
+            app.enqueue(&png(20, 20, i), json!({})).await.1["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     let mut seen = Vec::new();
     let mut after = String::new();
     loop {
-        let q = if after.is_empty() { "/v1/jobs?limit=3&state=queued".to_string() } else { format!("/v1/jobs?limit=3&state=queued&after={after}") };
+        let q = if after.is_empty() {
+            "/v1/jobs?limit=3&state=queued".to_string()
+        } else {
+            format!("/v1/jobs?limit=3&state=queued&after={after}")
+        };
         let (status, page) = app.get(&q).await;
         assert_eq!(status, 200);
         for j in page["jobs"].as_array().unwrap() {
@@ -164,14 +191,23 @@ async fn with_a_token_every_route_but_health_requires_it() {
     })
     .await;
     let raw = reqwest::Client::new();
-    let health = raw.get(format!("{}/health", app.base)).send().await.unwrap();
+    let health = raw
+        .get(format!("{}/health", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     for path in ["/v1/stats", "/v1/jobs", "/metrics", "/ready"] {
         let r = raw.get(format!("{}{path}", app.base)).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path}");
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["error"]["code"], "unauthorized");
-        let r = raw.get(format!("{}{path}", app.base)).bearer_auth("wrong").send().await.unwrap();
+        let r = raw
+            .get(format!("{}{path}", app.base))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 401, "{path}");
     }
     assert_eq!(app.get("/v1/stats").await.0, 200);
@@ -194,13 +230,20 @@ async fn paths_must_resolve_inside_a_library_root() {
         (format!("{}/nope.png", app.library.display()), 400),
     ];
     for (path, want) in cases {
-        let (status, body) = app.post("/v1/jobs", &json!({"image": {"path": path}})).await;
+        let (status, body) = app
+            .post("/v1/jobs", &json!({"image": {"path": path}}))
+            .await;
         assert_eq!(status, want, "{path}: {body}");
         assert!(body["error"]["message"].is_string());
     }
-    let (status, job) = app.post("/v1/jobs", &json!({"image": {"path": inside}})).await;
+    let (status, job) = app
+        .post("/v1/jobs", &json!({"image": {"path": inside}}))
+        .await;
     assert_eq!(status, 202, "{job}");
-    assert_eq!(app.wait_job(job["id"].as_str().unwrap()).await["state"], "succeeded");
+    assert_eq!(
+        app.wait_job(job["id"].as_str().unwrap()).await["state"],
+        "succeeded"
+    );
 }
 
 #[tokio::test]
@@ -244,14 +287,23 @@ async fn bad_requests_get_4xx_json_errors() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "invalid_json");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "invalid_json"
+    );
     let cases = [
         (json!({"image": {"data": "aGVsbG8="}}), "invalid_image"),
         (json!({"image": {"data": "***"}}), "invalid_base64"),
-        (json!({"task": "query", "image": {"data": common::data_uri(&png(10, 10, 1))}}), "invalid_params"),
+        (
+            json!({"task": "query", "image": {"data": common::data_uri(&png(10, 10, 1))}}),
+            "invalid_params",
+        ),
         (json!({"task": "paint"}), "invalid_json"),
         (json!({}), "missing_image"),
-        (json!({"image": {"data": common::data_uri(&png(10, 10, 1))}, "max_tokens": "many"}), "invalid_json"),
+        (
+            json!({"image": {"data": common::data_uri(&png(10, 10, 1))}, "max_tokens": "many"}),
+            "invalid_json",
+        ),
     ];
     for (body, code) in cases {
         let (status, resp) = app.post("/v1/jobs", &body).await;
@@ -259,7 +311,12 @@ async fn bad_requests_get_4xx_json_errors() {
         assert_eq!(resp["error"]["code"], code, "{body} → {resp}");
     }
     assert_eq!(app.get("/v1/jobs/not-a-uuid").await.0, 400);
-    assert_eq!(app.get("/v1/jobs/01a21eaa-8359-7143-8198-74bd5f7c5d37").await.0, 404);
+    assert_eq!(
+        app.get("/v1/jobs/01a21eaa-8359-7143-8198-74bd5f7c5d37")
+            .await
+            .0,
+        404
+    );
     assert_eq!(app.get("/nowhere").await.0, 404);
 }
 
@@ -267,10 +324,19 @@ async fn bad_requests_get_4xx_json_errors() {
 async fn a_multipart_upload_becomes_a_job() {
     let app = TestApp::spawn(TestOptions::default()).await;
     let form = reqwest::multipart::Form::new()
-        .part("image", reqwest::multipart::Part::bytes(png(50, 40, 7)).file_name("p.png"))
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(png(50, 40, 7)).file_name("p.png"),
+        )
         .text("task", "detect")
         .text("object", "cat");
-    let r = app.client.post(format!("{}/v1/jobs", app.base)).multipart(form).send().await.unwrap();
+    let r = app
+        .client
+        .post(format!("{}/v1/jobs", app.base))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 202);
     let job: Value = r.json().await.unwrap();
     let done = app.wait_job(job["id"].as_str().unwrap()).await;
@@ -287,6 +353,35 @@ async fn stats_and_metrics_report_the_queue() {
     assert_eq!(status, 200);
     assert_eq!(stats["jobs"]["succeeded"], 1);
     assert_eq!(stats["workers"]["target"], 1);
-    let text = app.client.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    assert!(text.contains("captiond_jobs{state=\"succeeded\"} 1"), "{text}");
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("captiond_jobs{state=\"succeeded\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_reuses_jobs_whose_idempotency_key_exists() {
+    let app = TestApp::spawn(TestOptions::default()).await;
+    app.post("/v1/queue/pause", &json!({})).await;
+    let img = common::data_uri(&png(30, 30, 1));
+    let (_, first) = app
+        .enqueue(&png(30, 30, 1), json!({"idempotency_key": "k1"}))
+        .await;
+    let jobs = json!([{"image": {"data": img}, "idempotency_key": "k1"}, {"image": {"data": img}, "idempotency_key": "k2"}, {"image": {"data": img}}]);
+    let (status, body) = app.post("/v1/batches", &json!({"jobs": jobs})).await;
+    assert_eq!(status, 202, "{body}");
+    let ids = body["job_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 3);
+    assert_eq!(ids[0], first["id"]);
+    assert_ne!(ids[1], ids[2]);
+    assert_eq!(app.get("/v1/stats").await.1["jobs"]["queued"], 3);
 }

@@ -19,7 +19,11 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Rejects requests without `Authorization: Bearer <token>` when a token is set.
-pub async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let Some(token) = state.api_token.as_deref() else {
         return Ok(next.run(req).await);
     };

@@ -36,7 +36,11 @@ impl ApiError {
 
     /// 404 for an unknown resource.
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no {what} with that id"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no {what} with that id"),
+        )
     }
 }
 
@@ -50,12 +54,26 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::DiskFull => Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string()),
-            StoreError::Locked => Self::new(StatusCode::SERVICE_UNAVAILABLE, "database_busy", e.to_string()),
-            StoreError::Closed => Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
+            StoreError::DiskFull => {
+                Self::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
+            }
+            StoreError::Locked => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_busy",
+                e.to_string(),
+            ),
+            StoreError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                e.to_string(),
+            ),
             other => {
                 tracing::error!(error = %other, "store error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal database error; see the server log")
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal database error; see the server log",
+                )
             }
         }
     }
@@ -64,7 +82,11 @@ impl From<StoreError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_json" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_json"
+        };
         Self::new(status, code, r.body_text())
     }
 }
@@ -78,7 +100,11 @@ impl From<QueryRejection> for ApiError {
 impl From<axum::extract::multipart::MultipartError> for ApiError {
     fn from(e: axum::extract::multipart::MultipartError) -> Self {
         let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "body_too_large" } else { "invalid_multipart" };
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_multipart"
+        };
         Self::new(status, code, e.body_text())
     }
 }

@@ -11,7 +11,10 @@ use uuid::Uuid;
 
 use super::input::JobRequest;
 use super::{ApiError, AppState};
-use crate::queue::{CancelOutcome, ImageSource, Job, JobErrorInfo, JobState, ListQuery, NewJob, RetryOutcome, StateCounts, now_ms};
+use crate::queue::{
+    CancelOutcome, ImageSource, Job, JobErrorInfo, JobState, ListQuery, NewJob, RetryOutcome,
+    StateCounts, now_ms,
+};
 
 /// A job as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,7 +64,11 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
-    let result = if job.state == JobState::Succeeded { state.store.get_result(job.id).await? } else { None };
+    let result = if job.state == JobState::Succeeded {
+        state.store.get_result(job.id).await?
+    } else {
+        None
+    };
     Ok(JobView {
         id: job.id,
         task: job.task.as_str().into(),
@@ -89,11 +96,15 @@ async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
 
 /// Parses an id path segment.
 pub fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("invalid_id", format!("{raw:?} is not a job id (UUID)")))
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("invalid_id", format!("{raw:?} is not a job id (UUID)")))
 }
 
 /// Reads a JSON body, mapping every rejection to a JSON error.
-pub async fn json_body<T: serde::de::DeserializeOwned>(state: &AppState, req: Request) -> Result<T, ApiError> {
+pub async fn json_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    req: Request,
+) -> Result<T, ApiError> {
     let Json(v) = Json::<T>::from_request(req, state).await?;
     Ok(v)
 }
@@ -121,7 +132,9 @@ async fn job_from_request(state: &AppState, req: Request) -> Result<NewJob, ApiE
                 "image" | "file" => upload = Some(field.bytes().await?.to_vec()),
                 "job" => {
                     let text = field.text().await?;
-                    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ApiError::bad_request("invalid_json", format!("field job: {e}")))?;
+                    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                        ApiError::bad_request("invalid_json", format!("field job: {e}"))
+                    })?;
                     if let serde_json::Value::Object(m) = v {
                         fields.extend(m);
                     }
@@ -129,10 +142,16 @@ async fn job_from_request(state: &AppState, req: Request) -> Result<NewJob, ApiE
                 "task" | "length" | "question" | "object" | "idempotency_key" => {
                     fields.insert(name, serde_json::Value::String(field.text().await?));
                 }
-                other => return Err(ApiError::bad_request("invalid_multipart", format!("unknown form field {other:?}"))),
+                other => {
+                    return Err(ApiError::bad_request(
+                        "invalid_multipart",
+                        format!("unknown form field {other:?}"),
+                    ));
+                }
             }
         }
-        let req: JobRequest = serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| ApiError::bad_request("invalid_params", e.to_string()))?;
+        let req: JobRequest = serde_json::from_value(serde_json::Value::Object(fields))
+            .map_err(|e| ApiError::bad_request("invalid_params", e.to_string()))?;
         (req, upload)
     } else {
         (json_body::<JobRequest>(state, req).await?, None)
@@ -143,7 +162,13 @@ async fn job_from_request(state: &AppState, req: Request) -> Result<NewJob, ApiE
     let state = state.clone();
     tokio::task::spawn_blocking(move || job_req.into_new_job(&state, upload))
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "request validation crashed"))?
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "request validation crashed",
+            )
+        })?
 }
 
 /// `POST /v1/jobs`: enqueue one job → 202 (or 200 with the existing job for a known idempotency key).
@@ -153,7 +178,11 @@ pub async fn create_job(State(state): State<AppState>, req: Request) -> Result<R
     if created {
         state.wakeup.wake();
     }
-    let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(view(&state, job).await?)).into_response())
 }
 
@@ -168,10 +197,19 @@ pub struct BatchRequest {
 pub const MAX_BATCH: usize = 10_000;
 
 /// `POST /v1/batches`: enqueue many jobs in one transaction → 202 with the batch id.
-pub async fn create_batch(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+pub async fn create_batch(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let body: BatchRequest = json_body(&state, req).await?;
     if body.jobs.is_empty() || body.jobs.len() > MAX_BATCH {
-        return Err(ApiError::bad_request("invalid_batch", format!("a batch holds 1 to {MAX_BATCH} jobs, got {}", body.jobs.len())));
+        return Err(ApiError::bad_request(
+            "invalid_batch",
+            format!(
+                "a batch holds 1 to {MAX_BATCH} jobs, got {}",
+                body.jobs.len()
+            ),
+        ));
     }
     let st = state.clone();
     let news = tokio::task::spawn_blocking(move || {
@@ -187,10 +225,20 @@ pub async fn create_batch(State(state): State<AppState>, req: Request) -> Result
             .collect::<Result<Vec<_>, _>>()
     })
     .await
-    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "batch validation crashed"))??;
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "batch validation crashed",
+        )
+    })??;
     let (batch, ids) = state.store.insert_batch(&news).await?;
     state.wakeup.wake();
-    Ok((StatusCode::ACCEPTED, Json(serde_json::json!({"batch_id": batch, "job_ids": ids, "count": ids.len()}))).into_response())
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"batch_id": batch, "job_ids": ids, "count": ids.len()})),
+    )
+        .into_response())
 }
 
 /// Progress of a batch.
@@ -213,18 +261,34 @@ pub struct BatchView {
 }
 
 /// `GET /v1/batches/{id}`.
-pub async fn get_batch(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<BatchView>, ApiError> {
+pub async fn get_batch(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchView>, ApiError> {
     let id = parse_id(&id)?;
-    let (created_at, total) = state.store.batch(id).await?.ok_or_else(|| ApiError::not_found("batch"))?;
+    let (created_at, total) = state
+        .store
+        .batch(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("batch"))?;
     let counts = state.store.counts(Some(id)).await?;
     let window_ms = 60_000.min((now_ms() - created_at).max(1_000));
-    let recent = state.store.succeeded_since(now_ms() - window_ms, Some(id)).await?;
+    let recent = state
+        .store
+        .succeeded_since(now_ms() - window_ms, Some(id))
+        .await?;
     let rate = recent as f64 / (window_ms as f64 / 1000.0);
     let pending = counts.pending();
     Ok(Json(BatchView {
         id,
         total,
-        eta_seconds: if pending == 0 { Some(0.0) } else if rate > 0.0 { Some(pending as f64 / rate) } else { None },
+        eta_seconds: if pending == 0 {
+            Some(0.0)
+        } else if rate > 0.0 {
+            Some(pending as f64 / rate)
+        } else {
+            None
+        },
         images_per_second: rate,
         done: pending == 0,
         counts,
@@ -240,7 +304,11 @@ pub struct WaitQuery {
 }
 
 /// `GET /v1/jobs/{id}[?wait=30s]`.
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>, query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<JobView>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobView>, ApiError> {
     let Query(q) = query?;
     let id = parse_id(&id)?;
     let wait = match q.wait.as_deref() {
@@ -255,17 +323,26 @@ pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>, quer
 pub fn parse_wait(w: &str) -> Result<Duration, ApiError> {
     let d = match w.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(w).map_err(|e| ApiError::bad_request("invalid_query", format!("wait={w}: {e}")))?,
+        Err(_) => humantime::parse_duration(w)
+            .map_err(|e| ApiError::bad_request("invalid_query", format!("wait={w}: {e}")))?,
     };
     Ok(d.min(Duration::from_secs(120)))
 }
 
 /// Returns the job once terminal, or as it is when `wait` runs out.
-pub async fn wait_for_terminal(state: &AppState, id: Uuid, wait: Duration) -> Result<Job, ApiError> {
+pub async fn wait_for_terminal(
+    state: &AppState,
+    id: Uuid,
+    wait: Duration,
+) -> Result<Job, ApiError> {
     let deadline = Instant::now() + wait;
     let mut events = state.events.subscribe();
     loop {
-        let job = state.store.get_job(id).await?.ok_or_else(|| ApiError::not_found("job"))?;
+        let job = state
+            .store
+            .get_job(id)
+            .await?
+            .ok_or_else(|| ApiError::not_found("job"))?;
         let left = deadline.saturating_duration_since(Instant::now());
         if job.state.is_terminal() || left.is_zero() {
             return Ok(job);
@@ -295,15 +372,23 @@ pub struct ListParams {
 }
 
 /// `GET /v1/jobs?state=&batch=&after=&limit=` with keyset pagination.
-pub async fn list_jobs(State(state): State<AppState>, query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    query: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(p) = query?;
     let st = match p.state.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(JobState::parse(s).ok_or_else(|| ApiError::bad_request("invalid_query", format!("unknown state {s:?}")))?),
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            ApiError::bad_request("invalid_query", format!("unknown state {s:?}"))
+        })?),
     };
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "limit must be between 1 and 1000"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "limit must be between 1 and 1000",
+        ));
     }
     let q = ListQuery {
         state: st,
@@ -312,18 +397,31 @@ pub async fn list_jobs(State(state): State<AppState>, query: Result<Query<ListPa
         limit,
     };
     let jobs = state.store.list_jobs(&q).await?;
-    let next_after = if jobs.len() as i64 == limit { jobs.last().map(|j| j.id) } else { None };
+    let next_after = if jobs.len() as i64 == limit {
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
     let mut views = Vec::with_capacity(jobs.len());
     for j in jobs {
         views.push(view(&state, j).await?);
     }
-    Ok(Json(serde_json::json!({"jobs": views, "next_after": next_after})))
+    Ok(Json(
+        serde_json::json!({"jobs": views, "next_after": next_after}),
+    ))
 }
 
 /// `POST /v1/jobs/{id}/cancel`.
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let id = parse_id(&id)?;
-    let outcome = state.store.cancel(id).await?.ok_or_else(|| ApiError::not_found("job"))?;
+    let outcome = state
+        .store
+        .cancel(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?;
     let (job, note) = match outcome {
         CancelOutcome::Cancelled(j) => {
             state.events.publish(id);
@@ -337,13 +435,23 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
         }
         CancelOutcome::AlreadyFinished(j) => (j, "the job had already finished"),
     };
-    Ok(Json(serde_json::json!({"job": view(&state, job).await?, "note": note})))
+    Ok(Json(
+        serde_json::json!({"job": view(&state, job).await?, "note": note}),
+    ))
 }
 
 /// `POST /v1/jobs/{id}/retry`: failed or cancelled → queued.
-pub async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+pub async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&id)?;
-    match state.store.retry(id).await?.ok_or_else(|| ApiError::not_found("job"))? {
+    match state
+        .store
+        .retry(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job"))?
+    {
         RetryOutcome::Queued(j) => {
             state.wakeup.wake();
             Ok(Json(view(&state, j).await?))
@@ -351,18 +459,25 @@ pub async fn retry_job(State(state): State<AppState>, Path(id): Path<String>) ->
         RetryOutcome::NotRetryable(j) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_retryable",
-            format!("job is {}; only failed or cancelled jobs can be retried", j.state.as_str()),
+            format!(
+                "job is {}; only failed or cancelled jobs can be retried",
+                j.state.as_str()
+            ),
         )),
     }
 }
 
 /// `POST /v1/queue/pause`: stop claiming (persisted across restarts).
-pub async fn pause_queue(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn pause_queue(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     set_paused(&state, true).await
 }
 
 /// `POST /v1/queue/resume`.
-pub async fn resume_queue(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn resume_queue(
+    State(state): State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     set_paused(&state, false).await
 }
 

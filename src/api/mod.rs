@@ -70,7 +70,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/v1/queue/pause", post(jobs::pause_queue))
         .route("/v1/queue/resume", post(jobs::resume_queue))
         .fallback(not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), auth::require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -89,7 +92,9 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"ready": false, "error": {"code": "loading", "message": "the model is still loading"}})),
+            Json(
+                serde_json::json!({"ready": false, "error": {"code": "loading", "message": "the model is still loading"}}),
+            ),
         )
     }
 }
@@ -133,7 +138,10 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
     use std::fmt::Write;
     let s = collect_stats(&state).await?;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP captiond_jobs Jobs in the queue by state.\n# TYPE captiond_jobs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP captiond_jobs Jobs in the queue by state.\n# TYPE captiond_jobs gauge"
+    );
     for (name, n) in [
         ("queued", s.jobs.queued),
         ("scheduled", s.jobs.scheduled),
@@ -147,12 +155,37 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
     let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
-    gauge(&mut out, "captiond_images_per_second", "Jobs succeeded per second over the last minute.", s.images_per_second);
-    gauge(&mut out, "captiond_ready", "1 when the model is loaded.", f64::from(u8::from(s.ready)));
-    gauge(&mut out, "captiond_paused", "1 when claiming is paused.", f64::from(u8::from(s.paused)));
+    gauge(
+        &mut out,
+        "captiond_images_per_second",
+        "Jobs succeeded per second over the last minute.",
+        s.images_per_second,
+    );
+    gauge(
+        &mut out,
+        "captiond_ready",
+        "1 when the model is loaded.",
+        f64::from(u8::from(s.ready)),
+    );
+    gauge(
+        &mut out,
+        "captiond_paused",
+        "1 when claiming is paused.",
+        f64::from(u8::from(s.paused)),
+    );
     if let Some(w) = &s.workers {
-        gauge(&mut out, "captiond_workers_busy", "Jobs running now.", w.busy as f64);
-        gauge(&mut out, "captiond_workers_target", "Concurrency target.", w.target as f64);
+        gauge(
+            &mut out,
+            "captiond_workers_busy",
+            "Jobs running now.",
+            w.busy as f64,
+        );
+        gauge(
+            &mut out,
+            "captiond_workers_target",
+            "Concurrency target.",
+            w.target as f64,
+        );
         let _ = writeln!(
             out,
             "# HELP captiond_jobs_completed_total Jobs this process completed.\n# TYPE captiond_jobs_completed_total counter\ncaptiond_jobs_completed_total {}",

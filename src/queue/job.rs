@@ -26,14 +26,38 @@ pub enum JobState {
 /// implement exactly these; the README reproduces the table.
 pub const TRANSITIONS: &[(JobState, JobState, &str)] = &[
     (JobState::Queued, JobState::Running, "claim"),
-    (JobState::Scheduled, JobState::Running, "claim once run_at has passed"),
+    (
+        JobState::Scheduled,
+        JobState::Running,
+        "claim once run_at has passed",
+    ),
     (JobState::Queued, JobState::Cancelled, "cancel"),
     (JobState::Scheduled, JobState::Cancelled, "cancel"),
-    (JobState::Running, JobState::Succeeded, "complete (lease owner and attempt checked)"),
-    (JobState::Running, JobState::Failed, "permanent error, or attempts/OOM retries exhausted"),
-    (JobState::Running, JobState::Scheduled, "transient error: retry after backoff"),
-    (JobState::Running, JobState::Queued, "out of memory (attempt not counted), lease expired, shutdown release"),
-    (JobState::Running, JobState::Cancelled, "cancel observed by the worker"),
+    (
+        JobState::Running,
+        JobState::Succeeded,
+        "complete (lease owner and attempt checked)",
+    ),
+    (
+        JobState::Running,
+        JobState::Failed,
+        "permanent error, or attempts/OOM retries exhausted",
+    ),
+    (
+        JobState::Running,
+        JobState::Scheduled,
+        "transient error: retry after backoff",
+    ),
+    (
+        JobState::Running,
+        JobState::Queued,
+        "out of memory (attempt not counted), lease expired, shutdown release",
+    ),
+    (
+        JobState::Running,
+        JobState::Cancelled,
+        "cancel observed by the worker",
+    ),
     (JobState::Failed, JobState::Queued, "retry"),
     (JobState::Cancelled, JobState::Queued, "retry"),
 ];
@@ -68,7 +92,10 @@ impl JobState {
 
     /// Whether the job will not change again without a retry.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     /// Whether `self → to` is in [`TRANSITIONS`].
@@ -104,9 +131,14 @@ impl TaskKind {
 
     /// Parses a column value.
     pub fn parse(s: &str) -> Option<Self> {
-        [TaskKind::Caption, TaskKind::Query, TaskKind::Detect, TaskKind::Point]
-            .into_iter()
-            .find(|t| t.as_str() == s)
+        [
+            TaskKind::Caption,
+            TaskKind::Query,
+            TaskKind::Detect,
+            TaskKind::Point,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
     }
 }
 

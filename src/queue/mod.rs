@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 pub use job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
 pub use retry::RetryPolicy;
-pub use store::{CancelOutcome, Durability, Finish, FinishOp, Heartbeat, ListQuery, RetryOutcome, StateCounts, Store, StoreError, StoreOptions};
+pub use store::{
+    CancelOutcome, Durability, Finish, FinishOp, Heartbeat, ListQuery, RetryOutcome, StateCounts,
+    Store, StoreError, StoreOptions,
+};
 
 /// Wakes the dispatcher right after a commit that makes work claimable (insert,
 /// retry, resume, freed capacity), so pickup has no polling delay.

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -250,23 +253,31 @@ const SQL_INSERT_JOB: &str = concat!(
     "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
     "VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?9, ?10) ON CONFLICT(idempotency_key) DO NOTHING"
 );
-const SQL_JOB_BY_ID: &str = concat!(
-    "SELECT ", job_columns!(), " ",
-    "FROM jobs WHERE id = ?1"
+const SQL_INSERT_MANY: &str = concat!(
+    "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
+    "SELECT j ->> 'id', j ->> 'task', j ->> 'params', j ->> 'kind', j ->> 'source', j ->> 'priority', 'queued', j ->> 'max_attempts', ?2, ?2, j ->> 'key', ?3 ",
+    "FROM (SELECT value AS j FROM json_each(?1)) WHERE true ON CONFLICT(idempotency_key) DO NOTHING"
 );
+const SQL_IDS_BY_KEYS: &str = "SELECT idempotency_key, id FROM jobs WHERE idempotency_key IN (SELECT value FROM json_each(?1))";
+const SQL_JOB_BY_ID: &str = concat!("SELECT ", job_columns!(), " ", "FROM jobs WHERE id = ?1");
 const SQL_JOB_BY_KEY: &str = concat!(
-    "SELECT ", job_columns!(), " ",
+    "SELECT ",
+    job_columns!(),
+    " ",
     "FROM jobs WHERE idempotency_key = ?1"
 );
 const SQL_LIST: &str = concat!(
-    "SELECT ", job_columns!(), " ",
+    "SELECT ",
+    job_columns!(),
+    " ",
     "FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR batch_id = ?2) AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
 );
 const SQL_CLAIM: &str = concat!(
     "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2, ",
     "started_at = COALESCE(started_at, ?3), cancel_requested = 0 ",
     "WHERE id IN (SELECT id FROM jobs WHERE state IN ('queued', 'scheduled') AND run_at <= ?3 ORDER BY priority, run_at LIMIT ?4) ",
-    "RETURNING ", job_columns!()
+    "RETURNING ",
+    job_columns!()
 );
 const SQL_HEARTBEAT: &str = "UPDATE jobs SET lease_expires_at = ?4 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running' RETURNING cancel_requested";
 const SQL_SUCCEED: &str = "UPDATE jobs SET state = 'succeeded', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
@@ -288,7 +299,8 @@ const SQL_OOM: &str = concat!(
 const SQL_FINISH_CANCELLED: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
 const SQL_RELEASE: &str = "UPDATE jobs SET state = 'queued', attempt = attempt - 1, run_at = ?4, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
 const SQL_CANCEL_WAITING: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?2, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND state IN ('queued', 'scheduled')";
-const SQL_CANCEL_RUNNING: &str = "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'";
+const SQL_CANCEL_RUNNING: &str =
+    "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'";
 const SQL_RETRY: &str = "UPDATE jobs SET state = 'queued', attempt = 0, oom_count = 0, run_at = ?2, finished_at = NULL, error_code = NULL, error_message = NULL, cancel_requested = 0 WHERE id = ?1 AND state IN ('failed', 'cancelled')";
 const SQL_RESCUE: &str = concat!(
     "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END, ",
@@ -299,7 +311,8 @@ const SQL_RESCUE: &str = concat!(
 );
 const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs WHERE state IN ('queued', 'scheduled')";
 const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
-const SQL_BATCH_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";
+const SQL_BATCH_COUNTS: &str =
+    "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";
 const SQL_BATCH: &str = "SELECT created_at, total FROM batches WHERE id = ?1";
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (id, created_at, total) VALUES (?1, ?2, ?3)";
 const SQL_FINISHED_SINCE: &str = "SELECT COUNT(*) FROM jobs WHERE finished_at >= ?1 AND state = 'succeeded' AND (?2 IS NULL OR batch_id = ?2)";
@@ -335,7 +348,10 @@ impl Store {
                 Durability::Full => SqliteSynchronous::Full,
                 Durability::Normal => SqliteSynchronous::Normal,
             });
-        let write_opts = base.clone().create_if_missing(true).journal_mode(SqliteJournalMode::Wal);
+        let write_opts = base
+            .clone()
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -344,7 +360,9 @@ impl Store {
             .connect_with(write_opts)
             .await
             .map_err(|e| classify_open_error(e, &corrupt))?;
-        let check: Result<String, sqlx::Error> = sqlx::query_scalar("PRAGMA quick_check").fetch_one(&write).await;
+        let check: Result<String, sqlx::Error> = sqlx::query_scalar("PRAGMA quick_check")
+            .fetch_one(&write)
+            .await;
         match check {
             Ok(s) if s == "ok" => {}
             Ok(s) => return Err(corrupt(s)),
@@ -379,19 +397,48 @@ impl Store {
             .execute(&self.write)
             .await?;
         if done.rows_affected() == 1 {
-            let job = self.get_job_from(&self.write, id).await?.ok_or(StoreError::Closed)?;
+            let job = self
+                .get_job_from(&self.write, id)
+                .await?
+                .ok_or(StoreError::Closed)?;
             return Ok((job, true));
         }
         let key = new.idempotency_key.clone().unwrap_or_default();
-        let row = sqlx::query(SQL_JOB_BY_KEY).bind(key).fetch_one(&self.write).await?;
+        let row = sqlx::query(SQL_JOB_BY_KEY)
+            .bind(key)
+            .fetch_one(&self.write)
+            .await?;
         Ok((job_from_row(&row)?, false))
     }
 
-    /// Inserts many jobs and their batch in one transaction. Jobs whose idempotency
-    /// key exists already are not inserted again. Returns the batch id and the job ids.
+    /// Inserts many jobs and their batch in one transaction and one statement. Jobs
+    /// whose idempotency key exists already are not inserted again; their existing ids
+    /// are returned in their place. Returns the batch id and the job ids in order.
     pub async fn insert_batch(&self, jobs: &[NewJob]) -> StoreResult<(Uuid, Vec<Uuid>)> {
         let batch = Uuid::now_v7();
         let now = now_ms();
+        let mut ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+        let rows: Vec<serde_json::Value> = jobs
+            .iter()
+            .zip(&ids)
+            .map(|(new, id)| {
+                let (kind, source) = source_columns(&new.source);
+                serde_json::json!({
+                    "id": id.to_string(),
+                    "task": new.task.as_str(),
+                    "params": new.params,
+                    "kind": kind,
+                    "source": source,
+                    "priority": new.priority,
+                    "max_attempts": new.max_attempts,
+                    "key": new.idempotency_key,
+                })
+            })
+            .collect();
+        let keys: Vec<&str> = jobs
+            .iter()
+            .filter_map(|j| j.idempotency_key.as_deref())
+            .collect();
         let mut tx = self.write.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(SQL_INSERT_BATCH)
             .bind(batch.to_string())
@@ -399,21 +446,25 @@ impl Store {
             .bind(jobs.len() as i64)
             .execute(&mut *tx)
             .await?;
-        let mut ids = Vec::with_capacity(jobs.len());
-        for new in jobs {
-            let id = Uuid::now_v7();
-            let done = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now, Some(batch))
-                .execute(&mut *tx)
+        let done = sqlx::query(SQL_INSERT_MANY)
+            .bind(serde_json::Value::Array(rows).to_string())
+            .bind(now)
+            .bind(batch.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() as usize != jobs.len() && !keys.is_empty() {
+            let existing: Vec<(String, String)> = sqlx::query_as(SQL_IDS_BY_KEYS)
+                .bind(
+                    serde_json::to_string(&keys)
+                        .map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+                )
+                .fetch_all(&mut *tx)
                 .await?;
-            if done.rows_affected() == 1 {
-                ids.push(id);
-            } else {
-                let key = new.idempotency_key.clone().unwrap_or_default();
-                let existing: String = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?1")
-                    .bind(key)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                ids.push(parse_uuid(&existing)?);
+            let by_key: std::collections::HashMap<String, String> = existing.into_iter().collect();
+            for (new, id) in jobs.iter().zip(ids.iter_mut()) {
+                if let Some(found) = new.idempotency_key.as_ref().and_then(|k| by_key.get(k)) {
+                    *id = parse_uuid(found)?;
+                }
             }
         }
         tx.commit().await?;
@@ -421,7 +472,10 @@ impl Store {
     }
 
     async fn get_job_from(&self, pool: &SqlitePool, id: Uuid) -> StoreResult<Option<Job>> {
-        let row = sqlx::query(SQL_JOB_BY_ID).bind(id.to_string()).fetch_optional(pool).await?;
+        let row = sqlx::query(SQL_JOB_BY_ID)
+            .bind(id.to_string())
+            .fetch_optional(pool)
+            .await?;
         row.map(|r| job_from_row(&r)).transpose()
     }
 
@@ -432,13 +486,17 @@ impl Store {
 
     /// The stored result of a succeeded job.
     pub async fn get_result(&self, id: Uuid) -> StoreResult<Option<JobResult>> {
-        let row = sqlx::query(SQL_RESULT).bind(id.to_string()).fetch_optional(&self.read).await?;
+        let row = sqlx::query(SQL_RESULT)
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
         row.map(|r| {
             let output: String = r.try_get(2)?;
             Ok(JobResult {
                 attempt: r.try_get(0)?,
                 model: r.try_get(1)?,
-                output: serde_json::from_str(&output).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+                output: serde_json::from_str(&output)
+                    .map_err(|e| StoreError::InvalidRow(e.to_string()))?,
                 created_at: r.try_get(3)?,
             })
         })
@@ -471,7 +529,13 @@ impl Store {
     }
 
     /// Extends a lease; tells whether it is still held and whether cancel was asked.
-    pub async fn heartbeat(&self, id: Uuid, owner: &str, attempt: i64, lease: Duration) -> StoreResult<Heartbeat> {
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        owner: &str,
+        attempt: i64,
+        lease: Duration,
+    ) -> StoreResult<Heartbeat> {
         let row: Option<i64> = sqlx::query_scalar(SQL_HEARTBEAT)
             .bind(id.to_string())
             .bind(owner)
@@ -489,16 +553,27 @@ impl Store {
     /// lease was no longer held (the write was refused).
     pub async fn finish(&self, op: FinishOp) -> StoreResult<bool> {
         let (tx, rx) = oneshot::channel();
-        self.finisher.send((op, tx)).await.map_err(|_| StoreError::Closed)?;
+        self.finisher
+            .send((op, tx))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Cancels a waiting job at once, or flags a running one.
     pub async fn cancel(&self, id: Uuid) -> StoreResult<Option<CancelOutcome>> {
         let sid = id.to_string();
-        let waiting = sqlx::query(SQL_CANCEL_WAITING).bind(&sid).bind(now_ms()).execute(&self.write).await?;
+        let waiting = sqlx::query(SQL_CANCEL_WAITING)
+            .bind(&sid)
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
         let running = if waiting.rows_affected() == 0 {
-            sqlx::query(SQL_CANCEL_RUNNING).bind(&sid).execute(&self.write).await?.rows_affected()
+            sqlx::query(SQL_CANCEL_RUNNING)
+                .bind(&sid)
+                .execute(&self.write)
+                .await?
+                .rows_affected()
         } else {
             0
         };
@@ -516,7 +591,11 @@ impl Store {
 
     /// Queues a failed or cancelled job again with fresh attempts.
     pub async fn retry(&self, id: Uuid) -> StoreResult<Option<RetryOutcome>> {
-        let done = sqlx::query(SQL_RETRY).bind(id.to_string()).bind(now_ms()).execute(&self.write).await?;
+        let done = sqlx::query(SQL_RETRY)
+            .bind(id.to_string())
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
         let Some(job) = self.get_job_from(&self.write, id).await? else {
             return Ok(None);
         };
@@ -530,26 +609,38 @@ impl Store {
     /// Returns running jobs to the queue: those whose lease expired, or (`all`) every
     /// running job, as at start-up after a crash. Counts the attempt.
     pub async fn rescue(&self, all: bool) -> StoreResult<u64> {
-        let done = sqlx::query(SQL_RESCUE).bind(now_ms()).bind(all).execute(&self.write).await?;
+        let done = sqlx::query(SQL_RESCUE)
+            .bind(now_ms())
+            .bind(all)
+            .execute(&self.write)
+            .await?;
         Ok(done.rows_affected())
     }
 
     /// Earliest `run_at` of a waiting job.
     pub async fn next_run_at(&self) -> StoreResult<Option<i64>> {
-        Ok(sqlx::query_scalar(SQL_NEXT_RUN_AT).fetch_one(&self.read).await?)
+        Ok(sqlx::query_scalar(SQL_NEXT_RUN_AT)
+            .fetch_one(&self.read)
+            .await?)
     }
 
     /// Jobs per state, over everything or one batch.
     pub async fn counts(&self, batch: Option<Uuid>) -> StoreResult<StateCounts> {
         let rows = match batch {
             None => sqlx::query(SQL_COUNTS).fetch_all(&self.read).await?,
-            Some(b) => sqlx::query(SQL_BATCH_COUNTS).bind(b.to_string()).fetch_all(&self.read).await?,
+            Some(b) => {
+                sqlx::query(SQL_BATCH_COUNTS)
+                    .bind(b.to_string())
+                    .fetch_all(&self.read)
+                    .await?
+            }
         };
         let mut counts = StateCounts::default();
         for r in rows {
             let state: String = r.try_get(0)?;
             let n: i64 = r.try_get(1)?;
-            let st = JobState::parse(&state).ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
+            let st = JobState::parse(&state)
+                .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
             counts.add(st, n);
         }
         Ok(counts)
@@ -557,7 +648,10 @@ impl Store {
 
     /// A batch's creation time and size.
     pub async fn batch(&self, id: Uuid) -> StoreResult<Option<(i64, i64)>> {
-        let row = sqlx::query(SQL_BATCH).bind(id.to_string()).fetch_optional(&self.read).await?;
+        let row = sqlx::query(SQL_BATCH)
+            .bind(id.to_string())
+            .fetch_optional(&self.read)
+            .await?;
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
@@ -582,7 +676,10 @@ impl Store {
 
     /// Reads the queue pause switch.
     pub async fn is_paused(&self) -> StoreResult<bool> {
-        let v: Option<String> = sqlx::query_scalar(SQL_GET_SETTING).bind("paused").fetch_optional(&self.read).await?;
+        let v: Option<String> = sqlx::query_scalar(SQL_GET_SETTING)
+            .bind("paused")
+            .fetch_optional(&self.read)
+            .await?;
         Ok(v.as_deref() == Some("1"))
     }
 
@@ -594,7 +691,9 @@ impl Store {
 
     /// `PRAGMA integrity_check`: "ok" when the file is sound.
     pub async fn integrity_check(&self) -> StoreResult<String> {
-        Ok(sqlx::query_scalar(SQL_INTEGRITY).fetch_one(&self.write).await?)
+        Ok(sqlx::query_scalar(SQL_INTEGRITY)
+            .fetch_one(&self.write)
+            .await?)
     }
 
     /// Closes both pools after pending writes.
@@ -607,10 +706,23 @@ impl Store {
 fn classify_open_error(e: sqlx::Error, corrupt: &dyn Fn(String) -> StoreError) -> StoreError {
     let text = e.to_string();
     let lower = text.to_ascii_lowercase();
-    if lower.contains("not a database") || lower.contains("malformed") || lower.contains("unable to open") || lower.contains("readonly") || lower.contains("permission") {
+    if lower.contains("not a database")
+        || lower.contains("malformed")
+        || lower.contains("unable to open")
+        || lower.contains("readonly")
+        || lower.contains("permission")
+    {
         return corrupt(text);
     }
     StoreError::from(e)
+}
+
+/// The `source_kind` and `source` column values of an image source.
+fn source_columns(source: &ImageSource) -> (&'static str, String) {
+    match source {
+        ImageSource::Path(p) => ("path", p.clone()),
+        ImageSource::Blob(h) => ("blob", h.clone()),
+    }
 }
 
 fn bind_insert<'q>(
@@ -620,10 +732,7 @@ fn bind_insert<'q>(
     now: i64,
     batch: Option<Uuid>,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    let (kind, source) = match &new.source {
-        ImageSource::Path(p) => ("path", p.clone()),
-        ImageSource::Blob(h) => ("blob", h.clone()),
-    };
+    let (kind, source) = source_columns(&new.source);
     q.bind(id.to_string())
         .bind(new.task.as_str())
         .bind(new.params.to_string())
@@ -638,7 +747,10 @@ fn bind_insert<'q>(
 
 /// Writes finishing ops in shared transactions: whatever arrived while the previous
 /// commit ran goes into the next one.
-async fn run_finisher(pool: SqlitePool, mut rx: mpsc::Receiver<(FinishOp, oneshot::Sender<StoreResult<bool>>)>) {
+async fn run_finisher(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<(FinishOp, oneshot::Sender<StoreResult<bool>>)>,
+) {
     let mut pending = Vec::with_capacity(256);
     while rx.recv_many(&mut pending, 256).await > 0 {
         let outcome = apply_finishes(&pool, &pending).await;
@@ -652,7 +764,11 @@ async fn run_finisher(pool: SqlitePool, mut rx: mpsc::Receiver<(FinishOp, onesho
                 let msg = e.to_string();
                 let disk_full = matches!(e, StoreError::DiskFull);
                 for (_, reply) in pending.drain(..) {
-                    let err = if disk_full { StoreError::DiskFull } else { StoreError::InvalidRow(msg.clone()) };
+                    let err = if disk_full {
+                        StoreError::DiskFull
+                    } else {
+                        StoreError::InvalidRow(msg.clone())
+                    };
                     let _ = reply.send(Err(err));
                 }
             }
@@ -660,13 +776,22 @@ async fn run_finisher(pool: SqlitePool, mut rx: mpsc::Receiver<(FinishOp, onesho
     }
 }
 
-async fn apply_finishes(pool: &SqlitePool, ops: &[(FinishOp, oneshot::Sender<StoreResult<bool>>)]) -> StoreResult<Vec<bool>> {
+async fn apply_finishes(
+    pool: &SqlitePool,
+    ops: &[(FinishOp, oneshot::Sender<StoreResult<bool>>)],
+) -> StoreResult<Vec<bool>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     let mut applied = Vec::with_capacity(ops.len());
     let now = now_ms();
     for (op, _) in ops {
         let id = op.id.to_string();
-        let guarded = |sql: &'static str| sqlx::query(sql).bind(id.clone()).bind(op.owner.clone()).bind(op.attempt).bind(now);
+        let guarded = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(id.clone())
+                .bind(op.owner.clone())
+                .bind(op.attempt)
+                .bind(now)
+        };
         let done = match &op.finish {
             Finish::Succeeded { model, output } => {
                 let done = guarded(SQL_SUCCEED).execute(&mut *tx).await?;
@@ -731,11 +856,17 @@ fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
     let cancel: i64 = r.try_get("cancel_requested")?;
     Ok(Job {
         id: parse_uuid(&id)?,
-        task: TaskKind::parse(&task).ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
+        task: TaskKind::parse(&task)
+            .ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
         params: serde_json::from_str(&params).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
-        source: if kind == "blob" { ImageSource::Blob(source) } else { ImageSource::Path(source) },
+        source: if kind == "blob" {
+            ImageSource::Blob(source)
+        } else {
+            ImageSource::Path(source)
+        },
         priority: r.try_get("priority")?,
-        state: JobState::parse(&state).ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?,
         attempt: r.try_get("attempt")?,
         max_attempts: r.try_get("max_attempts")?,
         oom_count: r.try_get("oom_count")?,

@@ -34,7 +34,9 @@ pub enum ImageInputError {
     #[error("the image file is empty")]
     Empty,
     /// The header declares more pixels than the limits allow.
-    #[error("image is {width}x{height}, beyond the decode limit ({max_side} px per side, {max_pixels} pixels)")]
+    #[error(
+        "image is {width}x{height}, beyond the decode limit ({max_side} px per side, {max_pixels} pixels)"
+    )]
     TooLarge {
         /// Declared width.
         width: u32,
@@ -56,19 +58,17 @@ pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageI
     if bytes.is_empty() {
         return Err(ImageInputError::Empty);
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| ImageInputError::Decode(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(ImageInputError::UnsupportedFormat);
-    }
-    let mut lim = image::Limits::default();
-    lim.max_image_width = Some(limits.max_side);
-    lim.max_image_height = Some(limits.max_side);
-    lim.max_alloc = Some(limits.max_pixels.saturating_mul(8));
-    reader.limits(lim);
-    let mut decoder = reader.into_decoder().map_err(map_image_error)?;
-    let (width, height) = decoder.dimensions();
+    let reader = || -> Result<ImageReader<Cursor<&[u8]>>, ImageInputError> {
+        let r = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ImageInputError::Decode(e.to_string()))?;
+        if r.format().is_none() {
+            return Err(ImageInputError::UnsupportedFormat);
+        }
+        Ok(r)
+    };
+    // The header alone tells the size: refuse bombs before any pixel is allocated.
+    let (width, height) = reader()?.into_dimensions().map_err(map_image_error)?;
     let too_large = width > limits.max_side
         || height > limits.max_side
         || u64::from(width) * u64::from(height) > limits.max_pixels;
@@ -80,6 +80,13 @@ pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageI
             max_pixels: limits.max_pixels,
         });
     }
+    let mut r = reader()?;
+    let mut lim = image::Limits::default();
+    lim.max_image_width = Some(limits.max_side);
+    lim.max_image_height = Some(limits.max_side);
+    lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(64 << 20));
+    r.limits(lim);
+    let mut decoder = r.into_decoder().map_err(map_image_error)?;
     let orientation = decoder.orientation().map_err(map_image_error)?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(map_image_error)?;
     img.apply_orientation(orientation);
@@ -89,7 +96,9 @@ pub fn decode_rgb(bytes: &[u8], limits: DecodeLimits) -> Result<RgbImage, ImageI
 fn map_image_error(e: image::ImageError) -> ImageInputError {
     match e {
         image::ImageError::Unsupported(_) => ImageInputError::UnsupportedFormat,
-        image::ImageError::Limits(l) => ImageInputError::Decode(format!("decode limit exceeded: {l}")),
+        image::ImageError::Limits(l) => {
+            ImageInputError::Decode(format!("decode limit exceeded: {l}"))
+        }
         other => ImageInputError::Decode(other.to_string()),
     }
 }
@@ -197,7 +206,14 @@ pub fn prepare_crops(img: &RgbImage, geo: &CropGeometry) -> Crops {
     }
 }
 
-fn push_crop(out: &mut Vec<f32>, img: &RgbImage, top: usize, left: usize, side: usize, lut: &[f32; 256]) {
+fn push_crop(
+    out: &mut Vec<f32>,
+    img: &RgbImage,
+    top: usize,
+    left: usize,
+    side: usize,
+    lut: &[f32; 256],
+) {
     let raw = img.as_raw();
     let stride = img.width() as usize * 3;
     for c in 0..3 {
@@ -240,7 +256,11 @@ fn lanczos(x: f64) -> f64 {
             x.sin() / x
         }
     }
-    if (-3.0..3.0).contains(&x) { sinc(x) * sinc(x / 3.0) } else { 0.0 }
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
 }
 
 fn taps(n_in: usize, n_out: usize) -> Taps {
@@ -263,7 +283,11 @@ fn taps(n_in: usize, n_out: usize) -> Taps {
             .map(|w| {
                 let w = if total != 0.0 { w / total } else { *w };
                 let f = w * f64::from(1u32 << PRECISION_BITS);
-                if w < 0.0 { (f - 0.5) as i32 } else { (f + 0.5) as i32 }
+                if w < 0.0 {
+                    (f - 0.5) as i32
+                } else {
+                    (f + 0.5) as i32
+                }
             })
             .collect();
         start.push(xmin);
@@ -317,5 +341,6 @@ pub fn resize_lanczos(img: &RgbImage, out_w: usize, out_h: usize) -> RgbImage {
     } else {
         horizontal
     };
-    RgbImage::from_raw(out_w as u32, out_h as u32, vertical).expect("buffer size matches dimensions")
+    RgbImage::from_raw(out_w as u32, out_h as u32, vertical)
+        .expect("buffer size matches dimensions")
 }

@@ -15,7 +15,9 @@ use tokenizers::Tokenizer;
 
 use self::image::{DecodeLimits, ImageInputError, decode_rgb};
 use self::moondream2::generate::{BoundingBox, Point};
-use self::moondream2::loader::{LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model};
+use self::moondream2::loader::{
+    LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model,
+};
 use self::moondream2::{GenerateOptions, Moondream2, Sampling, StopReason};
 
 /// Caption length, selecting one of the three caption prompts.
@@ -194,9 +196,13 @@ impl SkillError {
         let text = format!("{e:?}");
         if text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("out of memory") {
             Self::OutOfMemory(e.to_string())
-        } else if ["CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_ECC_UNCORRECTABLE"]
-            .iter()
-            .any(|k| text.contains(k))
+        } else if [
+            "CUDA_ERROR_ILLEGAL_ADDRESS",
+            "CUDA_ERROR_LAUNCH_FAILED",
+            "CUDA_ERROR_ECC_UNCORRECTABLE",
+        ]
+        .iter()
+        .any(|k| text.contains(k))
         {
             Self::DeviceFault(e.to_string())
         } else {
@@ -217,7 +223,13 @@ pub struct RunControl {
 /// Runs skills on images; implemented by [`Moondream`] and shareable across threads.
 pub trait Captioner: Send + Sync + 'static {
     /// Runs `skill` on encoded image bytes. Blocking: call it off the async runtime.
-    fn run(&self, image: &[u8], skill: &Skill, settings: &SkillSettings, ctl: &RunControl) -> Result<SkillResult, SkillError>;
+    fn run(
+        &self,
+        image: &[u8],
+        skill: &Skill,
+        settings: &SkillSettings,
+        ctl: &RunControl,
+    ) -> Result<SkillResult, SkillError>;
     /// Model id and revision, recorded with every result.
     fn model_id(&self) -> String;
 }
@@ -258,7 +270,9 @@ pub struct Moondream {
 
 impl std::fmt::Debug for Moondream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Moondream").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Moondream")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -283,22 +297,29 @@ impl Moondream {
                 repo,
                 revision,
                 tokenizer_repo,
-            } => files_from_hub(repo, revision, tokenizer_repo, opts.offline)?,
+            } => files_from_hub(repo, revision, tokenizer_repo, opts.offline, None)?,
         };
         let (device, dtype) = pick_device(opts.device)?;
         Self::from_files(&files, &device, dtype, opts.source.label(), opts.limits)
     }
 
     /// Loads from resolved files onto a device.
-    pub fn from_files(files: &ModelFiles, device: &Device, dtype: DType, id: String, limits: DecodeLimits) -> Result<(Self, LoadReport), LoadError> {
+    pub fn from_files(
+        files: &ModelFiles,
+        device: &Device,
+        dtype: DType,
+        id: String,
+        limits: DecodeLimits,
+    ) -> Result<(Self, LoadReport), LoadError> {
         let tok_path: PathBuf = files.tokenizer.clone().ok_or_else(|| {
             LoadError::MissingFiles(format!(
                 "no tokenizer.json beside {}; place the tokenizer of the checkpoint there",
                 files.config.display()
             ))
         })?;
-        let tokenizer = Tokenizer::from_file(&tok_path)
-            .map_err(|e| LoadError::MissingFiles(format!("cannot read tokenizer {}: {e}", tok_path.display())))?;
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
+            LoadError::MissingFiles(format!("cannot read tokenizer {}: {e}", tok_path.display()))
+        })?;
         let (model, report) = load_model(files, device, dtype)?;
         tracing::info!(
             model = %id,
@@ -376,7 +397,10 @@ impl DeltaStreamer<'_> {
         self.ids.push(id);
         if let Ok(text) = self.tokenizer.decode(&self.ids, true) {
             // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) until it completes.
-            if text.len() > self.sent && !text.ends_with('\u{FFFD}') && text.is_char_boundary(self.sent) {
+            if text.len() > self.sent
+                && !text.ends_with('\u{FFFD}')
+                && text.is_char_boundary(self.sent)
+            {
                 let _ = tx.send(text[self.sent..].to_string());
                 self.sent = text.len();
             }
@@ -385,13 +409,22 @@ impl DeltaStreamer<'_> {
 }
 
 impl Captioner for Moondream {
-    fn run(&self, image: &[u8], skill: &Skill, settings: &SkillSettings, ctl: &RunControl) -> Result<SkillResult, SkillError> {
+    fn run(
+        &self,
+        image: &[u8],
+        skill: &Skill,
+        settings: &SkillSettings,
+        ctl: &RunControl,
+    ) -> Result<SkillResult, SkillError> {
         if settings.max_tokens == 0 {
             return Err(SkillError::Invalid("max_tokens must be at least 1".into()));
         }
         let started = Instant::now();
         let rgb = decode_rgb(image, self.limits)?;
-        let encoded = self.model.encode_image(&rgb).map_err(SkillError::from_candle)?;
+        let encoded = self
+            .model
+            .encode_image(&rgb)
+            .map_err(SkillError::from_candle)?;
         let encode_seconds = started.elapsed().as_secs_f64();
         let gen_started = Instant::now();
         let opts = Self::options(settings, ctl);
@@ -417,9 +450,17 @@ impl Captioner for Moondream {
                     .caption_ids(&encoded, template, &opts, &mut on_token)
                     .map_err(SkillError::from_candle)?;
                 let caption = self.decode(&g.ids)?.trim().to_string();
-                (SkillOutput::Caption { caption }, g.prompt_tokens, g.ids.len(), g.stop)
+                (
+                    SkillOutput::Caption { caption },
+                    g.prompt_tokens,
+                    g.ids.len(),
+                    g.stop,
+                )
             }
-            Skill::Query { question, reasoning } => {
+            Skill::Query {
+                question,
+                reasoning,
+            } => {
                 let q = self.encode_text(question)?;
                 if *reasoning {
                     let r = self
@@ -429,27 +470,50 @@ impl Captioner for Moondream {
                     let answer = self.decode(&r.answer.ids)?.trim().to_string();
                     let reasoning = Some(self.decode(&r.reasoning.ids)?.trim().to_string());
                     let used = r.reasoning.ids.len() + r.answer.ids.len();
-                    let stop = if r.reasoning.stop == StopReason::Cancelled { StopReason::Cancelled } else { r.answer.stop };
-                    (SkillOutput::Answer { answer, reasoning }, r.reasoning.prompt_tokens + 1, used, stop)
+                    let stop = if r.reasoning.stop == StopReason::Cancelled {
+                        StopReason::Cancelled
+                    } else {
+                        r.answer.stop
+                    };
+                    (
+                        SkillOutput::Answer { answer, reasoning },
+                        r.reasoning.prompt_tokens + 1,
+                        used,
+                        stop,
+                    )
                 } else {
                     let g = self
                         .model
                         .query_ids(Some(&encoded), &q, &[], &opts, &mut on_token)
                         .map_err(SkillError::from_candle)?;
                     let answer = self.decode(&g.ids)?.trim().to_string();
-                    (SkillOutput::Answer { answer, reasoning: None }, g.prompt_tokens, g.ids.len(), g.stop)
+                    (
+                        SkillOutput::Answer {
+                            answer,
+                            reasoning: None,
+                        },
+                        g.prompt_tokens,
+                        g.ids.len(),
+                        g.stop,
+                    )
                 }
             }
             Skill::Detect { object } | Skill::Point { object } => {
                 let ids = self.encode_text(&format!(" {object}"))?;
                 let max = settings.max_objects;
                 let (output, n) = if matches!(skill, Skill::Detect { .. }) {
-                    let boxes = self.model.detect_ids(&encoded, &ids, max, cancel).map_err(SkillError::from_candle)?;
+                    let boxes = self
+                        .model
+                        .detect_ids(&encoded, &ids, max, cancel)
+                        .map_err(SkillError::from_candle)?;
                     let objects: Vec<BoxOut> = boxes.iter().map(box_out).collect();
                     let n = objects.len();
                     (SkillOutput::Objects { objects }, n * 3)
                 } else {
-                    let points = self.model.point_ids(&encoded, &ids, max, cancel).map_err(SkillError::from_candle)?;
+                    let points = self
+                        .model
+                        .point_ids(&encoded, &ids, max, cancel)
+                        .map_err(SkillError::from_candle)?;
                     let points: Vec<PointOut> = points.iter().map(point_out).collect();
                     let n = points.len();
                     (SkillOutput::Points { points }, n * 2)

@@ -47,7 +47,11 @@ pub const MAX_TOKENS_LIMIT: usize = 2048;
 
 impl TaskParams {
     /// Checks the parameters against the task and builds the skill and its settings.
-    pub fn to_skill(&self, task: TaskKind, defaults: &SkillSettings) -> Result<(Skill, SkillSettings), String> {
+    pub fn to_skill(
+        &self,
+        task: TaskKind,
+        defaults: &SkillSettings,
+    ) -> Result<(Skill, SkillSettings), String> {
         let text = |v: &Option<String>, name: &str| -> Result<String, String> {
             match v.as_deref().map(str::trim) {
                 Some(s) if !s.is_empty() && s.len() <= 4096 => Ok(s.to_string()),
@@ -73,7 +77,9 @@ impl TaskParams {
         let mut s = *defaults;
         if let Some(m) = self.max_tokens {
             if m == 0 || m > MAX_TOKENS_LIMIT {
-                return Err(format!("max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"));
+                return Err(format!(
+                    "max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
+                ));
             }
             s.max_tokens = m;
         }
@@ -130,12 +136,18 @@ fn err(code: &str, message: impl Into<String>) -> JobErrorInfo {
 fn read_image(blobs: &BlobStore, source: &ImageSource) -> Result<Vec<u8>, JobFailure> {
     match source {
         ImageSource::Path(p) => std::fs::read(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => JobFailure::Permanent(err("image_missing", format!("{p}: file not found"))),
-            std::io::ErrorKind::PermissionDenied => JobFailure::Permanent(err("image_unreadable", format!("{p}: permission denied"))),
+            std::io::ErrorKind::NotFound => {
+                JobFailure::Permanent(err("image_missing", format!("{p}: file not found")))
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                JobFailure::Permanent(err("image_unreadable", format!("{p}: permission denied")))
+            }
             _ => JobFailure::Transient(err("io_error", format!("{p}: {e}"))),
         }),
         ImageSource::Blob(id) => blobs.get(id).map_err(|e| match e {
-            BlobError::Missing(_) | BlobError::InvalidId(_) => JobFailure::Permanent(err("image_missing", e.to_string())),
+            BlobError::Missing(_) | BlobError::InvalidId(_) => {
+                JobFailure::Permanent(err("image_missing", e.to_string()))
+            }
             other => JobFailure::Transient(err("io_error", other.to_string())),
         }),
     }
@@ -153,15 +165,21 @@ impl JobHandler for CaptionHandler {
             cancel: Some(ctl.cancel.clone()),
             stream: ctl.stream.clone(),
         };
-        let result = self.captioner.run(&bytes, &skill, &settings, &run).map_err(|e| match e {
-            SkillError::Image(e) => JobFailure::Permanent(err("image_unreadable", e.to_string())),
-            SkillError::Invalid(m) => JobFailure::Permanent(err("invalid_params", m)),
-            SkillError::Cancelled => JobFailure::Cancelled,
-            SkillError::OutOfMemory(m) => JobFailure::OutOfMemory(err("out_of_memory", m)),
-            SkillError::DeviceFault(m) => JobFailure::DeviceFault(err("device_fault", m)),
-            SkillError::Model(m) => JobFailure::Transient(err("model_error", m)),
-        })?;
-        let output = serde_json::to_value(&result).map_err(|e| JobFailure::Transient(err("internal", e.to_string())))?;
+        let result = self
+            .captioner
+            .run(&bytes, &skill, &settings, &run)
+            .map_err(|e| match e {
+                SkillError::Image(e) => {
+                    JobFailure::Permanent(err("image_unreadable", e.to_string()))
+                }
+                SkillError::Invalid(m) => JobFailure::Permanent(err("invalid_params", m)),
+                SkillError::Cancelled => JobFailure::Cancelled,
+                SkillError::OutOfMemory(m) => JobFailure::OutOfMemory(err("out_of_memory", m)),
+                SkillError::DeviceFault(m) => JobFailure::DeviceFault(err("device_fault", m)),
+                SkillError::Model(m) => JobFailure::Transient(err("model_error", m)),
+            })?;
+        let output = serde_json::to_value(&result)
+            .map_err(|e| JobFailure::Transient(err("internal", e.to_string())))?;
         Ok(HandlerOutput {
             model: self.captioner.model_id(),
             output,

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
-use crate::queue::{Finish, FinishOp, Heartbeat, Job, JobErrorInfo, JobEvents, RetryPolicy, Store, Wakeup, now_ms};
+use crate::queue::{
+    Finish, FinishOp, Heartbeat, Job, JobErrorInfo, JobEvents, RetryPolicy, Store, Wakeup, now_ms,
+};
 
 /// What a handler produced for a job.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,13 +141,21 @@ pub struct WorkerPool {
 
 impl std::fmt::Debug for WorkerPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerPool").field("owner", &self.inner.cfg.owner).finish_non_exhaustive()
+        f.debug_struct("WorkerPool")
+            .field("owner", &self.inner.cfg.owner)
+            .finish_non_exhaustive()
     }
 }
 
 impl WorkerPool {
     /// Rescues jobs a previous instance held, then starts dispatching.
-    pub async fn start(store: Store, handler: Arc<dyn JobHandler>, wakeup: Wakeup, events: JobEvents, cfg: PoolConfig) -> Result<Self, crate::queue::StoreError> {
+    pub async fn start(
+        store: Store,
+        handler: Arc<dyn JobHandler>,
+        wakeup: Wakeup,
+        events: JobEvents,
+        cfg: PoolConfig,
+    ) -> Result<Self, crate::queue::StoreError> {
         let rescued = store.rescue(true).await?;
         if rescued > 0 {
             info!(rescued, "returned jobs held by a previous run to the queue");
@@ -277,8 +287,11 @@ async fn dispatch(inner: Arc<Inner>) {
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "lease rescue failed"),
             }
-            let finished = inner.completed.load(Ordering::Relaxed) + inner.failed.load(Ordering::Relaxed);
-            if finished != finished_at_checkpoint && last_checkpoint.elapsed() >= Duration::from_secs(60) {
+            let finished =
+                inner.completed.load(Ordering::Relaxed) + inner.failed.load(Ordering::Relaxed);
+            if finished != finished_at_checkpoint
+                && last_checkpoint.elapsed() >= Duration::from_secs(60)
+            {
                 finished_at_checkpoint = finished;
                 last_checkpoint = Instant::now();
                 if let Err(e) = inner.store.checkpoint().await {
@@ -291,7 +304,11 @@ async fn dispatch(inner: Arc<Inner>) {
         let paused = inner.paused.load(Ordering::SeqCst);
         let mut claimed = 0;
         if free > 0 && !paused {
-            match inner.store.claim(&inner.cfg.owner, free, inner.cfg.lease).await {
+            match inner
+                .store
+                .claim(&inner.cfg.owner, free, inner.cfg.lease)
+                .await
+            {
                 Ok(jobs) => {
                     failures = 0;
                     claimed = jobs.len();
@@ -356,10 +373,21 @@ fn start_job(inner: &Arc<Inner>, job: Job) {
     );
 }
 
-async fn run_job(inner: &Arc<Inner>, job: Job, cancel: Arc<AtomicBool>, user_cancel: Arc<AtomicBool>) {
+async fn run_job(
+    inner: &Arc<Inner>,
+    job: Job,
+    cancel: Arc<AtomicBool>,
+    user_cancel: Arc<AtomicBool>,
+) {
     let started = Instant::now();
     let lost = Arc::new(AtomicBool::new(false));
-    let heartbeat = tokio::spawn(heartbeat_loop(inner.clone(), job.clone(), cancel.clone(), user_cancel.clone(), lost.clone()));
+    let heartbeat = tokio::spawn(heartbeat_loop(
+        inner.clone(),
+        job.clone(),
+        cancel.clone(),
+        user_cancel.clone(),
+        lost.clone(),
+    ));
     let stream = lock(&inner.streams).get(&job.id).cloned();
     let ctl = JobControl {
         cancel: cancel.clone(),
@@ -375,7 +403,10 @@ async fn run_job(inner: &Arc<Inner>, job: Job, cancel: Arc<AtomicBool>, user_can
     }
     let finish = match outcome {
         Ok(Ok(out)) => {
-            info!(seconds = format!("{:.3}", started.elapsed().as_secs_f64()), "job succeeded");
+            info!(
+                seconds = format!("{:.3}", started.elapsed().as_secs_f64()),
+                "job succeeded"
+            );
             Finish::Succeeded {
                 model: out.model,
                 output: out.output,
@@ -416,7 +447,11 @@ async fn run_job(inner: &Arc<Inner>, job: Job, cancel: Arc<AtomicBool>, user_can
             Finish::Released
         }
         Err(join) => {
-            let message = if join.is_panic() { "the worker panicked while running this job" } else { "the worker task was aborted" };
+            let message = if join.is_panic() {
+                "the worker panicked while running this job"
+            } else {
+                "the worker task was aborted"
+            };
             error!(message, "job attempt crashed");
             Finish::Retry {
                 run_at: now_ms() + inner.cfg.retry.delay_after(job.attempt).as_millis() as i64,
@@ -467,11 +502,21 @@ async fn write_finish(inner: &Arc<Inner>, op: FinishOp) {
     }
 }
 
-async fn heartbeat_loop(inner: Arc<Inner>, job: Job, cancel: Arc<AtomicBool>, user_cancel: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
+async fn heartbeat_loop(
+    inner: Arc<Inner>,
+    job: Job,
+    cancel: Arc<AtomicBool>,
+    user_cancel: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+) {
     let every = inner.cfg.lease / 3;
     loop {
         tokio::time::sleep(every).await;
-        match inner.store.heartbeat(job.id, &inner.cfg.owner, job.attempt, inner.cfg.lease).await {
+        match inner
+            .store
+            .heartbeat(job.id, &inner.cfg.owner, job.attempt, inner.cfg.lease)
+            .await
+        {
             Ok(Heartbeat::Held { cancel: requested }) => {
                 if requested {
                     user_cancel.store(true, Ordering::SeqCst);

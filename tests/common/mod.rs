@@ -97,7 +97,10 @@ impl TestApp {
     /// Starts the real app on port 0 and waits until the model is loaded.
     pub async fn spawn(opts: TestOptions) -> TestApp {
         let tmp = tempfile::tempdir().unwrap();
-        let data_dir = opts.data_dir.clone().unwrap_or_else(|| tmp.path().join("data"));
+        let data_dir = opts
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| tmp.path().join("data"));
         let library = tmp.path().join("library");
         std::fs::create_dir_all(&library).unwrap();
         let library = library.canonicalize().unwrap();
@@ -105,7 +108,12 @@ impl TestApp {
     }
 
     /// Starts on given folders (restart tests reuse them).
-    pub async fn spawn_in(tmp: tempfile::TempDir, data_dir: PathBuf, library: PathBuf, opts: TestOptions) -> TestApp {
+    pub async fn spawn_in(
+        tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        library: PathBuf,
+        opts: TestOptions,
+    ) -> TestApp {
         let s = settings(&data_dir, &library, &opts);
         let app = App::build(&s, Engine::LoadModel).await.expect("app starts");
         let base = format!("http://{}", app.address());
@@ -141,14 +149,23 @@ impl TestApp {
 
     /// GET → (status, JSON body or Null).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.auth(self.client.get(format!("{}{path}", self.base))).send().await.unwrap();
+        let r = self
+            .auth(self.client.get(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
     /// POST JSON → (status, JSON body or Null).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.auth(self.client.post(format!("{}{path}", self.base))).json(body).send().await.unwrap();
+        let r = self
+            .auth(self.client.post(format!("{}{path}", self.base)))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -181,14 +198,22 @@ impl TestApp {
         if let Some(app) = self.app.take() {
             app.shutdown().await;
         }
-        (self._tmp.take().unwrap(), self.data_dir.clone(), self.library.clone())
+        (
+            self._tmp.take().unwrap(),
+            self.data_dir.clone(),
+            self.library.clone(),
+        )
     }
 }
 
 /// A small PNG whose pixels depend on `seed`.
 pub fn png(width: u32, height: u32, seed: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([(x * 5) as u8 ^ seed, (y * 7) as u8, seed.wrapping_mul(31).wrapping_add((x + y) as u8)])
+        image::Rgb([
+            (x * 5) as u8 ^ seed,
+            (y * 7) as u8,
+            seed.wrapping_mul(31).wrapping_add((x + y) as u8),
+        ])
     });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
@@ -197,5 +222,33 @@ pub fn png(width: u32, height: u32, seed: u8) -> Vec<u8> {
 
 /// `data:image/png;base64,...`.
 pub fn data_uri(bytes: &[u8]) -> String {
-    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// JPEG bytes of `img` with an EXIF APP1 segment carrying `orientation` (1..=8).
+pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8> {
+    let mut plain = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut plain, 95)
+        .encode_image(img)
+        .unwrap();
+    let plain = plain.into_inner();
+    let mut tiff = Vec::new();
+    tiff.extend_from_slice(b"II\x2a\x00\x08\x00\x00\x00"); // little-endian TIFF, IFD at 8
+    tiff.extend_from_slice(&1u16.to_le_bytes()); // one entry
+    tiff.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+    tiff.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+    tiff.extend_from_slice(&1u32.to_le_bytes());
+    tiff.extend_from_slice(&orientation.to_le_bytes());
+    tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // value padding, no next IFD
+    let mut app1 = b"Exif\0\0".to_vec();
+    app1.extend_from_slice(&tiff);
+    let mut out = plain[..2].to_vec(); // SOI
+    out.extend_from_slice(&[0xFF, 0xE1]);
+    out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    out.extend_from_slice(&app1);
+    out.extend_from_slice(&plain[2..]);
+    out
 }

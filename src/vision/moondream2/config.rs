@@ -288,17 +288,33 @@ impl Config {
         if t.group_size.is_some() || self.region.group_size.is_some() {
             return bad("int4-quantized checkpoints (group_size set) are not supported; use the 16-bit release".into());
         }
-        if t.n_heads == 0 || t.n_kv_heads == 0 || t.dim % t.n_heads != 0 || t.dim / t.n_heads != 64 {
-            return bad(format!("text dim {} / n_heads {} must give head_dim 64", t.dim, t.n_heads));
+        if t.n_heads == 0
+            || t.n_kv_heads == 0
+            || !t.dim.is_multiple_of(t.n_heads)
+            || t.dim / t.n_heads != 64
+        {
+            return bad(format!(
+                "text dim {} / n_heads {} must give head_dim 64",
+                t.dim, t.n_heads
+            ));
         }
-        if t.n_heads % t.n_kv_heads != 0 {
-            return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", t.n_heads, t.n_kv_heads));
+        if !t.n_heads.is_multiple_of(t.n_kv_heads) {
+            return bad(format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                t.n_heads, t.n_kv_heads
+            ));
         }
-        if v.enc_patch_size == 0 || v.crop_size % v.enc_patch_size != 0 {
-            return bad(format!("crop_size {} is not a multiple of patch size {}", v.crop_size, v.enc_patch_size));
+        if v.enc_patch_size == 0 || !v.crop_size.is_multiple_of(v.enc_patch_size) {
+            return bad(format!(
+                "crop_size {} is not a multiple of patch size {}",
+                v.crop_size, v.enc_patch_size
+            ));
         }
-        if v.enc_n_heads == 0 || v.enc_dim % v.enc_n_heads != 0 {
-            return bad(format!("enc_dim {} not divisible by enc_n_heads {}", v.enc_dim, v.enc_n_heads));
+        if v.enc_n_heads == 0 || !v.enc_dim.is_multiple_of(v.enc_n_heads) {
+            return bad(format!(
+                "enc_dim {} not divisible by enc_n_heads {}",
+                v.enc_dim, v.enc_n_heads
+            ));
         }
         if 2 * v.overlap_margin >= v.grid() || v.max_crops == 0 {
             return bad("overlap_margin too large for the crop grid, or max_crops is 0".into());
@@ -309,11 +325,17 @@ impl Config {
                 v.proj_out_dim, self.region.dim, t.dim
             ));
         }
-        if self.region.size_out_dim % 2 != 0 || self.region.coord_feat_dim % 2 != 0 || self.region.size_feat_dim % 2 != 0 {
+        if !self.region.size_out_dim.is_multiple_of(2)
+            || !self.region.coord_feat_dim.is_multiple_of(2)
+            || !self.region.size_feat_dim.is_multiple_of(2)
+        {
             return bad("region feature and size widths must be even".into());
         }
         if t.max_context < self.prefix_len() + 2 {
-            return bad(format!("max_context {} leaves no room after the image prefix", t.max_context));
+            return bad(format!(
+                "max_context {} leaves no room after the image prefix",
+                t.max_context
+            ));
         }
         Ok(())
     }

@@ -130,7 +130,10 @@ impl Chooser {
                 let s = if top_p >= 1.0 {
                     CandleSampling::All { temperature }
                 } else {
-                    CandleSampling::TopP { p: top_p, temperature }
+                    CandleSampling::TopP {
+                        p: top_p,
+                        temperature,
+                    }
                 };
                 Some(LogitsProcessor::from_sampling(seed, s))
             }
@@ -169,7 +172,9 @@ pub fn argmax(v: &[f32]) -> usize {
 }
 
 fn cancelled(opts: &GenerateOptions) -> bool {
-    opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+    opts.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
 impl Moondream2 {
@@ -180,7 +185,12 @@ impl Moondream2 {
 
     /// Prompt embeddings for ids, with `coord_id`/`size_id` positions replaced in order
     /// by encoded coordinates and sizes.
-    pub fn prompt_embeddings(&self, ids: &[u32], coords: &[f32], sizes: &[(f32, f32)]) -> Result<Tensor> {
+    pub fn prompt_embeddings(
+        &self,
+        ids: &[u32],
+        coords: &[f32],
+        sizes: &[(f32, f32)],
+    ) -> Result<Tensor> {
         let tok = &self.cfg.tokenizer;
         let plain = self.text.embed(ids)?;
         if coords.is_empty() && sizes.is_empty() {
@@ -245,7 +255,9 @@ impl Moondream2 {
             if ids.len() >= opts.max_tokens || cache.len() >= self.cfg.text.max_context {
                 break StopReason::MaxTokens;
             }
-            let step = self.text.feed(&self.text.embed(&[next])?, &mut cache, prefix)?;
+            let step = self
+                .text
+                .feed(&self.text.embed(&[next])?, &mut cache, prefix)?;
             next = chooser.choose(&step.logits, &[tok.answer_id])?;
         };
         Ok(Generation {
@@ -269,7 +281,12 @@ impl Moondream2 {
 
     /// Ids of a query prompt: prefix, spatial placeholders, question, then the suffix
     /// twice (plain) or once followed by `thinking_id` (reasoning).
-    pub fn query_prompt(&self, question: &[u32], spatial: &[SpatialRef], reasoning: bool) -> (Vec<u32>, Vec<f32>, Vec<(f32, f32)>) {
+    pub fn query_prompt(
+        &self,
+        question: &[u32],
+        spatial: &[SpatialRef],
+        reasoning: bool,
+    ) -> (Vec<u32>, Vec<f32>, Vec<(f32, f32)>) {
         let tok = &self.cfg.tokenizer;
         let t = &tok.templates.query;
         let mut ids = t.prefix.clone();
@@ -365,7 +382,12 @@ impl Moondream2 {
             }
             reasoning.push(next);
             let emb = if next == tok.coord_id {
-                let bin = argmax(&self.region.decode_coordinate(&step.hidden)?.to_vec1::<f32>()?);
+                let bin = argmax(
+                    &self
+                        .region
+                        .decode_coordinate(&step.hidden)?
+                        .to_vec1::<f32>()?,
+                );
                 let c = self.region.coordinate_value(bin);
                 span.push(c);
                 self.region.encode_coordinate(c)?
@@ -390,7 +412,11 @@ impl Moondream2 {
                 stop,
                 prompt_tokens: 0,
             };
-            return Ok(ReasonedAnswer { reasoning, grounding, answer });
+            return Ok(ReasonedAnswer {
+                reasoning,
+                grounding,
+                answer,
+            });
         }
         let answer_prompt = self.text.embed(&[tok.answer_id])?;
         let answer = self.generate_answer(cache, &answer_prompt, opts, on_token)?;
@@ -402,9 +428,23 @@ impl Moondream2 {
     }
 
     /// Boxes around instances of an object (`object_ids` = ids of `" " + object`).
-    pub fn detect_ids(&self, image: &EncodedImage, object_ids: &[u32], max_objects: usize, cancel: Option<&AtomicBool>) -> Result<Vec<BoundingBox>> {
+    pub fn detect_ids(
+        &self,
+        image: &EncodedImage,
+        object_ids: &[u32],
+        max_objects: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<BoundingBox>> {
         let t = &self.cfg.tokenizer.templates.detect;
-        let found = self.region_loop(image, &t.prefix, object_ids, &t.suffix, max_objects, true, cancel)?;
+        let found = self.region_loop(
+            image,
+            &t.prefix,
+            object_ids,
+            &t.suffix,
+            max_objects,
+            true,
+            cancel,
+        )?;
         Ok(found
             .into_iter()
             .map(|(x, y, size)| {
@@ -421,9 +461,23 @@ impl Moondream2 {
     }
 
     /// Points at instances of an object (`object_ids` = ids of `" " + object`).
-    pub fn point_ids(&self, image: &EncodedImage, object_ids: &[u32], max_objects: usize, cancel: Option<&AtomicBool>) -> Result<Vec<Point>> {
+    pub fn point_ids(
+        &self,
+        image: &EncodedImage,
+        object_ids: &[u32],
+        max_objects: usize,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Vec<Point>> {
         let t = &self.cfg.tokenizer.templates.point;
-        let found = self.region_loop(image, &t.prefix, object_ids, &t.suffix, max_objects, false, cancel)?;
+        let found = self.region_loop(
+            image,
+            &t.prefix,
+            object_ids,
+            &t.suffix,
+            max_objects,
+            false,
+            cancel,
+        )?;
         Ok(found
             .into_iter()
             .map(|(x, y, _)| Point {
@@ -448,22 +502,41 @@ impl Moondream2 {
         let eos = self.cfg.tokenizer.eos_id;
         let ids: Vec<u32> = prefix.iter().chain(object).chain(suffix).copied().collect();
         let mut cache = image.cache();
-        let mut step = self.text.feed(&self.text.embed(&ids)?, &mut cache, self.prefix())?;
+        let mut step = self
+            .text
+            .feed(&self.text.embed(&ids)?, &mut cache, self.prefix())?;
         let mut found = Vec::new();
         let room = |cache: &KvCache| cache.len() + 3 <= self.cfg.text.max_context;
-        while argmax(&step.logits.to_vec1::<f32>()?) as u32 != eos && found.len() < max_objects && room(&cache) {
+        while argmax(&step.logits.to_vec1::<f32>()?) as u32 != eos
+            && found.len() < max_objects
+            && room(&cache)
+        {
             if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 break;
             }
             let x = self.decode_coordinate_value(&step.hidden)?;
-            step = self.text.feed(&self.region.encode_coordinate(x)?, &mut cache, self.prefix())?;
+            step = self.text.feed(
+                &self.region.encode_coordinate(x)?,
+                &mut cache,
+                self.prefix(),
+            )?;
             let y = self.decode_coordinate_value(&step.hidden)?;
-            step = self.text.feed(&self.region.encode_coordinate(y)?, &mut cache, self.prefix())?;
+            step = self.text.feed(
+                &self.region.encode_coordinate(y)?,
+                &mut cache,
+                self.prefix(),
+            )?;
             let size = if with_size {
                 let logits = self.region.decode_size(&step.hidden)?;
-                let w = self.region.size_value(argmax(&logits.get(0)?.to_vec1::<f32>()?));
-                let h = self.region.size_value(argmax(&logits.get(1)?.to_vec1::<f32>()?));
-                step = self.text.feed(&self.region.encode_size(w, h)?, &mut cache, self.prefix())?;
+                let w = self
+                    .region
+                    .size_value(argmax(&logits.get(0)?.to_vec1::<f32>()?));
+                let h = self
+                    .region
+                    .size_value(argmax(&logits.get(1)?.to_vec1::<f32>()?));
+                step =
+                    self.text
+                        .feed(&self.region.encode_size(w, h)?, &mut cache, self.prefix())?;
                 Some((w, h))
             } else {
                 None

@@ -127,7 +127,12 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     };
     let (e, g) = (v.enc_dim, v.grid());
     push("vision.pos_emb".into(), &[1, g * g, e]);
-    linear(&mut push, "vision.patch_emb", v.in_channels * v.enc_patch_size * v.enc_patch_size, e);
+    linear(
+        &mut push,
+        "vision.patch_emb",
+        v.in_channels * v.enc_patch_size * v.enc_patch_size,
+        e,
+    );
     for i in 0..v.enc_n_layers {
         let b = format!("vision.blocks.{i}");
         norm(&mut push, &format!("{b}.ln1"), e);
@@ -139,12 +144,22 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     }
     norm(&mut push, "vision.post_ln", e);
     linear(&mut push, "vision.proj_mlp.fc1", 2 * e, v.proj_inner_dim);
-    linear(&mut push, "vision.proj_mlp.fc2", v.proj_inner_dim, v.proj_out_dim);
+    linear(
+        &mut push,
+        "vision.proj_mlp.fc2",
+        v.proj_inner_dim,
+        v.proj_out_dim,
+    );
     push("text.wte".into(), &[t.vocab_size, t.dim]);
     for i in 0..t.n_layers {
         let b = format!("text.blocks.{i}");
         norm(&mut push, &format!("{b}.ln"), t.dim);
-        linear(&mut push, &format!("{b}.attn.qkv"), t.dim, (t.n_heads + 2 * t.n_kv_heads) * HEAD_DIM);
+        linear(
+            &mut push,
+            &format!("{b}.attn.qkv"),
+            t.dim,
+            (t.n_heads + 2 * t.n_kv_heads) * HEAD_DIM,
+        );
         linear(&mut push, &format!("{b}.attn.proj"), t.dim, t.dim);
         linear(&mut push, &format!("{b}.mlp.fc1"), t.dim, t.ff_dim);
         linear(&mut push, &format!("{b}.mlp.fc2"), t.ff_dim, t.dim);
@@ -155,15 +170,27 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     push("region.size_features".into(), &[2, r.size_feat_dim / 2]);
     linear(&mut push, "region.coord_encoder", r.coord_feat_dim, r.dim);
     linear(&mut push, "region.coord_decoder.fc1", r.dim, r.inner_dim);
-    linear(&mut push, "region.coord_decoder.fc2", r.inner_dim, r.coord_out_dim);
+    linear(
+        &mut push,
+        "region.coord_decoder.fc2",
+        r.inner_dim,
+        r.coord_out_dim,
+    );
     linear(&mut push, "region.size_encoder", r.size_feat_dim, r.dim);
     linear(&mut push, "region.size_decoder.fc1", r.dim, r.inner_dim);
-    linear(&mut push, "region.size_decoder.fc2", r.inner_dim, r.size_out_dim);
+    linear(
+        &mut push,
+        "region.size_decoder.fc2",
+        r.inner_dim,
+        r.size_out_dim,
+    );
     out
 }
 
 /// Name → (shape, dtype) of every tensor in the weight files, read from headers only.
-pub fn read_tensor_index(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
+pub fn read_tensor_index(
+    files: &[PathBuf],
+) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
     let mut out = BTreeMap::new();
     for path in files {
         let io = |source| LoadError::Io {
@@ -192,9 +219,17 @@ pub fn read_tensor_index(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usiz
             let shape = info
                 .get("shape")
                 .and_then(|s| s.as_array())
-                .map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|d| d.as_u64().map(|d| d as usize))
+                        .collect()
+                })
                 .ok_or_else(|| fmt(format!("tensor {name} has no shape")))?;
-            let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string();
+            let dtype = info
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .unwrap_or("?")
+                .to_string();
             out.insert(name, (shape, dtype));
         }
     }
@@ -202,17 +237,26 @@ pub fn read_tensor_index(files: &[PathBuf]) -> Result<BTreeMap<String, (Vec<usiz
 }
 
 /// Compares the files' tensors with the configuration; lists every problem at once.
-pub fn check_tensors(cfg: &Config, found: &BTreeMap<String, (Vec<usize>, String)>) -> Result<(), LoadError> {
+pub fn check_tensors(
+    cfg: &Config,
+    found: &BTreeMap<String, (Vec<usize>, String)>,
+) -> Result<(), LoadError> {
     let mut problems = Vec::new();
     for (name, shape) in expected_tensors(cfg) {
         let full = format!("{HF_PREFIX}{name}");
         match found.get(&full).or_else(|| found.get(&name)) {
             None => problems.push(format!("missing tensor {full} {shape:?}")),
-            Some((s, _)) if *s != shape => problems.push(format!("tensor {full}: shape {s:?}, expected {shape:?}")),
+            Some((s, _)) if *s != shape => {
+                problems.push(format!("tensor {full}: shape {s:?}, expected {shape:?}"))
+            }
             Some(_) => {}
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(LoadError::Mismatch(problems)) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadError::Mismatch(problems))
+    }
 }
 
 /// Collects the files of a local model folder.
@@ -261,7 +305,11 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let mut shards: Vec<String> = v
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+        .map(|m| {
+            m.values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     shards.sort();
     shards.dedup();
@@ -269,11 +317,21 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
     Ok(shards.into_iter().map(|s| dir.join(s)).collect())
 }
 
-/// Resolves a Hub source through the Hugging Face cache, downloading when `offline`
-/// is false; offline and not cached gives one error naming the files and places.
-pub fn files_from_hub(repo: &str, revision: &str, tokenizer_repo: &str, offline: bool) -> Result<ModelFiles, LoadError> {
+/// Resolves a Hub source through the Hugging Face cache (`cache_dir`, or the standard
+/// one from `HF_HOME`/`HF_HUB_CACHE`), downloading when `offline` is false; offline
+/// and not cached gives one error naming the files and where to put them.
+pub fn files_from_hub(
+    repo: &str,
+    revision: &str,
+    tokenizer_repo: &str,
+    offline: bool,
+    cache_dir: Option<&Path>,
+) -> Result<ModelFiles, LoadError> {
     use hf_hub::{Cache, Repo, RepoType};
-    let cache = Cache::from_env();
+    let cache = match cache_dir {
+        Some(d) => Cache::new(d.to_path_buf()),
+        None => Cache::from_env(),
+    };
     let model = Repo::with_revision(repo.into(), RepoType::Model, revision.into());
     let tok = Repo::model(tokenizer_repo.into());
     let cached_model = cache.repo(model.clone());
@@ -301,13 +359,19 @@ pub fn files_from_hub(repo: &str, revision: &str, tokenizer_repo: &str, offline:
         ))
     };
     if offline {
-        return Err(explain("offline mode (HF_HUB_OFFLINE or --offline) and files not cached.".into()));
+        return Err(explain(
+            "offline mode (HF_HUB_OFFLINE or --offline) and files not cached.".into(),
+        ));
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_progress(true)
         .build()
         .map_err(|e| explain(format!("cannot start the Hugging Face client: {e}")))?;
-    let get = |r: &Repo, f: &str| api.repo(r.clone()).get(f).map_err(|e| explain(format!("downloading {f}: {e}")));
+    let get = |r: &Repo, f: &str| {
+        api.repo(r.clone())
+            .get(f)
+            .map_err(|e| explain(format!("downloading {f}: {e}")))
+    };
     Ok(ModelFiles {
         config: get(&model, "config.json")?,
         weights: vec![get(&model, "model.safetensors")?],
@@ -330,7 +394,11 @@ pub struct LoadReport {
 
 /// Reads the config, checks every tensor and builds the model on `device` in `dtype`.
 /// File maps and host copies are released before returning.
-pub fn load_model(files: &ModelFiles, device: &Device, dtype: DType) -> Result<(Moondream2, LoadReport), LoadError> {
+pub fn load_model(
+    files: &ModelFiles,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Moondream2, LoadReport), LoadError> {
     let started = std::time::Instant::now();
     let text = std::fs::read_to_string(&files.config).map_err(|source| LoadError::Io {
         path: files.config.clone(),

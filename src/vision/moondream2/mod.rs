@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 
 pub use config::Config;
-pub use generate::{Generation, GenerateOptions, Sampling, StopReason};
+pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 use region::RegionModel;
 use text::{KvCache, TextModel};
 use vision::VisionModel;
@@ -113,7 +113,11 @@ impl Moondream2 {
     }
 
     /// Same as [`Self::encode_image`] from a crops tensor `[n, 3, side, side]`.
-    pub fn encode_crops(&self, crops: &Tensor, tiling: crate::vision::image::Tiling) -> Result<EncodedImage> {
+    pub fn encode_crops(
+        &self,
+        crops: &Tensor,
+        tiling: crate::vision::image::Tiling,
+    ) -> Result<EncodedImage> {
         let img_emb = self.vision.embed(crops, tiling)?;
         self.encode_embeddings(&img_emb)
     }

@@ -25,10 +25,20 @@ impl RegionModel {
         Ok(Self {
             coord_features: vb.get((1, cfg.coord_feat_dim / 2), "coord_features")?,
             coord_encoder: linear(cfg.coord_feat_dim, cfg.dim, vb.pp("coord_encoder"))?,
-            coord_decoder: Mlp::new(cfg.dim, cfg.inner_dim, cfg.coord_out_dim, vb.pp("coord_decoder"))?,
+            coord_decoder: Mlp::new(
+                cfg.dim,
+                cfg.inner_dim,
+                cfg.coord_out_dim,
+                vb.pp("coord_decoder"),
+            )?,
             size_features: vb.get((2, cfg.size_feat_dim / 2), "size_features")?,
             size_encoder: linear(cfg.size_feat_dim, cfg.dim, vb.pp("size_encoder"))?,
-            size_decoder: Mlp::new(cfg.dim, cfg.inner_dim, cfg.size_out_dim, vb.pp("size_decoder"))?,
+            size_decoder: Mlp::new(
+                cfg.dim,
+                cfg.inner_dim,
+                cfg.size_out_dim,
+                vb.pp("size_decoder"),
+            )?,
             cfg: cfg.clone(),
         })
     }
@@ -43,17 +53,22 @@ impl RegionModel {
 
     /// Embedding `[1, dim]` of a coordinate in 0..1.
     pub fn encode_coordinate(&self, c: f32) -> Result<Tensor> {
-        self.coord_encoder.forward(&self.fourier(&[c], &self.coord_features)?)
+        self.coord_encoder
+            .forward(&self.fourier(&[c], &self.coord_features)?)
     }
 
     /// Embedding `[1, dim]` of a (width, height) size in 0..1.
     pub fn encode_size(&self, w: f32, h: f32) -> Result<Tensor> {
-        self.size_encoder.forward(&self.fourier(&[w, h], &self.size_features)?)
+        self.size_encoder
+            .forward(&self.fourier(&[w, h], &self.size_features)?)
     }
 
     /// Coordinate logits `[coord_out_dim]` (f32) from a pre-`post_ln` hidden state `[dim]`.
     pub fn decode_coordinate(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.coord_decoder.forward(&hidden.unsqueeze(0)?)?.get(0)?.to_dtype(DType::F32)
+        self.coord_decoder
+            .forward(&hidden.unsqueeze(0)?)?
+            .get(0)?
+            .to_dtype(DType::F32)
     }
 
     /// Size logits `[2, size_out_dim/2]` (f32): row 0 width, row 1 height.

@@ -117,7 +117,12 @@ impl TextModel {
 
     /// Feeds `x` (`[n, dim]`) at the cache's next positions. Positions below
     /// `bidirectional_prefix` attend to each other both ways; all others are causal.
-    pub fn feed(&self, x: &Tensor, cache: &mut KvCache, bidirectional_prefix: usize) -> Result<Step> {
+    pub fn feed(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        bidirectional_prefix: usize,
+    ) -> Result<Step> {
         let (n, _) = x.dims2()?;
         let pos = cache.len;
         if pos + n > self.cfg.max_context {
@@ -139,7 +144,12 @@ impl TextModel {
     }
 
     /// Feeds `x` and returns the pre-`post_ln` hidden states of every fed position.
-    pub fn feed_all_hidden(&self, x: &Tensor, cache: &mut KvCache, prefix: usize) -> Result<Vec<Tensor>> {
+    pub fn feed_all_hidden(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        prefix: usize,
+    ) -> Result<Vec<Tensor>> {
         let (n, _) = x.dims2()?;
         let pos = cache.len;
         let mask = attention_mask(pos, n, prefix, x.device(), x.dtype())?;
@@ -206,7 +216,8 @@ impl Block {
         };
         let cos = cos.narrow(0, pos, n)?;
         let sin = sin.narrow(0, pos, n)?;
-        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)? * (1.0 / (HEAD_DIM as f64).sqrt()))?;
+        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)?
+            * (1.0 / (HEAD_DIM as f64).sqrt()))?;
         let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &cos, &sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
         let (k, v) = cache.append(layer, k, v)?;
@@ -253,7 +264,13 @@ fn rotary_table(max_context: usize, device: &Device, dtype: DType) -> Result<(Te
 
 /// Additive mask `[n, pos+n]` for queries at `pos..pos+n`, or `None` when every key is
 /// visible to every query.
-fn attention_mask(pos: usize, n: usize, prefix: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+fn attention_mask(
+    pos: usize,
+    n: usize,
+    prefix: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
     let total = pos + n;
     let visible = |i: usize, j: usize| j <= i || (i < prefix && j < prefix);
     let all_visible = (pos..total).all(|i| (0..total).all(|j| visible(i, j)));
@@ -262,7 +279,15 @@ fn attention_mask(pos: usize, n: usize, prefix: usize, device: &Device, dtype: D
     }
     let mut m = Vec::with_capacity(n * total);
     for i in pos..total {
-        m.extend((0..total).map(|j| if visible(i, j) { 0f32 } else { f32::NEG_INFINITY }));
+        m.extend((0..total).map(|j| {
+            if visible(i, j) {
+                0f32
+            } else {
+                f32::NEG_INFINITY
+            }
+        }));
     }
-    Ok(Some(Tensor::from_vec(m, (n, total), device)?.to_dtype(dtype)?))
+    Ok(Some(
+        Tensor::from_vec(m, (n, total), device)?.to_dtype(dtype)?,
+    ))
 }

@@ -79,14 +79,24 @@ impl VisionModel {
             pos_emb: vb.get((1, grid * grid, cfg.enc_dim), "pos_emb")?,
             blocks,
             post_ln: layer_norm(cfg.enc_dim, vb.pp("post_ln"))?,
-            proj_mlp: Mlp::new(2 * cfg.enc_dim, cfg.proj_inner_dim, cfg.proj_out_dim, vb.pp("proj_mlp"))?,
+            proj_mlp: Mlp::new(
+                2 * cfg.enc_dim,
+                cfg.proj_inner_dim,
+                cfg.proj_out_dim,
+                vb.pp("proj_mlp"),
+            )?,
             cfg: cfg.clone(),
         })
     }
 
     /// Turns host crops into a `[n_crops, 3, side, side]` tensor on `device`.
     pub fn crops_tensor(crops: &Crops, device: &Device, dtype: DType) -> Result<Tensor> {
-        Tensor::from_slice(&crops.data, (crops.n_crops, 3, crops.side, crops.side), device)?.to_dtype(dtype)
+        Tensor::from_slice(
+            &crops.data,
+            (crops.n_crops, 3, crops.side, crops.side),
+            device,
+        )?
+        .to_dtype(dtype)
     }
 
     /// Runs the encoder on all crops as one batch → `[n_crops, grid², enc_dim]`.
@@ -98,7 +108,10 @@ impl VisionModel {
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, g * g, c * p * p))?;
-        let mut x = self.patch_emb.forward(&patches)?.broadcast_add(&self.pos_emb)?;
+        let mut x = self
+            .patch_emb
+            .forward(&patches)?
+            .broadcast_add(&self.pos_emb)?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
@@ -123,7 +136,12 @@ impl VisionModel {
             let mut cols = Vec::with_capacity(tiling.cols);
             for tx in 0..tiling.cols {
                 let (x0, nx) = keep(tx, tiling.cols);
-                cols.push(local.get(ty * tiling.cols + tx)?.narrow(0, y0, ny)?.narrow(1, x0, nx)?);
+                cols.push(
+                    local
+                        .get(ty * tiling.cols + tx)?
+                        .narrow(0, y0, ny)?
+                        .narrow(1, x0, nx)?,
+                );
             }
             rows.push(Tensor::cat(&cols, 1)?);
         }
@@ -149,7 +167,8 @@ impl VisionModel {
     pub fn project(&self, global: &Tensor, pooled: &Tensor) -> Result<Tensor> {
         let g2 = self.cfg.grid() * self.cfg.grid();
         let pooled = pooled.reshape((g2, self.cfg.enc_dim))?;
-        self.proj_mlp.forward(&Tensor::cat(&[global, &pooled], D::Minus1)?)
+        self.proj_mlp
+            .forward(&Tensor::cat(&[global, &pooled], D::Minus1)?)
     }
 
     /// Full image path: encoder, stitching, pooling and projection → `[grid², dim]`.
