@@ -134,18 +134,28 @@ pub struct FinishOp {
     pub attempt: i64,
     /// What happened.
     pub finish: Finish,
+    /// Claim the slot's next job in the same commit, under a lease this long.
+    pub claim_next: Option<Duration>,
 }
 
-/// Outcome of a heartbeat.
+/// Result of a finishing write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishOutcome {
+    /// Whether the lease was still held and the transition was written.
+    pub applied: bool,
+    /// The next job claimed in the same commit, when asked for and available.
+    pub next: Option<Job>,
+}
+
+/// A lease still held after a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Heartbeat {
-    /// Still ours; `cancel` says whether cancellation was requested.
-    Held {
-        /// Cancellation requested.
-        cancel: bool,
-    },
-    /// The lease was rescued or the job changed: stop working on it.
-    Lost,
+pub struct Heartbeat {
+    /// Job id.
+    pub id: Uuid,
+    /// Attempt holding the lease.
+    pub attempt: i64,
+    /// Whether cancellation was requested.
+    pub cancel: bool,
 }
 
 /// Outcome of a cancel request.
@@ -279,9 +289,17 @@ const SQL_CLAIM: &str = concat!(
     "RETURNING ",
     job_columns!()
 );
-const SQL_HEARTBEAT: &str = "UPDATE jobs SET lease_expires_at = ?4 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running' RETURNING cancel_requested";
-const SQL_SUCCEED: &str = "UPDATE jobs SET state = 'succeeded', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
-const SQL_INSERT_RESULT: &str = "INSERT INTO results (job_id, attempt, model, output, created_at) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(job_id) DO UPDATE SET attempt = excluded.attempt, model = excluded.model, output = excluded.output, created_at = excluded.created_at";
+const SQL_HEARTBEAT: &str = "UPDATE jobs SET lease_expires_at = ?2 WHERE lease_owner = ?1 AND state = 'running' RETURNING id, attempt, cancel_requested";
+const SQL_SUCCEED_MANY: &str = concat!(
+    "UPDATE jobs SET state = 'succeeded', finished_at = ?2, lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL ",
+    "FROM (SELECT value ->> 'id' AS fid, value ->> 'owner' AS fowner, value ->> 'attempt' AS fattempt FROM json_each(?1)) AS f ",
+    "WHERE jobs.id = f.fid AND jobs.lease_owner = f.fowner AND jobs.attempt = f.fattempt AND jobs.state = 'running' RETURNING jobs.id"
+);
+const SQL_INSERT_RESULTS: &str = concat!(
+    "INSERT INTO results (job_id, attempt, model, output, created_at) ",
+    "SELECT value ->> 'id', value ->> 'attempt', value ->> 'model', value ->> 'output', ?2 FROM json_each(?1) WHERE true ",
+    "ON CONFLICT(job_id) DO UPDATE SET attempt = excluded.attempt, model = excluded.model, output = excluded.output, created_at = excluded.created_at"
+);
 const SQL_FAIL: &str = "UPDATE jobs SET state = 'failed', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = ?5, error_message = ?6 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
 const SQL_RETRY_LATER: &str = concat!(
     "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'scheduled' END, ",
@@ -327,7 +345,7 @@ const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
 pub struct Store {
     write: SqlitePool,
     read: SqlitePool,
-    finisher: mpsc::Sender<(FinishOp, oneshot::Sender<StoreResult<bool>>)>,
+    finisher: mpsc::Sender<(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)>,
     path: PathBuf,
 }
 
@@ -525,33 +543,32 @@ impl Store {
             .bind(n as i64)
             .fetch_all(&self.write)
             .await?;
-        rows.iter().map(job_from_row).collect()
+        claimed_in_order(&rows)
     }
 
-    /// Extends a lease; tells whether it is still held and whether cancel was asked.
-    pub async fn heartbeat(
-        &self,
-        id: Uuid,
-        owner: &str,
-        attempt: i64,
-        lease: Duration,
-    ) -> StoreResult<Heartbeat> {
-        let row: Option<i64> = sqlx::query_scalar(SQL_HEARTBEAT)
-            .bind(id.to_string())
+    /// Extends every lease `owner` holds, in one statement; returns the jobs still
+    /// held (id, attempt, cancel requested). A running job missing from the answer
+    /// has lost its lease.
+    pub async fn heartbeat(&self, owner: &str, lease: Duration) -> StoreResult<Vec<Heartbeat>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(SQL_HEARTBEAT)
             .bind(owner)
-            .bind(attempt)
             .bind(now_ms() + lease.as_millis() as i64)
-            .fetch_optional(&self.write)
+            .fetch_all(&self.write)
             .await?;
-        Ok(match row {
-            Some(c) => Heartbeat::Held { cancel: c != 0 },
-            None => Heartbeat::Lost,
-        })
+        rows.into_iter()
+            .map(|(id, attempt, cancel)| {
+                Ok(Heartbeat {
+                    id: parse_uuid(&id)?,
+                    attempt,
+                    cancel: cancel != 0,
+                })
+            })
+            .collect()
     }
 
-    /// Finishes an attempt through the group-committing finisher; `false` when the
-    /// lease was no longer held (the write was refused).
-    pub async fn finish(&self, op: FinishOp) -> StoreResult<bool> {
+    /// Finishes an attempt through the group-committing finisher (and claims the next
+    /// job when asked); `applied` is false when the lease was no longer held.
+    pub async fn finish(&self, op: FinishOp) -> StoreResult<FinishOutcome> {
         let (tx, rx) = oneshot::channel();
         self.finisher
             .send((op, tx))
@@ -749,15 +766,15 @@ fn bind_insert<'q>(
 /// commit ran goes into the next one.
 async fn run_finisher(
     pool: SqlitePool,
-    mut rx: mpsc::Receiver<(FinishOp, oneshot::Sender<StoreResult<bool>>)>,
+    mut rx: mpsc::Receiver<(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)>,
 ) {
     let mut pending = Vec::with_capacity(256);
     while rx.recv_many(&mut pending, 256).await > 0 {
         let outcome = apply_finishes(&pool, &pending).await;
         match outcome {
-            Ok(applied) => {
-                for ((_, reply), ok) in pending.drain(..).zip(applied) {
-                    let _ = reply.send(Ok(ok));
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in pending.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
                 }
             }
             Err(e) => {
@@ -778,12 +795,48 @@ async fn run_finisher(
 
 async fn apply_finishes(
     pool: &SqlitePool,
-    ops: &[(FinishOp, oneshot::Sender<StoreResult<bool>>)],
-) -> StoreResult<Vec<bool>> {
+    ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)],
+) -> StoreResult<Vec<FinishOutcome>> {
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let mut applied = Vec::with_capacity(ops.len());
+    let mut applied = vec![false; ops.len()];
     let now = now_ms();
-    for (op, _) in ops {
+    // Successes, the common case, go in two set-based statements for the whole group.
+    let succeeded: Vec<(usize, serde_json::Value)> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (op, _))| match &op.finish {
+            Finish::Succeeded { model, output } => Some((
+                i,
+                serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt, "model": model, "output": output}),
+            )),
+            _ => None,
+        })
+        .collect();
+    if !succeeded.is_empty() {
+        let batch = serde_json::Value::Array(succeeded.iter().map(|(_, v)| v.clone()).collect())
+            .to_string();
+        let done: Vec<String> = sqlx::query_scalar(SQL_SUCCEED_MANY)
+            .bind(batch)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let done: std::collections::HashSet<String> = done.into_iter().collect();
+        let mut results = Vec::with_capacity(done.len());
+        for (i, v) in &succeeded {
+            if v["id"].as_str().is_some_and(|id| done.contains(id)) {
+                applied[*i] = true;
+                results.push(v.clone());
+            }
+        }
+        if !results.is_empty() {
+            sqlx::query(SQL_INSERT_RESULTS)
+                .bind(serde_json::Value::Array(results).to_string())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    for (i, (op, _)) in ops.iter().enumerate() {
         let id = op.id.to_string();
         let guarded = |sql: &'static str| {
             sqlx::query(sql)
@@ -793,20 +846,7 @@ async fn apply_finishes(
                 .bind(now)
         };
         let done = match &op.finish {
-            Finish::Succeeded { model, output } => {
-                let done = guarded(SQL_SUCCEED).execute(&mut *tx).await?;
-                if done.rows_affected() == 1 {
-                    sqlx::query(SQL_INSERT_RESULT)
-                        .bind(&id)
-                        .bind(op.attempt)
-                        .bind(model)
-                        .bind(output.to_string())
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                done
-            }
+            Finish::Succeeded { .. } => continue,
             Finish::Failed(err) => {
                 guarded(SQL_FAIL)
                     .bind(err.code.clone())
@@ -833,10 +873,48 @@ async fn apply_finishes(
             Finish::Cancelled => guarded(SQL_FINISH_CANCELLED).execute(&mut *tx).await?,
             Finish::Released => guarded(SQL_RELEASE).execute(&mut *tx).await?,
         };
-        applied.push(done.rows_affected() == 1);
+        applied[i] = done.rows_affected() == 1;
+    }
+    let mut next: Vec<Option<Job>> = vec![None; ops.len()];
+    let mut askers: Vec<(usize, &str, Duration)> = ops
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (op, _))| op.claim_next.map(|lease| (i, op.owner.as_str(), lease)))
+        .collect();
+    while let Some(&(_, owner, lease)) = askers.first() {
+        let group: Vec<usize> = askers
+            .iter()
+            .filter(|a| a.1 == owner && a.2 == lease)
+            .map(|a| a.0)
+            .collect();
+        askers.retain(|a| !(a.1 == owner && a.2 == lease));
+        let rows = sqlx::query(SQL_CLAIM)
+            .bind(owner)
+            .bind(now + lease.as_millis() as i64)
+            .bind(now)
+            .bind(group.len() as i64)
+            .fetch_all(&mut *tx)
+            .await?;
+        for (slot, job) in group.into_iter().zip(claimed_in_order(&rows)?) {
+            next[slot] = Some(job);
+        }
     }
     tx.commit().await?;
-    Ok(applied)
+    Ok(applied
+        .into_iter()
+        .zip(next)
+        .map(|(applied, next)| FinishOutcome { applied, next })
+        .collect())
+}
+
+/// Claimed rows in claim order: `RETURNING` follows table order, not the subquery's.
+fn claimed_in_order(rows: &[SqliteRow]) -> StoreResult<Vec<Job>> {
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+    Ok(jobs)
 }
 
 fn parse_uuid(s: &str) -> StoreResult<Uuid> {

@@ -15,7 +15,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::queue::{
-    Finish, FinishOp, Heartbeat, Job, JobErrorInfo, JobEvents, RetryPolicy, Store, Wakeup, now_ms,
+    Finish, FinishOp, Job, JobErrorInfo, JobEvents, RetryPolicy, Store, Wakeup, now_ms,
 };
 
 /// What a handler produced for a job.
@@ -91,8 +91,18 @@ impl Default for PoolConfig {
 }
 
 struct Running {
+    attempt: i64,
     cancel: Arc<AtomicBool>,
     user_cancel: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
+}
+
+/// The flags a running job shares with the pool.
+#[derive(Clone)]
+struct Flags {
+    cancel: Arc<AtomicBool>,
+    user_cancel: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
 }
 
 /// Streams registered by clients before a job starts.
@@ -137,6 +147,7 @@ pub struct PoolStats {
 pub struct WorkerPool {
     inner: Arc<Inner>,
     dispatcher: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    heartbeat: Arc<tokio::task::AbortHandle>,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -179,9 +190,11 @@ impl WorkerPool {
             fatal,
         });
         let handle = tokio::spawn(dispatch(inner.clone()));
+        let heartbeat = tokio::spawn(heartbeat_loop(inner.clone()));
         Ok(Self {
             inner,
             dispatcher: Arc::new(Mutex::new(Some(handle))),
+            heartbeat: Arc::new(heartbeat.abort_handle()),
         })
     }
 
@@ -263,6 +276,7 @@ impl WorkerPool {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        self.heartbeat.abort();
     }
 }
 
@@ -350,44 +364,66 @@ async fn dispatch(inner: Arc<Inner>) {
     }
 }
 
-fn start_job(inner: &Arc<Inner>, job: Job) {
-    let cancel = Arc::new(AtomicBool::new(job.cancel_requested));
-    let user_cancel = Arc::new(AtomicBool::new(job.cancel_requested));
+/// Registers a job as running and returns its flags.
+fn register(inner: &Inner, job: &Job) -> Flags {
+    let flags = Flags {
+        cancel: Arc::new(AtomicBool::new(job.cancel_requested)),
+        user_cancel: Arc::new(AtomicBool::new(job.cancel_requested)),
+        lost: Arc::new(AtomicBool::new(false)),
+    };
     lock(&inner.running).insert(
         job.id,
         Running {
-            cancel: cancel.clone(),
-            user_cancel: user_cancel.clone(),
+            attempt: job.attempt,
+            cancel: flags.cancel.clone(),
+            user_cancel: flags.user_cancel.clone(),
+            lost: flags.lost.clone(),
         },
     );
-    let span = info_span!("job", id = %job.id, task = job.task.as_str(), attempt = job.attempt);
-    let inner = inner.clone();
-    tokio::spawn(
-        async move {
-            run_job(&inner, job.clone(), cancel, user_cancel).await;
-            lock(&inner.running).remove(&job.id);
-            lock(&inner.streams).remove(&job.id);
-            inner.wakeup.wake();
-        }
-        .instrument(span),
-    );
+    flags
 }
 
-async fn run_job(
-    inner: &Arc<Inner>,
-    job: Job,
-    cancel: Arc<AtomicBool>,
-    user_cancel: Arc<AtomicBool>,
-) {
+/// Runs a job in its own slot; the slot keeps running the next job it claimed in the
+/// same commit that finished the previous one, until none is left or it must shrink.
+fn start_job(inner: &Arc<Inner>, job: Job) {
+    let flags = register(inner, &job);
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let (mut job, mut flags) = (job, flags);
+        loop {
+            let span =
+                info_span!("job", id = %job.id, task = job.task.as_str(), attempt = job.attempt);
+            let next = run_job(&inner, job.clone(), flags.clone())
+                .instrument(span)
+                .await;
+            if let Some(next) = &next {
+                flags = register(&inner, next);
+            }
+            lock(&inner.running).remove(&job.id);
+            lock(&inner.streams).remove(&job.id);
+            match next {
+                Some(n) => job = n,
+                None => break,
+            }
+        }
+        inner.wakeup.wake();
+    });
+}
+
+/// Whether a slot that just finished may claim another job.
+fn slot_may_continue(inner: &Inner) -> bool {
+    !inner.stop_claiming.is_cancelled()
+        && !inner.paused.load(Ordering::SeqCst)
+        && lock(&inner.running).len() <= inner.target.load(Ordering::SeqCst)
+}
+
+async fn run_job(inner: &Arc<Inner>, job: Job, flags: Flags) -> Option<Job> {
+    let Flags {
+        cancel,
+        user_cancel,
+        lost,
+    } = flags;
     let started = Instant::now();
-    let lost = Arc::new(AtomicBool::new(false));
-    let heartbeat = tokio::spawn(heartbeat_loop(
-        inner.clone(),
-        job.clone(),
-        cancel.clone(),
-        user_cancel.clone(),
-        lost.clone(),
-    ));
     let stream = lock(&inner.streams).get(&job.id).cloned();
     let ctl = JobControl {
         cancel: cancel.clone(),
@@ -396,10 +432,9 @@ async fn run_job(
     let handler = inner.handler.clone();
     let work_job = job.clone();
     let outcome = tokio::task::spawn_blocking(move || handler.handle(&work_job, &ctl)).await;
-    heartbeat.abort();
     if lost.load(Ordering::SeqCst) {
         warn!("lease lost while running (rescued by another worker or changed); result dropped");
-        return;
+        return None;
     }
     let finish = match outcome {
         Ok(Ok(out)) => {
@@ -472,22 +507,26 @@ async fn run_job(
         owner: inner.cfg.owner.clone(),
         attempt: job.attempt,
         finish,
+        claim_next: slot_may_continue(inner).then_some(inner.cfg.lease),
     };
-    write_finish(inner, op).await;
+    let next = write_finish(inner, op).await;
     inner.events.publish(job.id);
+    next
 }
 
 /// Writes the outcome, retrying while the disk is full or the database busy; if it
 /// never succeeds the lease runs out and the rescuer returns the job to the queue.
-async fn write_finish(inner: &Arc<Inner>, op: FinishOp) {
+/// Returns the next job claimed in the same commit, if any.
+async fn write_finish(inner: &Arc<Inner>, op: FinishOp) -> Option<Job> {
     let deadline = Instant::now() + inner.cfg.lease;
     let mut wait = Duration::from_millis(50);
     loop {
         match inner.store.finish(op.clone()).await {
-            Ok(true) => return,
-            Ok(false) => {
-                warn!("outcome refused: the lease was no longer held");
-                return;
+            Ok(outcome) => {
+                if !outcome.applied {
+                    warn!("outcome refused: the lease was no longer held");
+                }
+                return outcome.next;
             }
             Err(e) if Instant::now() < deadline => {
                 warn!(error = %e, "writing the outcome failed; retrying");
@@ -496,39 +535,55 @@ async fn write_finish(inner: &Arc<Inner>, op: FinishOp) {
             }
             Err(e) => {
                 error!(error = %e, "could not write the outcome; the lease will expire and the job will run again");
-                return;
+                return None;
             }
         }
     }
 }
 
-async fn heartbeat_loop(
-    inner: Arc<Inner>,
-    job: Job,
-    cancel: Arc<AtomicBool>,
-    user_cancel: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
-) {
+/// Renews every lease of this process in one statement every third of a lease, and
+/// flags jobs whose lease was lost or whose cancellation was requested. Runs on the
+/// async runtime, so inference on blocking threads cannot delay it; idle, it is silent.
+async fn heartbeat_loop(inner: Arc<Inner>) {
     let every = inner.cfg.lease / 3;
     loop {
         tokio::time::sleep(every).await;
-        match inner
+        // Jobs registered now were claimed in commits before the statement below, so
+        // each of them must be in its answer unless its lease was lost.
+        let before: Vec<(Uuid, i64)> = lock(&inner.running)
+            .iter()
+            .map(|(id, r)| (*id, r.attempt))
+            .collect();
+        if before.is_empty() {
+            continue;
+        }
+        let held = match inner
             .store
-            .heartbeat(job.id, &inner.cfg.owner, job.attempt, inner.cfg.lease)
+            .heartbeat(&inner.cfg.owner, inner.cfg.lease)
             .await
         {
-            Ok(Heartbeat::Held { cancel: requested }) => {
-                if requested {
-                    user_cancel.store(true, Ordering::SeqCst);
-                    cancel.store(true, Ordering::SeqCst);
+            Ok(h) => h,
+            Err(e) => {
+                warn!(error = %e, "heartbeat failed");
+                continue;
+            }
+        };
+        let running = lock(&inner.running);
+        for (id, attempt) in before {
+            let Some(r) = running.get(&id).filter(|r| r.attempt == attempt) else {
+                continue;
+            };
+            match held.iter().find(|h| h.id == id && h.attempt == attempt) {
+                Some(h) if h.cancel => {
+                    r.user_cancel.store(true, Ordering::SeqCst);
+                    r.cancel.store(true, Ordering::SeqCst);
+                }
+                Some(_) => {}
+                None => {
+                    r.lost.store(true, Ordering::SeqCst);
+                    r.cancel.store(true, Ordering::SeqCst);
                 }
             }
-            Ok(Heartbeat::Lost) => {
-                lost.store(true, Ordering::SeqCst);
-                cancel.store(true, Ordering::SeqCst);
-                return;
-            }
-            Err(e) => warn!(error = %e, "heartbeat failed"),
         }
     }
 }

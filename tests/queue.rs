@@ -1,0 +1,314 @@
+//! The queue's state machine on a real SQLite file: guarded transitions, leases,
+//! heartbeats, retries, out-of-memory requeues, and the worker pool driving them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use captiond::queue::{
+    CancelOutcome, Finish, FinishOp, ImageSource, Job, JobErrorInfo, JobEvents, JobState, NewJob,
+    RetryPolicy, Store, StoreOptions, TaskKind, Wakeup,
+};
+use captiond::workers::{
+    HandlerOutput, JobControl, JobFailure, JobHandler, PoolConfig, WorkerPool,
+};
+
+async fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db"), &StoreOptions::default())
+        .await
+        .unwrap();
+    (dir, store)
+}
+
+fn new_job(i: usize) -> NewJob {
+    NewJob {
+        task: TaskKind::Caption,
+        params: serde_json::json!({}),
+        source: ImageSource::Path(format!("/p/{i}.jpg")),
+        priority: 100,
+        max_attempts: 3,
+        idempotency_key: None,
+    }
+}
+
+fn err(code: &str) -> JobErrorInfo {
+    JobErrorInfo {
+        code: code.into(),
+        message: format!("{code} happened"),
+    }
+}
+
+fn op(job: &Job, owner: &str, finish: Finish) -> FinishOp {
+    FinishOp {
+        id: job.id,
+        owner: owner.into(),
+        attempt: job.attempt,
+        finish,
+        claim_next: None,
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt() {
+    let (_d, store) = store().await;
+    let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
+    let first = store.claim("A", 1, LEASE).await.unwrap().remove(0);
+    assert_eq!((first.state, first.attempt), (JobState::Running, 1));
+    assert_eq!(store.rescue(true).await.unwrap(), 1);
+    let second = store.claim("B", 1, LEASE).await.unwrap().remove(0);
+    assert_eq!((second.id, second.attempt), (job.id, 2));
+    assert!(
+        store.heartbeat("A", LEASE).await.unwrap().is_empty(),
+        "A holds nothing any more"
+    );
+    let stale = op(
+        &first,
+        "A",
+        Finish::Succeeded {
+            model: "m".into(),
+            output: serde_json::json!({"caption": "stale"}),
+        },
+    );
+    assert!(!store.finish(stale).await.unwrap().applied);
+    let fresh = op(
+        &second,
+        "B",
+        Finish::Succeeded {
+            model: "m".into(),
+            output: serde_json::json!({"caption": "fresh"}),
+        },
+    );
+    assert!(store.finish(fresh).await.unwrap().applied);
+    let result = store.get_result(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (result.attempt, result.output["caption"].as_str()),
+        (2, Some("fresh"))
+    );
+    let stale_fail = op(&first, "A", Finish::Failed(err("late")));
+    assert!(
+        !store.finish(stale_fail).await.unwrap().applied,
+        "a terminal job stays terminal"
+    );
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
+    let (_d, store) = store().await;
+    let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
+    for attempt in 1..=3 {
+        let claimed = store.claim("A", 1, LEASE).await.unwrap();
+        assert_eq!(claimed.len(), 1, "attempt {attempt} is due");
+        let later = captiond::queue::now_ms() + 60_000;
+        store
+            .finish(op(
+                &claimed[0],
+                "A",
+                Finish::Retry {
+                    run_at: later,
+                    error: err("flaky"),
+                },
+            ))
+            .await
+            .unwrap();
+        let j = store.get_job(job.id).await.unwrap().unwrap();
+        if attempt < 3 {
+            assert_eq!(j.state, JobState::Scheduled);
+            assert!(
+                store.claim("A", 1, LEASE).await.unwrap().is_empty(),
+                "not due before run_at"
+            );
+            assert_eq!(store.next_run_at().await.unwrap(), Some(later));
+            sqlx_make_due(&store, &j).await;
+        } else {
+            assert_eq!(j.state, JobState::Failed);
+            assert_eq!(j.error.unwrap().code, "flaky");
+        }
+    }
+}
+
+/// Moves a scheduled job's run_at into the past by retrying it through the API path.
+async fn sqlx_make_due(store: &Store, job: &Job) {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", store.path().display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET run_at = 0 WHERE id = ?1")
+        .bind(job.id.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap() {
+    let (_d, store) = store().await;
+    let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
+    for n in 1..=3 {
+        let c = store.claim("A", 1, LEASE).await.unwrap().remove(0);
+        assert_eq!(c.attempt, 1, "OOM requeues do not consume attempts");
+        store
+            .finish(op(
+                &c,
+                "A",
+                Finish::OutOfMemory {
+                    max_oom: 3,
+                    error: err("out_of_memory"),
+                },
+            ))
+            .await
+            .unwrap();
+        let j = store.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(j.oom_count, n);
+        assert_eq!(
+            j.state,
+            if n < 3 {
+                JobState::Queued
+            } else {
+                JobState::Failed
+            }
+        );
+    }
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat() {
+    let (_d, store) = store().await;
+    let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
+    let c = store.claim("A", 1, LEASE).await.unwrap().remove(0);
+    assert!(matches!(
+        store.cancel(job.id).await.unwrap(),
+        Some(CancelOutcome::Requested(_))
+    ));
+    let hb = store.heartbeat("A", LEASE).await.unwrap();
+    assert!(hb[0].cancel);
+    store.finish(op(&c, "A", Finish::Cancelled)).await.unwrap();
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(matches!(
+        store.cancel(job.id).await.unwrap(),
+        Some(CancelOutcome::AlreadyFinished(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims() {
+    let (_d, store) = store().await;
+    let (low, _) = store.insert_job(&new_job(1)).await.unwrap();
+    let (high, _) = store
+        .insert_job(&NewJob {
+            priority: 10,
+            ..new_job(2)
+        })
+        .await
+        .unwrap();
+    let c = store.claim("A", 1, LEASE).await.unwrap().remove(0);
+    assert_eq!(c.id, high.id, "lower priority number runs first");
+    store.finish(op(&c, "A", Finish::Released)).await.unwrap();
+    let j = store.get_job(high.id).await.unwrap().unwrap();
+    assert_eq!((j.state, j.attempt), (JobState::Queued, 0));
+    let both = store.claim("A", 5, LEASE).await.unwrap();
+    assert_eq!(
+        both.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![high.id, low.id]
+    );
+}
+
+/// Fails the first attempt of every job transiently, sleeps, then succeeds; counts concurrency.
+struct Flaky {
+    seen: Mutex<Vec<uuid::Uuid>>,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    sleep: Duration,
+}
+
+impl JobHandler for Flaky {
+    fn handle(&self, job: &Job, _ctl: &JobControl) -> Result<HandlerOutput, JobFailure> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        std::thread::sleep(self.sleep);
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            let first = !seen.contains(&job.id);
+            seen.push(job.id);
+            first
+        };
+        if first {
+            return Err(JobFailure::Transient(err("flaky")));
+        }
+        Ok(HandlerOutput {
+            model: "flaky".into(),
+            output: serde_json::json!({"ok": true}),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target() {
+    let (_d, store) = store().await;
+    for i in 0..6 {
+        store.insert_job(&new_job(i)).await.unwrap();
+    }
+    let handler = Arc::new(Flaky {
+        seen: Mutex::new(vec![]),
+        running: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+        sleep: Duration::from_millis(700),
+    });
+    let cfg = PoolConfig {
+        lease: Duration::from_millis(600),
+        poll_interval: Duration::from_millis(200),
+        max_concurrency: 2,
+        retry: RetryPolicy {
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(100),
+            factor: 2.0,
+            jitter: false,
+        },
+        ..PoolConfig::default()
+    };
+    let pool = WorkerPool::start(
+        store.clone(),
+        handler.clone(),
+        Wakeup::default(),
+        JobEvents::default(),
+        cfg,
+    )
+    .await
+    .unwrap();
+    for _ in 0..200 {
+        if store.counts(None).await.unwrap().succeeded == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pool.shutdown().await;
+    let c = store.counts(None).await.unwrap();
+    assert_eq!(c.succeeded, 6, "{c:?}");
+    assert!(
+        handler.peak.load(Ordering::SeqCst) <= 2,
+        "never more than the target at once"
+    );
+    let jobs = store
+        .list_jobs(&captiond::queue::ListQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for j in jobs {
+        assert_eq!(
+            j.attempt, 2,
+            "one transient failure, one success; the 700 ms runs outlived the 600 ms lease only through heartbeats"
+        );
+    }
+}
