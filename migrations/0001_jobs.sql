@@ -30,8 +30,10 @@ CREATE TABLE jobs (
     batch_id         TEXT REFERENCES batches(id)
 );
 
--- Runnable rows only: what the claim statement scans.
+-- Runnable rows only: what the claim statement scans, in claim order.
 CREATE INDEX jobs_runnable ON jobs (priority, run_at) WHERE state IN ('queued', 'scheduled');
+-- The earliest due time, for the dispatcher's timer.
+CREATE INDEX jobs_due ON jobs (run_at) WHERE state IN ('queued', 'scheduled');
 -- Leases the rescuer looks at.
 CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE state = 'running';
 CREATE INDEX jobs_batch ON jobs (batch_id, state);

@@ -133,7 +133,7 @@ async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
     }
 }
 
-/// Moves a scheduled job's run_at into the past by retrying it through the API path.
+/// Makes a scheduled job due now (a test shortcut for waiting out its backoff).
 async fn sqlx_make_due(store: &Store, job: &Job) {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", store.path().display()))
         .await

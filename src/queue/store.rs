@@ -285,7 +285,7 @@ const SQL_LIST: &str = concat!(
 const SQL_CLAIM: &str = concat!(
     "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2, ",
     "started_at = COALESCE(started_at, ?3), cancel_requested = 0 ",
-    "WHERE id IN (SELECT id FROM jobs WHERE state IN ('queued', 'scheduled') AND run_at <= ?3 ORDER BY priority, run_at LIMIT ?4) ",
+    "WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_runnable WHERE state IN ('queued', 'scheduled') AND run_at <= ?3 ORDER BY priority, run_at LIMIT ?4) ",
     "RETURNING ",
     job_columns!()
 );
@@ -327,7 +327,7 @@ const SQL_RESCUE: &str = concat!(
     "lease_owner = NULL, lease_expires_at = NULL ",
     "WHERE state = 'running' AND (?2 OR lease_expires_at < ?1)"
 );
-const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs WHERE state IN ('queued', 'scheduled')";
+const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'scheduled')";
 const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
 const SQL_BATCH_COUNTS: &str =
     "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";
