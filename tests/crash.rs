@@ -12,6 +12,11 @@ use serde_json::{Value, json};
 
 /// Starts `captiond serve` on port 0 and returns it with its address (read from the log).
 fn start_server(data_dir: &Path) -> (Child, String) {
+    start_server_with(data_dir, &[])
+}
+
+/// Same, with extra flags.
+fn start_server_with(data_dir: &Path, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_captiond"))
         .args([
             "serve",
@@ -24,6 +29,7 @@ fn start_server(data_dir: &Path) -> (Child, String) {
             "--lease-secs",
             "10",
         ])
+        .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--model-dir")
@@ -162,4 +168,58 @@ async fn a_server_killed_mid_run_loses_no_job_and_runs_each_once_after_restart()
         .await
         .unwrap();
     assert_eq!(ok, "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_a_running_job_after_the_grace_period_and_a_restart_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let client = reqwest::Client::new();
+    let (mut server, base) = start_server_with(&data, &["--shutdown-grace-secs", "1"]);
+    wait_ready(&client, &base).await;
+    let wide = std::fs::read(common::tiny_model_dir().join("image_wide_720x430.png")).unwrap();
+    let body = json!({"image": {"data": common::data_uri(&wide)}, "max_tokens": 2048});
+    let job: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    loop {
+        let j: Value = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if j["state"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let status = server.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "a requested stop exits 0");
+
+    let (mut server, base) = start_server(&data);
+    wait_ready(&client, &base).await;
+    let j: Value = client
+        .get(format!("{base}/v1/jobs/{id}?wait=60s"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempt"], 1, "a released job does not use up an attempt");
 }

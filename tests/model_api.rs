@@ -287,3 +287,93 @@ fn a_caption_runs_through_the_public_api_from_an_exif_rotated_jpeg() {
         .unwrap();
     assert_eq!(again.output, result.output);
 }
+
+fn tiny_moondream() -> Moondream {
+    let opts = ModelOptions {
+        source: ModelSource::Dir(fixture("tiny")),
+        offline: true,
+        device: DeviceChoice::Cpu,
+        limits: DecodeLimits::default(),
+    };
+    Moondream::load(&opts).unwrap().0
+}
+
+fn small_png() -> Vec<u8> {
+    std::fs::read(fixture("tiny/image_small_50x40.png")).unwrap()
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible_and_differs_from_greedy() {
+    let model = tiny_moondream();
+    let skill = Skill::Caption {
+        length: CaptionLength::Normal,
+    };
+    let run = |temperature: f64, seed: u64| {
+        let s = SkillSettings {
+            max_tokens: 16,
+            temperature,
+            top_p: 0.9,
+            seed,
+            ..SkillSettings::default()
+        };
+        model
+            .run(&small_png(), &skill, &s, &RunControl::default())
+            .unwrap()
+            .output
+    };
+    assert_eq!(run(1.0, 7), run(1.0, 7), "same seed, same text");
+    let greedy = run(0.0, 0);
+    let samples: Vec<_> = (0..4).map(|seed| run(1.5, seed)).collect();
+    assert!(
+        samples.iter().any(|s| *s != greedy),
+        "hot sampling should leave the greedy path"
+    );
+}
+
+#[test]
+fn concurrent_generations_share_the_weights_and_match_a_sequential_run() {
+    let model = std::sync::Arc::new(tiny_moondream());
+    let skills = [
+        Skill::Caption {
+            length: CaptionLength::Short,
+        },
+        Skill::Query {
+            question: "t200 t201".into(),
+            reasoning: false,
+        },
+        Skill::Point {
+            object: "t150".into(),
+        },
+        Skill::Detect {
+            object: "t150".into(),
+        },
+    ];
+    let settings = SkillSettings {
+        max_tokens: 10,
+        max_objects: 2,
+        ..SkillSettings::default()
+    };
+    let sequential: Vec<_> = skills
+        .iter()
+        .map(|s| {
+            model
+                .run(&small_png(), s, &settings, &RunControl::default())
+                .unwrap()
+                .output
+        })
+        .collect();
+    let handles: Vec<_> = skills
+        .iter()
+        .cloned()
+        .map(|s| {
+            let m = model.clone();
+            std::thread::spawn(move || {
+                m.run(&small_png(), &s, &settings, &RunControl::default())
+                    .unwrap()
+                    .output
+            })
+        })
+        .collect();
+    let parallel: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(parallel, sequential);
+}

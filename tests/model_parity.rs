@@ -14,6 +14,15 @@ use captiond::vision::moondream2::text::KvCache;
 use captiond::vision::moondream2::{EncodedImage, GenerateOptions, Moondream2, StopReason};
 use serde_json::Value;
 
+/// The device under test: CPU, or CUDA with `CAPTIOND_TEST_DEVICE=cuda` (used by
+/// `scripts/gpu-check` on a `--features cuda` build). Always f32.
+fn device() -> Device {
+    match std::env::var("CAPTIOND_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("CUDA device (build with --features cuda)"),
+        _ => Device::Cpu,
+    }
+}
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -39,6 +48,8 @@ impl Golden {
             .unwrap_or_else(|| panic!("golden tensor {name}"))
             .to_dtype(DType::F32)
             .unwrap()
+            .to_device(&device())
+            .unwrap()
     }
 
     fn run(&self, image: &str, run: &str) -> &Value {
@@ -59,7 +70,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn model(name: &str) -> Moondream2 {
     let files = files_in_dir(&fixtures().join(name)).unwrap();
-    load_model(&files, &Device::Cpu, DType::F32).unwrap().0
+    load_model(&files, &device(), DType::F32).unwrap().0
 }
 
 /// Largest absolute difference, checked against `1e-4 * max(1, max |expected|)`.
@@ -73,7 +84,13 @@ fn assert_close(what: &str, actual: &Tensor, expected: &Tensor) {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let e = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let e = expected
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let scale = e.iter().fold(1f32, |m, x| m.max(x.abs()));
     let diff = a
         .iter()
@@ -94,7 +111,7 @@ fn load_png(name: &str) -> image::RgbImage {
 #[test]
 fn pixel_normalisation_matches_the_reference_bf16_table_exactly() {
     let g = Golden::load("tiny");
-    let lut = Tensor::new(&pixel_norm_lut()[..], &Device::Cpu).unwrap();
+    let lut = Tensor::new(&pixel_norm_lut()[..], &device()).unwrap();
     let diff = (lut - g.t("pixel_norm_lut"))
         .unwrap()
         .abs()

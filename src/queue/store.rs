@@ -327,7 +327,8 @@ const SQL_RESCUE: &str = concat!(
     "lease_owner = NULL, lease_expires_at = NULL ",
     "WHERE state = 'running' AND (?2 OR lease_expires_at < ?1)"
 );
-const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'scheduled')";
+const SQL_NEXT_RUN_AT: &str =
+    "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'scheduled')";
 const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
 const SQL_BATCH_COUNTS: &str =
     "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";

@@ -326,6 +326,7 @@ impl Moondream {
             parameters = report.parameters,
             weight_mib = report.weight_bytes / (1 << 20),
             rss_mib = report.rss_bytes.map(|b| b / (1 << 20)),
+            device_used_mib = report.device_used_bytes.map(|b| b / (1 << 20)),
             device = ?device,
             dtype = ?dtype,
             seconds = format!("{:.2}", report.load_seconds),

@@ -388,6 +388,8 @@ pub struct LoadReport {
     pub weight_bytes: u64,
     /// Resident set size of the process after cleanup, in bytes.
     pub rss_bytes: Option<u64>,
+    /// Device memory in use after load (CUDA devices with NVML available), in bytes.
+    pub device_used_bytes: Option<u64>,
     /// Seconds spent loading.
     pub load_seconds: f64,
 }
@@ -428,6 +430,10 @@ pub fn load_model(
         parameters,
         weight_bytes: parameters * dtype.size_in_bytes() as u64,
         rss_bytes: process_rss_bytes(),
+        device_used_bytes: match device {
+            Device::Cuda(_) => device.synchronize().ok().and_then(|_| nvml_used_bytes()),
+            _ => None,
+        },
         load_seconds: started.elapsed().as_secs_f64(),
     };
     Ok((model, report))
@@ -442,9 +448,17 @@ fn release_freed_memory() {
     }
 }
 
+/// Memory in use on GPU 0 according to NVML; `None` without a driver.
+fn nvml_used_bytes() -> Option<u64> {
+    let nvml = nvml_wrapper::Nvml::init().ok()?;
+    Some(nvml.device_by_index(0).ok()?.memory_info().ok()?.used)
+}
+
 /// Resident set size of this process, from `/proc/self/statm`.
 pub fn process_rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
 }
