@@ -52,7 +52,7 @@ fn write_checkpoint(dir: &Path) -> std::io::Result<()> {
         offset += bytes;
     }
     let mut header = serde_json::Value::Object(header).to_string().into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let tmp = dir.join("model.safetensors.partial");
