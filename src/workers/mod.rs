@@ -3,6 +3,7 @@
 //! guarded transition. Also rescues expired leases and checkpoints the WAL.
 
 pub mod caption;
+pub mod concurrency;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
