@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,8 @@ use crate::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings}
 use crate::queue::{JobEvents, Store, StoreError, Wakeup};
 use crate::vision::{Captioner, Moondream};
 use crate::workers::caption::CaptionHandler;
+use crate::workers::governor::Governor;
+use crate::workers::vram::{VramProbe, detect_probe};
 use crate::workers::{JobHandler, WorkerPool};
 
 /// Exit code after an unrecoverable device fault: supervisors should restart on it.
@@ -137,8 +139,18 @@ fn lock_data_dir(dir: &Path) -> Result<File, StartError> {
 
 impl App {
     /// Locks the data dir, opens the store, binds the listener, starts serving, and
-    /// starts the workers (after loading the model when `engine` asks for it).
+    /// starts the workers (after loading the model when `engine` asks for it). Memory
+    /// readings for the adaptive controller come from NVML, or host memory without it.
     pub async fn build(settings: &Settings, engine: Engine) -> Result<App, StartError> {
+        Self::build_with_probe(settings, engine, None).await
+    }
+
+    /// [`App::build`] with a given memory probe (tests replay traces through one).
+    pub async fn build_with_probe(
+        settings: &Settings,
+        engine: Engine,
+        probe: Option<Box<dyn VramProbe>>,
+    ) -> Result<App, StartError> {
         let data_dir = settings.data.data_dir();
         let lock = lock_data_dir(&data_dir)?;
         let store = Store::open(
@@ -174,6 +186,7 @@ impl App {
             events: JobEvents::default(),
             blobs: blobs.clone(),
             pool: Arc::new(OnceLock::new()),
+            governor: Arc::new(OnceLock::new()),
             ready: Arc::new(AtomicBool::new(false)),
             roots: Arc::new(roots),
             api_token: settings
@@ -212,15 +225,22 @@ impl App {
             stop_tx,
             _lock: lock,
         };
-        app.start_engine(settings, engine, blobs);
+        app.start_engine(settings, engine, blobs, probe);
         Ok(app)
     }
 
-    fn start_engine(&self, settings: &Settings, engine: Engine, blobs: BlobStore) {
+    fn start_engine(
+        &self,
+        settings: &Settings,
+        engine: Engine,
+        blobs: BlobStore,
+        probe: Option<Box<dyn VramProbe>>,
+    ) {
         let state = self.state.clone();
         let stop_tx = self.stop_tx.clone();
         let model = settings.model.clone();
         let pool_cfg = settings.workers.pool_config();
+        let workers = settings.workers.clone();
         tokio::spawn(async move {
             let handler: Arc<dyn JobHandler> = match engine {
                 Engine::Handler(h) => h,
@@ -258,6 +278,17 @@ impl App {
             .await
             {
                 Ok(pool) => {
+                    if workers.adaptive {
+                        let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
+                        let g = Governor::spawn(
+                            pool.clone(),
+                            state.store.clone(),
+                            probe,
+                            workers.controller_config(),
+                            Duration::from_secs(1),
+                        );
+                        let _ = state.governor.set(g);
+                    }
                     let mut fatal = pool.fatal_errors();
                     let _ = state.pool.set(pool);
                     state.ready.store(true, Ordering::SeqCst);

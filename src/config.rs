@@ -14,6 +14,7 @@ use crate::vision::moondream2::loader::{
 };
 use crate::vision::{DeviceChoice, ModelOptions, SkillSettings};
 use crate::workers::PoolConfig;
+use crate::workers::concurrency::ControllerConfig;
 
 /// Where data lives: the database and uploaded images.
 #[derive(Debug, Clone, Args)]
@@ -170,6 +171,26 @@ pub struct WorkerSettings {
     /// Seconds running jobs get to finish on shutdown before they are released.
     #[arg(long, env = "CAPTIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+
+    /// Scale concurrency between 1 and --workers from memory pressure (NVML on NVIDIA GPUs, host memory otherwise).
+    #[arg(long, env = "CAPTIOND_ADAPTIVE", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub adaptive: bool,
+
+    /// Used memory share at which concurrency halves at once.
+    #[arg(long, env = "CAPTIOND_VRAM_HIGH", default_value_t = 0.95)]
+    pub vram_high: f64,
+
+    /// Smoothed used share from which concurrency shrinks by a quarter.
+    #[arg(long, env = "CAPTIOND_VRAM_ELEVATED", default_value_t = 0.90)]
+    pub vram_elevated: f64,
+
+    /// Smoothed used share below which concurrency may grow (with a backlog).
+    #[arg(long, env = "CAPTIOND_VRAM_CALM", default_value_t = 0.80)]
+    pub vram_calm: f64,
+
+    /// NVIDIA GPU index whose memory NVML reads.
+    #[arg(long, env = "CAPTIOND_GPU_INDEX", default_value_t = 0)]
+    pub gpu_index: u32,
 }
 
 impl WorkerSettings {
@@ -179,10 +200,23 @@ impl WorkerSettings {
             lease: Duration::from_secs(self.lease_secs.max(3)),
             poll_interval: Duration::from_secs(self.poll_secs.max(1)),
             max_concurrency: self.workers.max(1),
+            initial_concurrency: self.adaptive.then_some(1),
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             max_oom_retries: self.max_oom_retries.max(1),
             retry: RetryPolicy::default(),
             ..PoolConfig::default()
+        }
+    }
+
+    /// Adaptive controller settings: bounds 1..=workers and the watermarks.
+    pub fn controller_config(&self) -> ControllerConfig {
+        ControllerConfig {
+            min: 1,
+            max: self.workers.max(1),
+            high_watermark: self.vram_high,
+            elevated_watermark: self.vram_elevated,
+            calm_watermark: self.vram_calm,
+            ..ControllerConfig::default()
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::blobs::BlobStore;
 use crate::queue::{JobEvents, StateCounts, Store, Wakeup, now_ms};
 use crate::vision::SkillSettings;
 use crate::vision::image::DecodeLimits;
+use crate::workers::governor::{Governor, GovernorSnapshot};
 use crate::workers::{PoolStats, WorkerPool};
 
 /// Everything a handler needs, shared by all requests.
@@ -38,6 +39,8 @@ pub struct AppState {
     pub blobs: BlobStore,
     /// The worker pool, once the model is loaded.
     pub pool: Arc<OnceLock<WorkerPool>>,
+    /// The adaptive concurrency controller, when enabled.
+    pub governor: Arc<OnceLock<Governor>>,
     /// Whether the model is loaded.
     pub ready: Arc<AtomicBool>,
     /// Canonical library roots for path inputs.
@@ -70,12 +73,36 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/v1/queue/pause", post(jobs::pause_queue))
         .route("/v1/queue/resume", post(jobs::resume_queue))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), vram_headers))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// Adds `X-VRAM-Used`/`X-VRAM-Total` (MiB, when a GPU probe is active) and
+/// `X-Captiond-Concurrency` (the current target) to every `/v1` response.
+async fn vram_headers(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let v1 = req.uri().path().starts_with("/v1");
+    let mut resp = next.run(req).await;
+    if !v1 {
+        return resp;
+    }
+    let headers = resp.headers_mut();
+    if let Some((used, total)) = state.governor.get().and_then(|g| g.vram_mib()) {
+        headers.insert("x-vram-used", used.into());
+        headers.insert("x-vram-total", total.into());
+    }
+    if let Some(pool) = state.pool.get() {
+        headers.insert("x-captiond-concurrency", pool.stats().target.into());
+    }
+    resp
 }
 
 async fn not_found() -> ApiError {
@@ -112,6 +139,8 @@ pub struct Stats {
     pub paused: bool,
     /// Whether the model is loaded.
     pub ready: bool,
+    /// The adaptive controller (absent when disabled or loading).
+    pub concurrency: Option<GovernorSnapshot>,
     /// Seconds since start.
     pub uptime_seconds: f64,
 }
@@ -126,6 +155,7 @@ async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
         workers: state.pool.get().map(|p| p.stats()),
         paused: state.store.is_paused().await?,
         ready: state.ready.load(Ordering::SeqCst),
+        concurrency: state.governor.get().map(|g| g.snapshot()),
         uptime_seconds: uptime,
     })
 }
@@ -190,6 +220,40 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
             out,
             "# HELP captiond_jobs_completed_total Jobs this process completed.\n# TYPE captiond_jobs_completed_total counter\ncaptiond_jobs_completed_total {}",
             w.completed
+        );
+    }
+    if let Some(c) = &s.concurrency {
+        gauge(
+            &mut out,
+            "captiond_concurrency_ceiling",
+            "Ceiling of the adaptive controller.",
+            c.ceiling as f64,
+        );
+        if let Some(r) = c.last {
+            gauge(
+                &mut out,
+                "captiond_memory_used_bytes",
+                "Device (or host) memory in use.",
+                r.used as f64,
+            );
+            gauge(
+                &mut out,
+                "captiond_memory_total_bytes",
+                "Device (or host) memory in total.",
+                r.total as f64,
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP captiond_concurrency_decisions Decisions kept in the history.\n# TYPE captiond_concurrency_decisions gauge\ncaptiond_concurrency_decisions {}",
+            c.decisions.len()
+        );
+    }
+    if let Some(w) = &s.workers {
+        let _ = writeln!(
+            out,
+            "# HELP captiond_out_of_memory_total Out-of-memory errors seen.\n# TYPE captiond_out_of_memory_total counter\ncaptiond_out_of_memory_total {}",
+            w.out_of_memory
         );
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))

@@ -329,6 +329,7 @@ const SQL_RESCUE: &str = concat!(
 );
 const SQL_NEXT_RUN_AT: &str =
     "SELECT MIN(run_at) FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'scheduled')";
+const SQL_DUE_COUNT: &str = "SELECT COUNT(*) FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'scheduled') AND run_at <= ?1";
 const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
 const SQL_BATCH_COUNTS: &str =
     "SELECT state, COUNT(*) FROM jobs WHERE batch_id = ?1 GROUP BY state";
@@ -638,6 +639,14 @@ impl Store {
     /// Earliest `run_at` of a waiting job.
     pub async fn next_run_at(&self) -> StoreResult<Option<i64>> {
         Ok(sqlx::query_scalar(SQL_NEXT_RUN_AT)
+            .fetch_one(&self.read)
+            .await?)
+    }
+
+    /// Jobs waiting that are due now (the backlog the concurrency controller sees).
+    pub async fn due_count(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(SQL_DUE_COUNT)
+            .bind(now_ms())
             .fetch_one(&self.read)
             .await?)
     }

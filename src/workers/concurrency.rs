@@ -72,7 +72,11 @@ pub struct Reading {
 impl Reading {
     /// Used share of the total, 0..1.
     pub fn used_share(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { self.used as f64 / self.total as f64 }
+        if self.total == 0 {
+            0.0
+        } else {
+            self.used as f64 / self.total as f64
+        }
     }
 }
 
@@ -158,7 +162,11 @@ impl Controller {
 
     /// Whether increases are frozen at `now`.
     pub fn phase(&self, now: Duration) -> Phase {
-        if now < self.frozen_until { Phase::Frozen } else { Phase::Normal }
+        if now < self.frozen_until {
+            Phase::Frozen
+        } else {
+            Phase::Normal
+        }
     }
 
     /// Recent decisions, oldest first.
@@ -194,13 +202,23 @@ impl Controller {
     /// freeze doubles when pressure repeats before the previous one ended long ago.
     fn back_off(&mut self, now: Duration, why: &str) {
         let failed_at = self.target;
-        let repeated = self.last_pressure.is_some_and(|t| now.saturating_sub(t) < self.freeze * 2);
-        self.freeze = if repeated { (self.freeze * 2).min(self.cfg.max_freeze) } else { self.cfg.freeze };
+        let repeated = self
+            .last_pressure
+            .is_some_and(|t| now.saturating_sub(t) < self.freeze * 2);
+        self.freeze = if repeated {
+            (self.freeze * 2).min(self.cfg.max_freeze)
+        } else {
+            self.cfg.freeze
+        };
         self.last_pressure = Some(now);
         self.frozen_until = now + self.freeze;
         self.ceiling = failed_at.saturating_sub(1).max(self.cfg.min);
         self.calm = 0;
-        let reason = format!("{why}: halve, ceiling {} (below the failing level {failed_at}), freeze {:.0} s", self.ceiling, self.freeze.as_secs_f64());
+        let reason = format!(
+            "{why}: halve, ceiling {} (below the failing level {failed_at}), freeze {:.0} s",
+            self.ceiling,
+            self.freeze.as_secs_f64()
+        );
         self.decide(now, (failed_at / 2).max(self.cfg.min), reason);
         self.last_shrink = Some(now);
     }
@@ -227,16 +245,29 @@ impl Controller {
         };
         self.smoothed = Some(smoothed);
         if raw >= self.cfg.high_watermark {
-            self.back_off(now, &format!("memory {:.0}% ≥ high watermark {:.0}%", raw * 100.0, self.cfg.high_watermark * 100.0));
+            self.back_off(
+                now,
+                &format!(
+                    "memory {:.0}% ≥ high watermark {:.0}%",
+                    raw * 100.0,
+                    self.cfg.high_watermark * 100.0
+                ),
+            );
             return self.target;
         }
         if smoothed >= self.cfg.elevated_watermark {
             self.calm = 0;
-            let due = self.last_shrink.is_none_or(|t| now.saturating_sub(t) >= self.cfg.shrink_interval);
+            let due = self
+                .last_shrink
+                .is_none_or(|t| now.saturating_sub(t) >= self.cfg.shrink_interval);
             if due && self.target > self.cfg.min {
                 self.last_shrink = Some(now);
                 let step = (self.target / 4).max(1);
-                let reason = format!("memory {:.0}% (smoothed) ≥ elevated watermark {:.0}%: shrink by a quarter", smoothed * 100.0, self.cfg.elevated_watermark * 100.0);
+                let reason = format!(
+                    "memory {:.0}% (smoothed) ≥ elevated watermark {:.0}%: shrink by a quarter",
+                    smoothed * 100.0,
+                    self.cfg.elevated_watermark * 100.0
+                );
                 self.decide(now, self.target - step, reason);
             }
             return self.target;
@@ -254,11 +285,17 @@ impl Controller {
         if self.calm < self.cfg.calm_windows || backlog < self.target || now < self.frozen_until {
             return;
         }
-        if self.last_grow.is_some_and(|t| now.saturating_sub(t) < self.cfg.grow_cooldown) {
+        if self
+            .last_grow
+            .is_some_and(|t| now.saturating_sub(t) < self.cfg.grow_cooldown)
+        {
             return;
         }
         // Relax an old failure ceiling after a long calm, one step at a time.
-        if self.target >= self.ceiling && self.ceiling < self.cfg.max && self.calm >= self.cfg.calm_windows * 4 {
+        if self.target >= self.ceiling
+            && self.ceiling < self.cfg.max
+            && self.calm >= self.cfg.calm_windows * 4
+        {
             self.ceiling += 1;
             self.calm = self.cfg.calm_windows;
         }
@@ -266,19 +303,31 @@ impl Controller {
             return;
         }
         let here = self.throughput.get(self.target).copied().flatten();
-        let below = self.target.checked_sub(1).and_then(|t| self.throughput.get(t).copied().flatten());
+        let below = self
+            .target
+            .checked_sub(1)
+            .and_then(|t| self.throughput.get(t).copied().flatten());
         if let (Some(here), Some(below)) = (here, below)
             && here < below * (1.0 + self.cfg.min_gain)
         {
             self.ceiling = self.target;
-            let reason = format!("throughput plateau ({here:.2} jobs/s at {} vs {below:.2} at {}): stop growing", self.target, self.target - 1);
+            let reason = format!(
+                "throughput plateau ({here:.2} jobs/s at {} vs {below:.2} at {}): stop growing",
+                self.target,
+                self.target - 1
+            );
             tracing::info!(%reason, "concurrency ceiling set");
             return;
         }
         self.last_grow = Some(now);
         let calm_windows = self.calm;
         self.calm = 0;
-        let reason = format!("calm ({:.0}% < {:.0}%) for {} windows with backlog {backlog}: +1", smoothed * 100.0, self.cfg.calm_watermark * 100.0, calm_windows);
+        let reason = format!(
+            "calm ({:.0}% < {:.0}%) for {} windows with backlog {backlog}: +1",
+            smoothed * 100.0,
+            self.cfg.calm_watermark * 100.0,
+            calm_windows
+        );
         self.decide(now, self.target + 1, reason);
     }
 }
@@ -292,7 +341,12 @@ mod tests {
     fn reading(share: f64) -> Reading {
         let total = 80 * GIB;
         let used = (total as f64 * share) as u64;
-        Reading { total, used, free: total - used, own: None }
+        Reading {
+            total,
+            used,
+            free: total - used,
+            own: None,
+        }
     }
 
     fn secs(s: u64) -> Duration {
@@ -300,7 +354,10 @@ mod tests {
     }
 
     fn cfg() -> ControllerConfig {
-        ControllerConfig { max: 8, ..ControllerConfig::default() }
+        ControllerConfig {
+            max: 8,
+            ..ControllerConfig::default()
+        }
     }
 
     #[test]
@@ -312,7 +369,13 @@ mod tests {
         assert_eq!(c.target(), 8);
         // Another program grabs memory: one reading above the high watermark acts at once.
         assert_eq!(c.on_reading(secs(5), &reading(0.97), 100), 4);
-        assert!(c.history().last().unwrap().reason.contains("high watermark"));
+        assert!(
+            c.history()
+                .last()
+                .unwrap()
+                .reason
+                .contains("high watermark")
+        );
     }
 
     #[test]
@@ -324,7 +387,11 @@ mod tests {
         assert_eq!(c.ceiling(), 3);
         assert_eq!(c.on_oom(secs(2)), 1);
         assert_eq!(c.on_oom(secs(3)), 1, "never below min");
-        assert_eq!(c.phase(secs(100)), Phase::Frozen, "repeats doubled the freeze: 30→60→120→240 s");
+        assert_eq!(
+            c.phase(secs(100)),
+            Phase::Frozen,
+            "repeats doubled the freeze: 30→60→120→240 s"
+        );
         // Calm readings with a backlog do not grow while frozen.
         for t in 4..200 {
             c.on_reading(secs(t), &reading(0.5), 100);
@@ -347,7 +414,10 @@ mod tests {
         for (i, (t, from, to)) in changes.iter().enumerate() {
             assert_eq!(to - from, 1, "one step at a time");
             if i > 0 {
-                assert!(t - changes[i - 1].0 >= 10, "cool-down between steps: {changes:?}");
+                assert!(
+                    t - changes[i - 1].0 >= 10,
+                    "cool-down between steps: {changes:?}"
+                );
             }
         }
         assert_eq!(changes[0].0, 2, "after three calm windows");
@@ -368,7 +438,9 @@ mod tests {
         let mut x: u64 = 12345;
         let mut changes = 0;
         for t in 0..3600 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let jitter = ((x >> 33) as f64 / (1u64 << 31) as f64) * 0.06 - 0.03;
             let before = c.target();
             c.on_reading(secs(t), &reading(0.85 + jitter), 100);
@@ -379,7 +451,14 @@ mod tests {
 
     #[test]
     fn the_target_never_leaves_its_bounds() {
-        let mut c = Controller::new(ControllerConfig { min: 2, max: 5, ..cfg() }, 9);
+        let mut c = Controller::new(
+            ControllerConfig {
+                min: 2,
+                max: 5,
+                ..cfg()
+            },
+            9,
+        );
         assert_eq!(c.target(), 5);
         let mut x: u64 = 7;
         for t in 0..5000 {
@@ -390,7 +469,11 @@ mod tests {
             } else {
                 c.on_reading(secs(t), &reading(share), (x % 10) as usize);
             }
-            assert!((2..=5).contains(&c.target()), "target {} at {t}", c.target());
+            assert!(
+                (2..=5).contains(&c.target()),
+                "target {} at {t}",
+                c.target()
+            );
         }
     }
 
@@ -407,7 +490,13 @@ mod tests {
 
     #[test]
     fn growth_stops_when_throughput_stops_improving() {
-        let mut c = Controller::new(ControllerConfig { grow_cooldown: secs(0), ..cfg() }, 1);
+        let mut c = Controller::new(
+            ControllerConfig {
+                grow_cooldown: secs(0),
+                ..cfg()
+            },
+            1,
+        );
         let mut t = 0;
         let mut step = |c: &mut Controller, rate: f64| {
             c.on_throughput(rate);

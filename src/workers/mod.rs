@@ -4,6 +4,8 @@
 
 pub mod caption;
 pub mod concurrency;
+pub mod governor;
+pub mod vram;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -69,6 +71,8 @@ pub struct PoolConfig {
     pub poll_interval: Duration,
     /// Most concurrent jobs.
     pub max_concurrency: usize,
+    /// Concurrency to start at (the adaptive controller starts low); default the maximum.
+    pub initial_concurrency: Option<usize>,
     /// Time running jobs get to finish on shutdown before they are released.
     pub shutdown_grace: Duration,
     /// Cap on out-of-memory requeues of one job.
@@ -84,6 +88,7 @@ impl Default for PoolConfig {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(5),
             max_concurrency: 1,
+            initial_concurrency: None,
             shutdown_grace: Duration::from_secs(30),
             max_oom_retries: 10,
             retry: RetryPolicy::default(),
@@ -123,6 +128,7 @@ struct Inner {
     releasing: AtomicBool,
     completed: AtomicU64,
     failed: AtomicU64,
+    out_of_memory: AtomicU64,
     fatal: watch::Sender<Option<String>>,
 }
 
@@ -141,6 +147,10 @@ pub struct PoolStats {
     pub completed: u64,
     /// Jobs this process saw fail for good.
     pub failed: u64,
+    /// Out-of-memory errors this process saw.
+    pub out_of_memory: u64,
+    /// Most concurrent jobs allowed by the settings.
+    pub max: usize,
 }
 
 /// Handle to the running pool.
@@ -179,7 +189,11 @@ impl WorkerPool {
             handler,
             wakeup,
             events,
-            target: AtomicUsize::new(cfg.max_concurrency.max(1)),
+            target: AtomicUsize::new(
+                cfg.initial_concurrency
+                    .unwrap_or(cfg.max_concurrency)
+                    .clamp(1, cfg.max_concurrency.max(1)),
+            ),
             cfg,
             running: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
@@ -188,6 +202,7 @@ impl WorkerPool {
             releasing: AtomicBool::new(false),
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            out_of_memory: AtomicU64::new(0),
             fatal,
         });
         let handle = tokio::spawn(dispatch(inner.clone()));
@@ -244,6 +259,8 @@ impl WorkerPool {
             paused: self.inner.paused.load(Ordering::SeqCst),
             completed: self.inner.completed.load(Ordering::Relaxed),
             failed: self.inner.failed.load(Ordering::Relaxed),
+            out_of_memory: self.inner.out_of_memory.load(Ordering::Relaxed),
+            max: self.inner.cfg.max_concurrency.max(1),
         }
     }
 
@@ -461,6 +478,7 @@ async fn run_job(inner: &Arc<Inner>, job: Job, flags: Flags) -> Option<Job> {
             }
         }
         Ok(Err(JobFailure::OutOfMemory(e))) => {
+            inner.out_of_memory.fetch_add(1, Ordering::Relaxed);
             warn!(message = %e.message, "out of memory; requeued without counting the attempt");
             Finish::OutOfMemory {
                 max_oom: inner.cfg.max_oom_retries,

@@ -27,6 +27,8 @@ pub struct TestOptions {
     pub workers: usize,
     /// Reuse this data dir (for restart tests).
     pub data_dir: Option<PathBuf>,
+    /// Run the adaptive controller.
+    pub adaptive: bool,
 }
 
 impl Default for TestOptions {
@@ -36,6 +38,7 @@ impl Default for TestOptions {
             body_limit_mib: 32,
             workers: 1,
             data_dir: None,
+            adaptive: false,
         }
     }
 }
@@ -65,6 +68,11 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             max_attempts: 5,
             max_oom_retries: 10,
             shutdown_grace_secs: 5,
+            adaptive: opts.adaptive,
+            vram_high: 0.95,
+            vram_elevated: 0.90,
+            vram_calm: 0.80,
+            gpu_index: 0,
         },
         server: ServerSettings {
             bind: "127.0.0.1:0".parse().unwrap(),
@@ -96,6 +104,12 @@ pub struct TestApp {
 impl TestApp {
     /// Starts the real app on port 0 and waits until the model is loaded.
     pub async fn spawn(opts: TestOptions) -> TestApp {
+        let (tmp, data_dir, library) = Self::folders(&opts);
+        Self::spawn_in(tmp, data_dir, library, opts).await
+    }
+
+    /// Fresh temp folders: (temp root, data dir, library root).
+    pub fn folders(opts: &TestOptions) -> (tempfile::TempDir, PathBuf, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let data_dir = opts
             .data_dir
@@ -104,7 +118,7 @@ impl TestApp {
         let library = tmp.path().join("library");
         std::fs::create_dir_all(&library).unwrap();
         let library = library.canonicalize().unwrap();
-        Self::spawn_in(tmp, data_dir, library, opts).await
+        (tmp, data_dir, library)
     }
 
     /// Starts on given folders (restart tests reuse them).
@@ -114,8 +128,22 @@ impl TestApp {
         library: PathBuf,
         opts: TestOptions,
     ) -> TestApp {
+        Self::spawn_custom(tmp, data_dir, library, opts, Engine::LoadModel, None).await
+    }
+
+    /// Starts with a given engine and memory probe.
+    pub async fn spawn_custom(
+        tmp: tempfile::TempDir,
+        data_dir: PathBuf,
+        library: PathBuf,
+        opts: TestOptions,
+        engine: Engine,
+        probe: Option<Box<dyn captiond::workers::vram::VramProbe>>,
+    ) -> TestApp {
         let s = settings(&data_dir, &library, &opts);
-        let app = App::build(&s, Engine::LoadModel).await.expect("app starts");
+        let app = App::build_with_probe(&s, engine, probe)
+            .await
+            .expect("app starts");
         let base = format!("http://{}", app.address());
         let t = TestApp {
             base,

@@ -1,0 +1,239 @@
+//! The adaptive concurrency controller on the real service: a scripted memory probe
+//! (no NVIDIA GPU here), the tiny Moondream2 model, and injected out-of-memory errors.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use captiond::Engine;
+use captiond::vision::image::DecodeLimits;
+use captiond::vision::moondream2::loader::ModelSource;
+use captiond::vision::{
+    Captioner, DeviceChoice, ModelOptions, Moondream, RunControl, Skill, SkillError, SkillResult,
+    SkillSettings,
+};
+use captiond::workers::WorkerPool;
+use captiond::workers::concurrency::Reading;
+use captiond::workers::vram::ScriptedProbe;
+use common::{TestApp, TestOptions, png};
+use serde_json::{Value, json};
+
+/// The real tiny model, watched: counts concurrent runs against the pool's target and
+/// fails the first attempt of chosen images with an out-of-memory error.
+struct Watched {
+    inner: Moondream,
+    pool: Arc<OnceLock<Arc<OnceLock<WorkerPool>>>>,
+    running: AtomicUsize,
+    peak: AtomicUsize,
+    over_target: AtomicUsize,
+    oom_once: Mutex<HashSet<Vec<u8>>>,
+}
+
+impl Captioner for Watched {
+    fn run(
+        &self,
+        image: &[u8],
+        skill: &Skill,
+        settings: &SkillSettings,
+        ctl: &RunControl,
+    ) -> Result<SkillResult, SkillError> {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        if let Some(target) = self
+            .pool
+            .get()
+            .and_then(|p| p.get())
+            .map(|p| p.stats().target)
+            && now > target
+        {
+            self.over_target.fetch_add(1, Ordering::SeqCst);
+        }
+        let inject = self.oom_once.lock().unwrap().remove(image);
+        let out = if inject {
+            Err(SkillError::OutOfMemory(
+                "CUDA_ERROR_OUT_OF_MEMORY (injected)".into(),
+            ))
+        } else {
+            self.inner.run(image, skill, settings, ctl)
+        };
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    fn model_id(&self) -> String {
+        self.inner.model_id()
+    }
+}
+
+fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
+    let opts = ModelOptions {
+        source: ModelSource::Dir(common::tiny_model_dir()),
+        offline: true,
+        device: DeviceChoice::Cpu,
+        limits: DecodeLimits::default(),
+    };
+    Arc::new(Watched {
+        inner: Moondream::load(&opts).unwrap().0,
+        pool: Arc::new(OnceLock::new()),
+        running: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+        over_target: AtomicUsize::new(0),
+        oom_once: Mutex::new(oom_images.into_iter().collect()),
+    })
+}
+
+fn gib(share: f64) -> Reading {
+    let total = 24u64 << 30;
+    let used = (total as f64 * share) as u64;
+    Reading {
+        total,
+        used,
+        free: total - used,
+        own: None,
+    }
+}
+
+async fn start(workers: usize, model: Arc<Watched>, trace: Vec<Reading>) -> TestApp {
+    let opts = TestOptions {
+        workers,
+        adaptive: true,
+        ..TestOptions::default()
+    };
+    let (tmp, data, lib) = TestApp::folders(&opts);
+    let probe = Box::new(ScriptedProbe::new(trace, true));
+    let app = TestApp::spawn_custom(
+        tmp,
+        data,
+        lib,
+        opts,
+        Engine::Captioner(model.clone()),
+        Some(probe),
+    )
+    .await;
+    let _ = model
+        .pool
+        .set(app.app.as_ref().unwrap().state().pool.clone());
+    app
+}
+
+async fn run_all(app: &TestApp, images: &[Vec<u8>]) -> Vec<Value> {
+    let mut ids = Vec::new();
+    for img in images {
+        ids.push(
+            app.enqueue(img, json!({"max_tokens": 6})).await.1["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let mut done = Vec::new();
+    for id in ids {
+        done.push(app.wait_job(&id).await);
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_memory_pressure_the_pool_stays_at_one_generation_and_reports_vram() {
+    let model = watched(vec![]);
+    let app = start(4, model.clone(), vec![gib(0.97)]).await;
+    let images: Vec<Vec<u8>> = (0..6).map(|i| png(40, 30, i)).collect();
+    let done = run_all(&app, &images).await;
+    assert!(done.iter().all(|j| j["state"] == "succeeded"));
+    assert_eq!(
+        model.peak.load(Ordering::SeqCst),
+        1,
+        "never more than one generation at 97% used"
+    );
+    let r = app
+        .client
+        .get(format!("{}/v1/stats", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-vram-total"],
+        (24u64 * 1024).to_string().as_str()
+    );
+    assert_eq!(
+        r.headers()["x-vram-used"],
+        ((24u64 << 30) as f64 * 0.97 / 1048576.0)
+            .floor()
+            .to_string()
+            .as_str()
+    );
+    assert_eq!(r.headers()["x-captiond-concurrency"], "1");
+    let stats: Value = r.json().await.unwrap();
+    assert_eq!(stats["concurrency"]["probe"], "scripted");
+    assert_eq!(stats["concurrency"]["target"], 1);
+    assert!(
+        !stats["concurrency"]["series"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calm_device_with_a_backlog_grows_and_never_runs_above_the_target() {
+    let model = watched(vec![]);
+    let app = start(3, model.clone(), vec![gib(0.40)]).await;
+    let images: Vec<Vec<u8>> = (0..40).map(|i| png(40, 30, i)).collect();
+    let done = run_all(&app, &images).await;
+    assert!(done.iter().all(|j| j["state"] == "succeeded"));
+    assert_eq!(
+        model.over_target.load(Ordering::SeqCst),
+        0,
+        "a generation started above the target"
+    );
+    let stats = app.get("/v1/stats").await.1;
+    let decisions = stats["concurrency"]["decisions"].as_array().unwrap();
+    assert!(
+        !decisions.is_empty(),
+        "the calm backlog should have grown the target: {stats}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d["to"].as_u64() == d["from"].as_u64().map(|f| f + 1)),
+        "one step at a time"
+    );
+    assert!(model.peak.load(Ordering::SeqCst) >= 2, "growth was used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_hit_by_out_of_memory_complete_later_with_their_attempt_unchanged() {
+    let images: Vec<Vec<u8>> = (0..4).map(|i| png(40, 30, 100 + i)).collect();
+    let model = watched(images[..2].to_vec());
+    let app = start(2, model.clone(), vec![gib(0.5)]).await;
+    let done = run_all(&app, &images).await;
+    for j in &done {
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(
+            j["attempt"], 1,
+            "an OOM requeue does not consume an attempt: {j}"
+        );
+    }
+    let oom: Vec<i64> = done
+        .iter()
+        .map(|j| j["oom_count"].as_i64().unwrap())
+        .collect();
+    assert_eq!(oom, vec![1, 1, 0, 0]);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stats = app.get("/v1/stats").await.1;
+    assert_eq!(stats["workers"]["out_of_memory"], 2);
+    let reasons: Vec<&str> = stats["concurrency"]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|d| d["reason"].as_str())
+        .collect();
+    assert!(
+        stats["concurrency"]["phase"] == "frozen"
+            || reasons.iter().any(|r| r.contains("out of memory")),
+        "{stats}"
+    );
+}
