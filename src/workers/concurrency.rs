@@ -464,7 +464,7 @@ mod tests {
         for t in 0..5000 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
             let share = (x >> 40) as f64 / (1u64 << 24) as f64;
-            if x % 97 == 0 {
+            if x.is_multiple_of(97) {
                 c.on_oom(secs(t));
             } else {
                 c.on_reading(secs(t), &reading(share), (x % 10) as usize);
