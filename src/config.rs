@@ -188,6 +188,10 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAPTIOND_VRAM_CALM", default_value_t = 0.80)]
     pub vram_calm: f64,
 
+    /// Seconds claiming pauses after repeated out-of-memory errors at concurrency 1 (doubles on repeats).
+    #[arg(long, env = "CAPTIOND_VRAM_BLOCK_SECS", default_value_t = 10)]
+    pub vram_block_secs: u64,
+
     /// NVIDIA GPU index whose memory NVML reads.
     #[arg(long, env = "CAPTIOND_GPU_INDEX", default_value_t = 0)]
     pub gpu_index: u32,
@@ -216,6 +220,7 @@ impl WorkerSettings {
             high_watermark: self.vram_high,
             elevated_watermark: self.vram_elevated,
             calm_watermark: self.vram_calm,
+            block: Duration::from_secs(self.vram_block_secs.max(1)),
             ..ControllerConfig::default()
         }
     }

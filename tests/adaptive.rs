@@ -30,6 +30,7 @@ struct Watched {
     peak: AtomicUsize,
     over_target: AtomicUsize,
     oom_once: Mutex<HashSet<Vec<u8>>>,
+    oom_always: Mutex<Option<(Vec<u8>, usize)>>,
 }
 
 impl Captioner for Watched {
@@ -51,7 +52,14 @@ impl Captioner for Watched {
         {
             self.over_target.fetch_add(1, Ordering::SeqCst);
         }
-        let inject = self.oom_once.lock().unwrap().remove(image);
+        let mut inject = self.oom_once.lock().unwrap().remove(image);
+        if let Some((img, left)) = self.oom_always.lock().unwrap().as_mut()
+            && img.as_slice() == image
+            && *left > 0
+        {
+            *left -= 1;
+            inject = true;
+        }
         let out = if inject {
             Err(SkillError::OutOfMemory(
                 "CUDA_ERROR_OUT_OF_MEMORY (injected)".into(),
@@ -82,6 +90,7 @@ fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
         peak: AtomicUsize::new(0),
         over_target: AtomicUsize::new(0),
         oom_once: Mutex::new(oom_images.into_iter().collect()),
+        oom_always: Mutex::new(None),
     })
 }
 
@@ -235,5 +244,37 @@ async fn jobs_hit_by_out_of_memory_complete_later_with_their_attempt_unchanged()
         stats["concurrency"]["phase"] == "frozen"
             || reasons.iter().any(|r| r.contains("out of memory")),
         "{stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_out_of_memory_at_one_blocks_claiming_then_resumes_by_itself() {
+    let image = png(40, 30, 200);
+    let model = watched(vec![]);
+    *model.oom_always.lock().unwrap() = Some((image.clone(), 3));
+    let app = start(1, model.clone(), vec![gib(0.5)]).await;
+    let (_, job) = app.enqueue(&image, json!({"max_tokens": 4})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut saw_blocked = false;
+    for _ in 0..300 {
+        let stats = app.get("/v1/stats").await.1;
+        if stats["workers"]["vram_blocked"] == true {
+            assert_eq!(stats["concurrency"]["phase"], "vram_blocked", "{stats}");
+            saw_blocked = true;
+        }
+        if app.get(&format!("/v1/jobs/{id}")).await.1["state"] == "succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_blocked, "two OOMs at concurrency 1 must block claiming");
+    let done = app.wait_job(&id).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 1);
+    assert_eq!(done["oom_count"], 3);
+    let stats = app.get("/v1/stats").await.1;
+    assert_eq!(
+        stats["workers"]["vram_blocked"], false,
+        "resumed once memory was free"
     );
 }

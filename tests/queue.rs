@@ -125,7 +125,7 @@ async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
                 "not due before run_at"
             );
             assert_eq!(store.next_run_at().await.unwrap(), Some(later));
-            sqlx_make_due(&store, &j).await;
+            make_due(&store, &j).await;
         } else {
             assert_eq!(j.state, JobState::Failed);
             assert_eq!(j.error.unwrap().code, "flaky");
@@ -134,7 +134,7 @@ async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
 }
 
 /// Makes a scheduled job due now (a test shortcut for waiting out its backoff).
-async fn sqlx_make_due(store: &Store, job: &Job) {
+async fn make_due(store: &Store, job: &Job) {
     let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", store.path().display()))
         .await
         .unwrap();
@@ -166,6 +166,11 @@ async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap()
             .unwrap();
         let j = store.get_job(job.id).await.unwrap().unwrap();
         assert_eq!(j.oom_count, n);
+        assert!(
+            j.run_at >= captiond::queue::now_ms() + 500,
+            "requeued after a short pause, not in a hot loop"
+        );
+        make_due(&store, &j).await;
         assert_eq!(
             j.state,
             if n < 3 {

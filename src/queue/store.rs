@@ -310,7 +310,7 @@ const SQL_RETRY_LATER: &str = concat!(
 const SQL_OOM: &str = concat!(
     "UPDATE jobs SET oom_count = oom_count + 1, attempt = attempt - 1, ",
     "state = CASE WHEN oom_count + 1 >= ?5 THEN 'failed' ELSE 'queued' END, ",
-    "finished_at = CASE WHEN oom_count + 1 >= ?5 THEN ?4 ELSE NULL END, run_at = ?4, ",
+    "finished_at = CASE WHEN oom_count + 1 >= ?5 THEN ?4 ELSE NULL END, run_at = ?4 + 1000 * (oom_count + 1), ",
     "lease_owner = NULL, lease_expires_at = NULL, error_code = ?6, error_message = ?7 ",
     "WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'"
 );

@@ -417,6 +417,28 @@ impl Captioner for Moondream {
         settings: &SkillSettings,
         ctl: &RunControl,
     ) -> Result<SkillResult, SkillError> {
+        let result = self.run_skill(image, skill, settings, ctl);
+        if let Err(SkillError::OutOfMemory(_)) = &result {
+            // The generation's tensors are dropped by now; wait for the device to
+            // release them before the worker claims again.
+            let _ = self.model.device().synchronize();
+        }
+        result
+    }
+
+    fn model_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+impl Moondream {
+    fn run_skill(
+        &self,
+        image: &[u8],
+        skill: &Skill,
+        settings: &SkillSettings,
+        ctl: &RunControl,
+    ) -> Result<SkillResult, SkillError> {
         if settings.max_tokens == 0 {
             return Err(SkillError::Invalid("max_tokens must be at least 1".into()));
         }
@@ -540,10 +562,6 @@ impl Captioner for Moondream {
             },
             truncated: stop == StopReason::MaxTokens,
         })
-    }
-
-    fn model_id(&self) -> String {
-        self.id.clone()
     }
 }
 

@@ -35,6 +35,8 @@ pub struct ControllerConfig {
     pub smoothing: f64,
     /// Relative throughput gain a step up must bring to keep growing.
     pub min_gain: f64,
+    /// First pause of claiming after repeated OOMs at the minimum; doubles on repeats.
+    pub block: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -52,6 +54,7 @@ impl Default for ControllerConfig {
             max_freeze: Duration::from_secs(600),
             smoothing: 0.3,
             min_gain: 0.05,
+            block: Duration::from_secs(10),
         }
     }
 }
@@ -103,6 +106,8 @@ pub enum Phase {
     Normal,
     /// Increases frozen after pressure or an OOM.
     Frozen,
+    /// Out of memory even at the minimum: claiming paused until memory frees.
+    VramBlocked,
 }
 
 /// The controller.
@@ -120,6 +125,9 @@ pub struct Controller {
     last_pressure: Option<Duration>,
     throughput: Vec<Option<f64>>,
     history: VecDeque<Decision>,
+    ooms_at_min: u32,
+    blocked_until: Option<Duration>,
+    block: Duration,
 }
 
 const HISTORY: usize = 64;
@@ -141,6 +149,9 @@ impl Controller {
             last_pressure: None,
             throughput: vec![None; max + 1],
             history: VecDeque::new(),
+            ooms_at_min: 0,
+            blocked_until: None,
+            block: cfg.block,
             cfg: ControllerConfig { min, max, ..cfg },
         }
     }
@@ -162,11 +173,33 @@ impl Controller {
 
     /// Whether increases are frozen at `now`.
     pub fn phase(&self, now: Duration) -> Phase {
-        if now < self.frozen_until {
+        if self.blocked_until.is_some() {
+            Phase::VramBlocked
+        } else if now < self.frozen_until {
             Phase::Frozen
         } else {
             Phase::Normal
         }
+    }
+
+    /// Whether claiming must pause: repeated OOMs at the minimum, until the backoff has
+    /// passed and memory has freed (smoothed use below the elevated watermark).
+    pub fn is_blocked(&self) -> bool {
+        self.blocked_until.is_some()
+    }
+
+    fn record(&mut self, now: Duration, reason: String) {
+        tracing::warn!(%reason, "concurrency controller");
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(Decision {
+            at_seconds: now.as_secs_f64(),
+            from: self.target,
+            to: self.target,
+            ceiling: self.ceiling,
+            reason,
+        });
     }
 
     /// Recent decisions, oldest first.
@@ -223,8 +256,20 @@ impl Controller {
         self.last_shrink = Some(now);
     }
 
-    /// An out-of-memory error happened at `now`.
+    /// An out-of-memory error happened at `now`. Repeated at the minimum, it blocks
+    /// claiming for a backoff that doubles on each repeat.
     pub fn on_oom(&mut self, now: Duration) -> usize {
+        if self.target == self.cfg.min {
+            self.ooms_at_min += 1;
+            if self.ooms_at_min >= 2 {
+                let pause = self.block;
+                self.block = (self.block * 2).min(self.cfg.max_freeze);
+                self.blocked_until = Some(now + pause);
+                self.record(now, format!("out of memory again at concurrency {}: vram_blocked, claiming paused for {:.0} s and until memory frees", self.cfg.min, pause.as_secs_f64()));
+            }
+        } else {
+            self.ooms_at_min = 0;
+        }
         self.back_off(now, "out of memory");
         self.target
     }
@@ -244,6 +289,20 @@ impl Controller {
             Some(s) => s + self.cfg.smoothing * (raw - s),
         };
         self.smoothed = Some(smoothed);
+        if let Some(until) = self.blocked_until
+            && now >= until
+            && smoothed.max(raw) < self.cfg.elevated_watermark
+        {
+            self.blocked_until = None;
+            self.ooms_at_min = 0;
+            self.record(
+                now,
+                format!(
+                    "memory freed ({:.0}% used): vram_blocked lifted, claiming resumes",
+                    smoothed * 100.0
+                ),
+            );
+        }
         if raw >= self.cfg.high_watermark {
             self.back_off(
                 now,
@@ -486,6 +545,39 @@ mod tests {
         assert_eq!(c.target(), 6, "not again within the interval");
         c.on_reading(secs(5), &reading(0.92), 100);
         assert_eq!(c.target(), 5);
+    }
+
+    #[test]
+    fn repeated_ooms_at_one_block_claiming_until_memory_frees() {
+        let mut c = Controller::new(
+            ControllerConfig {
+                block: secs(10),
+                ..cfg()
+            },
+            1,
+        );
+        c.on_oom(secs(0));
+        assert!(!c.is_blocked(), "one OOM at 1 halves (no-op) and freezes");
+        c.on_oom(secs(1));
+        assert!(c.is_blocked());
+        assert_eq!(c.phase(secs(2)), Phase::VramBlocked);
+        c.on_reading(secs(5), &reading(0.3), 10);
+        assert!(c.is_blocked(), "backoff not over");
+        for t in 11..20 {
+            c.on_reading(secs(t), &reading(0.97), 10);
+        }
+        assert!(c.is_blocked(), "memory still full");
+        for t in 20..40 {
+            c.on_reading(secs(t), &reading(0.3), 10);
+        }
+        assert!(!c.is_blocked(), "memory freed");
+        c.on_oom(secs(41));
+        c.on_oom(secs(42));
+        assert!(c.is_blocked());
+        assert!(
+            c.history().last().unwrap().reason.contains("20 s"),
+            "the block doubled"
+        );
     }
 
     #[test]

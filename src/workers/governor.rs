@@ -119,10 +119,11 @@ impl Governor {
             let now = self.started.elapsed();
             let target = {
                 let mut st = self.lock();
-                if stats.out_of_memory > seen_oom {
-                    seen_oom = stats.out_of_memory;
+                // One controller event per OOM (a burst of many counts as a few).
+                for _ in 0..stats.out_of_memory.saturating_sub(seen_oom).min(3) {
                     st.controller.on_oom(now);
                 }
+                seen_oom = stats.out_of_memory;
                 if ticks.is_multiple_of(THROUGHPUT_TICKS) {
                     let secs = window_start.0.elapsed().as_secs_f64();
                     let done = stats.completed.saturating_sub(window_start.1);
@@ -139,10 +140,14 @@ impl Governor {
                     st.series.push_back((now.as_secs_f64(), r));
                     st.last = Some(r);
                 }
-                st.controller.target()
+                (st.controller.target(), st.controller.is_blocked())
             };
+            let (target, blocked) = target;
             if target != stats.target {
                 pool.set_target(target);
+            }
+            if blocked != stats.vram_blocked {
+                pool.set_vram_blocked(blocked);
             }
         }
     }

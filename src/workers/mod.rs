@@ -124,6 +124,7 @@ struct Inner {
     running: Mutex<HashMap<Uuid, Running>>,
     streams: StreamMap,
     paused: AtomicBool,
+    vram_blocked: AtomicBool,
     stop_claiming: CancellationToken,
     releasing: AtomicBool,
     completed: AtomicU64,
@@ -149,6 +150,8 @@ pub struct PoolStats {
     pub failed: u64,
     /// Out-of-memory errors this process saw.
     pub out_of_memory: u64,
+    /// Claiming paused by repeated out-of-memory errors at concurrency 1.
+    pub vram_blocked: bool,
     /// Most concurrent jobs allowed by the settings.
     pub max: usize,
 }
@@ -198,6 +201,7 @@ impl WorkerPool {
             running: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(paused),
+            vram_blocked: AtomicBool::new(false),
             stop_claiming: CancellationToken::new(),
             releasing: AtomicBool::new(false),
             completed: AtomicU64::new(0),
@@ -226,6 +230,15 @@ impl WorkerPool {
     pub fn set_paused(&self, paused: bool) {
         self.inner.paused.store(paused, Ordering::SeqCst);
         if !paused {
+            self.inner.wakeup.wake();
+        }
+    }
+
+    /// Pauses claiming while memory is exhausted even at concurrency 1 (the adaptive
+    /// controller's `vram_blocked` state), independent of the user's pause.
+    pub fn set_vram_blocked(&self, blocked: bool) {
+        self.inner.vram_blocked.store(blocked, Ordering::SeqCst);
+        if !blocked {
             self.inner.wakeup.wake();
         }
     }
@@ -260,6 +273,7 @@ impl WorkerPool {
             completed: self.inner.completed.load(Ordering::Relaxed),
             failed: self.inner.failed.load(Ordering::Relaxed),
             out_of_memory: self.inner.out_of_memory.load(Ordering::Relaxed),
+            vram_blocked: self.inner.vram_blocked.load(Ordering::SeqCst),
             max: self.inner.cfg.max_concurrency.max(1),
         }
     }
@@ -333,7 +347,8 @@ async fn dispatch(inner: Arc<Inner>) {
         }
         let busy = lock(&inner.running).len();
         let free = inner.target.load(Ordering::SeqCst).saturating_sub(busy);
-        let paused = inner.paused.load(Ordering::SeqCst);
+        let paused =
+            inner.paused.load(Ordering::SeqCst) || inner.vram_blocked.load(Ordering::SeqCst);
         let mut claimed = 0;
         if free > 0 && !paused {
             match inner
@@ -432,6 +447,7 @@ fn start_job(inner: &Arc<Inner>, job: Job) {
 fn slot_may_continue(inner: &Inner) -> bool {
     !inner.stop_claiming.is_cancelled()
         && !inner.paused.load(Ordering::SeqCst)
+        && !inner.vram_blocked.load(Ordering::SeqCst)
         && lock(&inner.running).len() <= inner.target.load(Ordering::SeqCst)
 }
 

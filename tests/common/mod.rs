@@ -72,6 +72,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             vram_high: 0.95,
             vram_elevated: 0.90,
             vram_calm: 0.80,
+            vram_block_secs: 2,
             gpu_index: 0,
         },
         server: ServerSettings {
