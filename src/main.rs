@@ -399,12 +399,17 @@ async fn wait_all(
                 done += 1;
             }
         }
-        eprint!(
-            "\r{done}/{total} done, {:.1} images/s   ",
-            done as f64 / started.elapsed().as_secs_f64().max(0.001)
-        );
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        if tty {
+            eprint!(
+                "\r{done}/{total} done, {:.1} images/s   ",
+                done as f64 / started.elapsed().as_secs_f64().max(0.001)
+            );
+        }
         if done == total {
-            eprintln!();
+            if tty {
+                eprintln!();
+            }
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

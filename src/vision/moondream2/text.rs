@@ -123,6 +123,38 @@ impl TextModel {
         cache: &mut KvCache,
         bidirectional_prefix: usize,
     ) -> Result<Step> {
+        let n = x.dim(0)?;
+        let x = self.run_blocks(x, cache, bidirectional_prefix, &mut |_| Ok(()))?;
+        let hidden = x.get(0)?.get(n - 1)?;
+        let logits = self.logits(&hidden)?;
+        Ok(Step { hidden, logits })
+    }
+
+    /// Feeds `x` and returns the pre-`post_ln` hidden states of every fed position
+    /// after each block (`[n, dim]` per block).
+    pub fn feed_all_hidden(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        prefix: usize,
+    ) -> Result<Vec<Tensor>> {
+        let mut out = Vec::with_capacity(self.blocks.len());
+        self.run_blocks(x, cache, prefix, &mut |h| {
+            out.push(h.get(0)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs every block over `x` at the cache's next positions, showing each block's
+    /// output to `after_block`; returns the last block's output `[1, n, dim]`.
+    fn run_blocks(
+        &self,
+        x: &Tensor,
+        cache: &mut KvCache,
+        prefix: usize,
+        after_block: &mut dyn FnMut(&Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let pos = cache.len;
         if pos + n > self.cfg.max_context {
@@ -132,35 +164,18 @@ impl TextModel {
                 self.cfg.max_context
             );
         }
-        let mask = attention_mask(pos, n, bidirectional_prefix, x.device(), x.dtype())?;
+        let at = Positions {
+            mask: attention_mask(pos, n, prefix, x.device(), x.dtype())?,
+            cos: self.cos.narrow(0, pos, n)?,
+            sin: self.sin.narrow(0, pos, n)?,
+        };
         let mut x = x.unsqueeze(0)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, pos, mask.as_ref(), &self.cos, &self.sin)?;
+            x = block.forward(&x, i, cache, &at)?;
+            after_block(&x)?;
         }
         cache.len += n;
-        let hidden = x.get(0)?.get(n - 1)?;
-        let logits = self.logits(&hidden)?;
-        Ok(Step { hidden, logits })
-    }
-
-    /// Feeds `x` and returns the pre-`post_ln` hidden states of every fed position.
-    pub fn feed_all_hidden(
-        &self,
-        x: &Tensor,
-        cache: &mut KvCache,
-        prefix: usize,
-    ) -> Result<Vec<Tensor>> {
-        let (n, _) = x.dims2()?;
-        let pos = cache.len;
-        let mask = attention_mask(pos, n, prefix, x.device(), x.dtype())?;
-        let mut x = x.unsqueeze(0)?;
-        let mut out = Vec::with_capacity(self.blocks.len());
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, pos, mask.as_ref(), &self.cos, &self.sin)?;
-            out.push(x.get(0)?);
-        }
-        cache.len += n;
-        Ok(out)
+        Ok(x)
     }
 
     /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
@@ -175,34 +190,37 @@ impl TextModel {
     }
 }
 
+/// What every block needs about the positions being fed.
+struct Positions {
+    /// Additive attention mask, or `None` when everything is visible.
+    mask: Option<Tensor>,
+    /// Rotary cosines of these positions `[n, 16]`.
+    cos: Tensor,
+    /// Rotary sines of these positions `[n, 16]`.
+    sin: Tensor,
+}
+
 impl Block {
-    #[allow(clippy::too_many_arguments)]
+    /// `x + attn(ln(x)) + mlp(ln(x))`.
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        pos: usize,
-        mask: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
+        at: &Positions,
     ) -> Result<Tensor> {
         let h = self.ln.forward(x)?;
-        let attn = self.attention(&h, layer, cache, pos, mask, cos, sin)?;
+        let attn = self.attention(&h, layer, cache, at)?;
         let mlp = self.mlp.forward(&h)?;
         (x + attn)? + mlp
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         h: &Tensor,
         layer: usize,
         cache: &mut KvCache,
-        pos: usize,
-        mask: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
+        at: &Positions,
     ) -> Result<Tensor> {
         let (b, n, dim) = h.dims3()?;
         let qkv = self.qkv.forward(h)?;
@@ -214,18 +232,16 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let cos = cos.narrow(0, pos, n)?;
-        let sin = sin.narrow(0, pos, n)?;
-        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &cos, &sin)?
+        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &at.cos, &at.sin)?
             * (1.0 / (HEAD_DIM as f64).sqrt()))?;
-        let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &cos, &sin)?;
+        let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &at.cos, &at.sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
         let (k, v) = cache.append(layer, k, v)?;
         let rep = self.n_heads / self.n_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?;
         let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
+        if let Some(mask) = &at.mask {
             scores = scores.broadcast_add(mask)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
