@@ -16,8 +16,11 @@ use tracing::{error, info};
 use crate::api::{self, AppState};
 use crate::blobs::BlobStore;
 use crate::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
+use crate::queue::Calibration;
 use crate::queue::{JobEvents, Store, StoreError, Wakeup};
-use crate::vision::{Captioner, Moondream};
+use crate::vision::Captioner;
+use crate::vision::Moondream;
+use crate::workers::calibrate::{CalibrationLimits, warm_up};
 use crate::workers::caption::CaptionHandler;
 use crate::workers::governor::Governor;
 use crate::workers::vram::{VramProbe, detect_probe};
@@ -112,6 +115,52 @@ pub struct App {
     stop_rx: watch::Receiver<Option<StopReason>>,
     stop_tx: watch::Sender<Option<StopReason>>,
     _lock: File,
+}
+
+/// Reads the stored calibration for this device and model, or (GPU probes only, when
+/// enabled) runs the warm-up and stores it. Returns the probe for the governor.
+async fn calibrate(
+    store: &Store,
+    workers: &WorkerSettings,
+    probe: Box<dyn VramProbe>,
+    captioner: Option<Arc<dyn Captioner>>,
+) -> (Box<dyn VramProbe>, Option<Calibration>) {
+    let Some(captioner) = captioner.filter(|_| workers.calibrate && probe.is_gpu()) else {
+        return (probe, None);
+    };
+    let (device, model) = (probe.device_id(), captioner.model_id());
+    match store.calibration(&device, &model).await {
+        Ok(Some(c)) => {
+            info!(device = %c.device, max = c.max_concurrency, "using the stored calibration");
+            return (probe, Some(c));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the stored calibration"),
+    }
+    let limits = CalibrationLimits {
+        max: workers.workers.max(1),
+        reserve_bytes: workers.vram_reserve_mib << 20,
+    };
+    info!(%device, max = limits.max, "calibrating: 1, 2, 4, … concurrent generations");
+    let Ok((probe, calibration)) = tokio::task::spawn_blocking(move || {
+        let c = warm_up(captioner.as_ref(), probe.as_ref(), limits);
+        (probe, c)
+    })
+    .await
+    else {
+        return (detect_probe(workers.gpu_index), None);
+    };
+    if let Some(c) = &calibration {
+        info!(
+            max = c.max_concurrency,
+            per_generation_mib = c.per_generation_bytes >> 20,
+            "calibration stored"
+        );
+        if let Err(e) = store.put_calibration(c).await {
+            tracing::warn!(error = %e, "cannot store the calibration");
+        }
+    }
+    (probe, calibration)
 }
 
 /// Takes an exclusive lock on `<data dir>/captiond.lock` so two instances never share a queue.
@@ -242,31 +291,57 @@ impl App {
         let pool_cfg = settings.workers.pool_config();
         let workers = settings.workers.clone();
         tokio::spawn(async move {
-            let handler: Arc<dyn JobHandler> = match engine {
-                Engine::Handler(h) => h,
-                Engine::Captioner(c) => {
-                    Arc::new(CaptionHandler::new(c, blobs, model.skill_defaults()))
-                }
-                Engine::LoadModel => {
-                    let opts = model.model_options();
-                    info!(model = %opts.source.label(), "loading the model");
-                    match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
-                        Ok(Ok((m, _))) => Arc::new(CaptionHandler::new(
-                            Arc::new(m),
+            let (handler, captioner): (Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>) =
+                match engine {
+                    Engine::Handler(h) => (h, None),
+                    Engine::Captioner(c) => (
+                        Arc::new(CaptionHandler::new(
+                            c.clone(),
                             blobs,
                             model.skill_defaults(),
                         )),
-                        Ok(Err(e)) => {
-                            error!("cannot load the model: {e}");
-                            let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                            return;
+                        Some(c),
+                    ),
+                    Engine::LoadModel => {
+                        let opts = model.model_options();
+                        info!(model = %opts.source.label(), "loading the model");
+                        match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
+                            Ok(Ok((m, _))) => {
+                                let c: Arc<dyn Captioner> = Arc::new(m);
+                                (
+                                    Arc::new(CaptionHandler::new(
+                                        c.clone(),
+                                        blobs,
+                                        model.skill_defaults(),
+                                    )),
+                                    Some(c),
+                                )
+                            }
+                            Ok(Err(e)) => {
+                                error!("cannot load the model: {e}");
+                                let _ =
+                                    stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                                return;
+                            }
+                            Err(e) => {
+                                let _ =
+                                    stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                                return;
+                            }
                         }
                     }
+                };
+            let adaptive = if workers.adaptive {
+                let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
+                let (probe, calibration) =
+                    calibrate(&state.store, &workers, probe, captioner).await;
+                let mut cfg = workers.controller_config();
+                if let Some(c) = &calibration {
+                    cfg.max = cfg.max.min(c.max_concurrency);
                 }
+                Some((probe, cfg, calibration))
+            } else {
+                None
             };
             match WorkerPool::start(
                 state.store.clone(),
@@ -278,13 +353,13 @@ impl App {
             .await
             {
                 Ok(pool) => {
-                    if workers.adaptive {
-                        let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
+                    if let Some((probe, cfg, calibration)) = adaptive {
                         let g = Governor::spawn(
                             pool.clone(),
                             state.store.clone(),
                             probe,
-                            workers.controller_config(),
+                            cfg,
+                            calibration,
                             Duration::from_secs(1),
                         );
                         let _ = state.governor.set(g);

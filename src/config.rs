@@ -192,6 +192,14 @@ pub struct WorkerSettings {
     #[arg(long, env = "CAPTIOND_VRAM_BLOCK_SECS", default_value_t = 10)]
     pub vram_block_secs: u64,
 
+    /// Run the warm-up calibration on a GPU (1, 2, 4, … generations) unless one is stored for this GPU and model.
+    #[arg(long, env = "CAPTIOND_CALIBRATE", default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    pub calibrate: bool,
+
+    /// Memory the calibration leaves free for everything else, in MiB.
+    #[arg(long, env = "CAPTIOND_VRAM_RESERVE_MIB", default_value_t = 1024)]
+    pub vram_reserve_mib: u64,
+
     /// NVIDIA GPU index whose memory NVML reads.
     #[arg(long, env = "CAPTIOND_GPU_INDEX", default_value_t = 0)]
     pub gpu_index: u32,

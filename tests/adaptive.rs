@@ -17,7 +17,7 @@ use captiond::vision::{
 };
 use captiond::workers::WorkerPool;
 use captiond::workers::concurrency::Reading;
-use captiond::workers::vram::ScriptedProbe;
+use captiond::workers::vram::{ScriptedProbe, VramProbe};
 use common::{TestApp, TestOptions, png};
 use serde_json::{Value, json};
 
@@ -31,6 +31,7 @@ struct Watched {
     over_target: AtomicUsize,
     oom_once: Mutex<HashSet<Vec<u8>>>,
     oom_always: Mutex<Option<(Vec<u8>, usize)>>,
+    calls: AtomicUsize,
 }
 
 impl Captioner for Watched {
@@ -41,6 +42,7 @@ impl Captioner for Watched {
         settings: &SkillSettings,
         ctl: &RunControl,
     ) -> Result<SkillResult, SkillError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         if let Some(target) = self
@@ -91,6 +93,7 @@ fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
         over_target: AtomicUsize::new(0),
         oom_once: Mutex::new(oom_images.into_iter().collect()),
         oom_always: Mutex::new(None),
+        calls: AtomicUsize::new(0),
     })
 }
 
@@ -106,13 +109,21 @@ fn gib(share: f64) -> Reading {
 }
 
 async fn start(workers: usize, model: Arc<Watched>, trace: Vec<Reading>) -> TestApp {
-    let opts = TestOptions {
-        workers,
-        adaptive: true,
-        ..TestOptions::default()
-    };
-    let (tmp, data, lib) = TestApp::folders(&opts);
     let probe = Box::new(ScriptedProbe::new(trace, true));
+    start_with(
+        TestOptions {
+            workers,
+            adaptive: true,
+            ..TestOptions::default()
+        },
+        model,
+        probe,
+    )
+    .await
+}
+
+async fn start_with(opts: TestOptions, model: Arc<Watched>, probe: Box<dyn VramProbe>) -> TestApp {
+    let (tmp, data, lib) = TestApp::folders(&opts);
     let app = TestApp::spawn_custom(
         tmp,
         data,
@@ -277,4 +288,88 @@ async fn repeated_out_of_memory_at_one_blocks_claiming_then_resumes_by_itself() 
         stats["workers"]["vram_blocked"], false,
         "resumed once memory was free"
     );
+}
+
+/// A simulated GPU whose memory use follows the generations running on the model:
+/// 16 GiB of 24 used by others, 3 GiB per generation.
+struct LoadAware(Arc<Watched>);
+
+impl VramProbe for LoadAware {
+    fn read(&self) -> Option<Reading> {
+        let (total, used) = (
+            24u64 << 30,
+            (16u64 << 30) + self.0.running.load(Ordering::SeqCst) as u64 * (3 << 30),
+        );
+        Some(Reading {
+            total,
+            used,
+            free: total - used,
+            own: None,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "simulated"
+    }
+
+    fn is_gpu(&self) -> bool {
+        true
+    }
+
+    fn device_id(&self) -> String {
+        "simulated-gpu-0".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_up_calibration_caps_concurrency_and_is_stored_per_device_and_model() {
+    let opts = || TestOptions {
+        workers: 8,
+        adaptive: true,
+        calibrate: true,
+        ..TestOptions::default()
+    };
+    let model = watched(vec![]);
+    let mut app = start_with(opts(), model.clone(), Box::new(LoadAware(model.clone()))).await;
+    // 1 then 2 generations: 3 GiB each, 24 − 16 − 1 (reserve) = 7 GiB free → 2 fit.
+    assert_eq!(model.calls.load(Ordering::SeqCst), 3);
+    let stats = app.get("/v1/stats").await.1;
+    let c = &stats["concurrency"];
+    assert_eq!(c["calibration"]["max_concurrency"], 2, "{stats}");
+    assert_eq!(c["calibration"]["device"], "simulated-gpu-0");
+    assert_eq!(c["calibration"]["per_generation_bytes"], 3u64 << 30);
+    assert_eq!(c["ceiling"], 2);
+    let (tmp, data, lib) = app.stop().await;
+
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}?mode=ro",
+        data.join("captiond.db").display()
+    ))
+    .await
+    .unwrap();
+    let (device, max): (String, i64) =
+        sqlx::query_as("SELECT device, max_concurrency FROM calibrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((device.as_str(), max), ("simulated-gpu-0", 2));
+    pool.close().await;
+
+    // A restart on the same device and model reuses it instead of measuring again.
+    let again = watched(vec![]);
+    let app = TestApp::spawn_custom(
+        tmp,
+        data,
+        lib,
+        opts(),
+        Engine::Captioner(again.clone()),
+        Some(Box::new(LoadAware(again.clone()))),
+    )
+    .await;
+    assert_eq!(
+        again.calls.load(Ordering::SeqCst),
+        0,
+        "no warm-up generations on restart"
+    );
+    assert_eq!(app.get("/v1/stats").await.1["concurrency"]["ceiling"], 2);
 }

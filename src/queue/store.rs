@@ -218,6 +218,25 @@ impl StateCounts {
     }
 }
 
+/// A warm-up calibration of the concurrency controller for one device and model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Calibration {
+    /// Device identity (GPU name and UUID, or `host`).
+    pub device: String,
+    /// Model id and revision.
+    pub model: String,
+    /// Most concurrent generations that fit the free memory minus the reserve.
+    pub max_concurrency: usize,
+    /// Memory one generation adds at its peak.
+    pub per_generation_bytes: u64,
+    /// Memory in use before the warm-up.
+    pub baseline_used_bytes: u64,
+    /// Device memory in total.
+    pub total_bytes: u64,
+    /// When it was measured (ms).
+    pub measured_at: i64,
+}
+
 /// Filter and page of a job listing (keyset pagination on id).
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -339,6 +358,13 @@ const SQL_FINISHED_SINCE: &str = "SELECT COUNT(*) FROM jobs WHERE finished_at >=
 const SQL_RESULT: &str = "SELECT attempt, model, output, created_at FROM results WHERE job_id = ?1";
 const SQL_SET_SETTING: &str = "INSERT INTO queue_settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
 const SQL_GET_SETTING: &str = "SELECT value FROM queue_settings WHERE key = ?1";
+const SQL_GET_CALIBRATION: &str = "SELECT max_concurrency, per_generation_bytes, baseline_used_bytes, total_bytes, measured_at FROM calibrations WHERE device = ?1 AND model = ?2";
+const SQL_PUT_CALIBRATION: &str = concat!(
+    "INSERT INTO calibrations (device, model, max_concurrency, per_generation_bytes, baseline_used_bytes, total_bytes, measured_at) ",
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(device, model) DO UPDATE SET max_concurrency = excluded.max_concurrency, ",
+    "per_generation_bytes = excluded.per_generation_bytes, baseline_used_bytes = excluded.baseline_used_bytes, ",
+    "total_bytes = excluded.total_bytes, measured_at = excluded.measured_at"
+);
 const SQL_CHECKPOINT: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
 const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
 
@@ -708,6 +734,39 @@ impl Store {
             .fetch_optional(&self.read)
             .await?;
         Ok(v.as_deref() == Some("1"))
+    }
+
+    /// The stored calibration of `model` on `device`.
+    pub async fn calibration(&self, device: &str, model: &str) -> StoreResult<Option<Calibration>> {
+        let row: Option<(i64, i64, i64, i64, i64)> = sqlx::query_as(SQL_GET_CALIBRATION)
+            .bind(device)
+            .bind(model)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(row.map(|(max, per, base, total, at)| Calibration {
+            device: device.to_string(),
+            model: model.to_string(),
+            max_concurrency: max.max(1) as usize,
+            per_generation_bytes: per.max(0) as u64,
+            baseline_used_bytes: base.max(0) as u64,
+            total_bytes: total.max(0) as u64,
+            measured_at: at,
+        }))
+    }
+
+    /// Stores (replacing) a calibration.
+    pub async fn put_calibration(&self, c: &Calibration) -> StoreResult<()> {
+        sqlx::query(SQL_PUT_CALIBRATION)
+            .bind(&c.device)
+            .bind(&c.model)
+            .bind(c.max_concurrency as i64)
+            .bind(c.per_generation_bytes as i64)
+            .bind(c.baseline_used_bytes as i64)
+            .bind(c.total_bytes as i64)
+            .bind(c.measured_at)
+            .execute(&self.write)
+            .await?;
+        Ok(())
     }
 
     /// Checkpoints and truncates the WAL so it cannot grow without bound.

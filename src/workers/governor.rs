@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::WorkerPool;
 use super::concurrency::{Controller, ControllerConfig, Decision, Phase, Reading};
 use super::vram::VramProbe;
-use crate::queue::Store;
+use crate::queue::{Calibration, Store};
 
 /// Readings kept for the stats series.
 const SERIES: usize = 120;
@@ -31,6 +31,7 @@ pub struct Governor {
     probe_name: &'static str,
     gpu: bool,
     started: Instant,
+    calibration: Option<Calibration>,
 }
 
 /// What `/v1/stats` shows of the controller.
@@ -54,6 +55,8 @@ pub struct GovernorSnapshot {
     pub decisions: Vec<Decision>,
     /// Recent readings: seconds since start and MiB used/total.
     pub series: Vec<SeriesPoint>,
+    /// The warm-up calibration in force, if any.
+    pub calibration: Option<Calibration>,
 }
 
 /// One point of the memory series.
@@ -78,6 +81,7 @@ impl Governor {
         store: Store,
         probe: Box<dyn VramProbe>,
         cfg: ControllerConfig,
+        calibration: Option<Calibration>,
         interval: Duration,
     ) -> Governor {
         let initial = pool.stats().target;
@@ -90,6 +94,7 @@ impl Governor {
             probe_name: probe.name(),
             gpu: probe.is_gpu(),
             started: Instant::now(),
+            calibration,
         };
         let g = governor.clone();
         tokio::spawn(async move { g.run(pool, store, probe, interval).await });
@@ -185,6 +190,7 @@ impl Governor {
                     total_mib: mib(r.total),
                 })
                 .collect(),
+            calibration: self.calibration.clone(),
         }
     }
 }

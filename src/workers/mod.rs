@@ -2,6 +2,7 @@
 //! async runtime under a heartbeated lease, and writes each outcome through one
 //! guarded transition. Also rescues expired leases and checkpoints the WAL.
 
+pub mod calibrate;
 pub mod caption;
 pub mod concurrency;
 pub mod governor;

@@ -15,6 +15,10 @@ pub trait VramProbe: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Whether readings are of GPU memory (then the X-VRAM-* headers are sent).
     fn is_gpu(&self) -> bool;
+    /// Identity of the measured device, keying stored calibrations.
+    fn device_id(&self) -> String {
+        self.name().to_string()
+    }
 }
 
 /// GPU memory through NVML.
@@ -52,6 +56,17 @@ impl VramProbe for NvmlProbe {
 
     fn name(&self) -> &'static str {
         "nvml"
+    }
+
+    fn device_id(&self) -> String {
+        let Ok(d) = self.nvml.device_by_index(self.index) else {
+            return format!("nvml:{}", self.index);
+        };
+        format!(
+            "{} {}",
+            d.name().unwrap_or_default(),
+            d.uuid().unwrap_or_default()
+        )
     }
 
     fn is_gpu(&self) -> bool {

@@ -29,6 +29,8 @@ pub struct TestOptions {
     pub data_dir: Option<PathBuf>,
     /// Run the adaptive controller.
     pub adaptive: bool,
+    /// Run the warm-up calibration (GPU probes only).
+    pub calibrate: bool,
 }
 
 impl Default for TestOptions {
@@ -39,6 +41,7 @@ impl Default for TestOptions {
             workers: 1,
             data_dir: None,
             adaptive: false,
+            calibrate: false,
         }
     }
 }
@@ -73,6 +76,8 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             vram_elevated: 0.90,
             vram_calm: 0.80,
             vram_block_secs: 2,
+            calibrate: opts.calibrate,
+            vram_reserve_mib: 1024,
             gpu_index: 0,
         },
         server: ServerSettings {
@@ -160,7 +165,7 @@ impl TestApp {
     }
 
     async fn wait_ready(&self) {
-        for _ in 0..200 {
+        for _ in 0..2400 {
             if self.get("/ready").await.0 == 200 {
                 return;
             }
