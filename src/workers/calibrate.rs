@@ -87,11 +87,9 @@ pub fn warm_up(
             break (k / 2).max(1);
         };
         per_generation = per_generation.max(peak.saturating_sub(base.used) / k as u64);
-        let fits = if per_generation == 0 {
-            max
-        } else {
-            ((headroom / per_generation) as usize).clamp(1, max)
-        };
+        let fits = headroom
+            .checked_div(per_generation)
+            .map_or(max, |n| (n as usize).clamp(1, max));
         tracing::info!(
             concurrency = k,
             peak_mib = peak >> 20,
