@@ -180,6 +180,10 @@ fn main() {
     if !dir.join("tokenizer.json").is_file() {
         write_tokenizer(&dir).unwrap();
     }
+    if std::env::args().any(|a| a == "--checkpoint-only") {
+        println!("checkpoint ready in {}", dir.display());
+        return;
+    }
     let peak = matmul_peak_gflops();
     let files = ModelFiles {
         config: dir.join("config.json"),
