@@ -8,14 +8,21 @@ use std::time::Duration;
 use candle_core::{DType, Device, Tensor};
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<u64> = std::env::args().skip(1).map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let args: Vec<u64> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
     let [step_mib, steps, hold] = args[..] else {
         anyhow::bail!("usage: vram_hog STEP_MIB STEPS HOLD_SECS");
     };
     let device = Device::new_cuda(0)?;
     let mut held = Vec::new();
     for i in 1..=steps {
-        held.push(Tensor::zeros(((step_mib as usize) << 18,), DType::F32, &device)?);
+        held.push(Tensor::zeros(
+            ((step_mib as usize) << 18,),
+            DType::F32,
+            &device,
+        )?);
         device.synchronize()?;
         println!("vram_hog: holding {} MiB", i * step_mib);
         std::thread::sleep(Duration::from_secs(hold));

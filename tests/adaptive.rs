@@ -195,6 +195,24 @@ async fn under_memory_pressure_the_pool_stays_at_one_generation_and_reports_vram
             .unwrap()
             .is_empty()
     );
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("captiond_workers_target 1"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("captiond_memory_total_bytes {}", 24u64 << 30)),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("captiond_concurrency_ceiling"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -577,3 +577,42 @@ fn box_out(b: &BoundingBox) -> BoxOut {
 fn point_out(p: &Point) -> PointOut {
     PointOut { x: p.x, y: p.y }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SkillError;
+
+    #[test]
+    fn cuda_out_of_memory_is_told_apart_also_with_a_backtrace_or_context() {
+        let oom = || {
+            candle_core::Error::Msg(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+            )
+        };
+        assert!(matches!(
+            SkillError::from_candle(oom()),
+            SkillError::OutOfMemory(_)
+        ));
+        assert!(matches!(
+            SkillError::from_candle(oom().bt()),
+            SkillError::OutOfMemory(_)
+        ));
+        assert!(matches!(
+            SkillError::from_candle(oom().context("in the vision encoder")),
+            SkillError::OutOfMemory(_)
+        ));
+        let fault = candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")".into(),
+        )
+        .bt();
+        assert!(matches!(
+            SkillError::from_candle(fault),
+            SkillError::DeviceFault(_)
+        ));
+        let other = candle_core::Error::Msg("shape mismatch in matmul".into());
+        assert!(matches!(
+            SkillError::from_candle(other),
+            SkillError::Model(_)
+        ));
+    }
+}
