@@ -30,6 +30,10 @@ impl JobHandler for Noop {
             output: serde_json::json!({"caption": ""}),
         })
     }
+
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 /// Counts sqlx statement log events, i.e. queries sent to SQLite.

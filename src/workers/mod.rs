@@ -59,6 +59,12 @@ pub struct JobControl {
 pub trait JobHandler: Send + Sync + 'static {
     /// Performs the job's work.
     fn handle(&self, job: &Job, ctl: &JobControl) -> Result<HandlerOutput, JobFailure>;
+
+    /// Whether `handle` may block (inference does); `false` lets the pool call it on
+    /// the async runtime and skip a thread hand-off per job. Default: `true`.
+    fn blocks(&self) -> bool {
+        true
+    }
 }
 
 /// Pool settings.
@@ -465,8 +471,12 @@ async fn run_job(inner: &Arc<Inner>, job: Job, flags: Flags) -> Option<Job> {
         stream,
     };
     let handler = inner.handler.clone();
-    let work_job = job.clone();
-    let outcome = tokio::task::spawn_blocking(move || handler.handle(&work_job, &ctl)).await;
+    let outcome = if handler.blocks() {
+        let work_job = job.clone();
+        tokio::task::spawn_blocking(move || handler.handle(&work_job, &ctl)).await
+    } else {
+        Ok(handler.handle(&job, &ctl))
+    };
     if lost.load(Ordering::SeqCst) {
         warn!("lease lost while running (rescued by another worker or changed); result dropped");
         return None;
