@@ -5,6 +5,8 @@
 //! The queue never imports vision; vision never imports the queue; the worker's
 //! caption handler is the only place they meet.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod app;
 pub mod blobs;

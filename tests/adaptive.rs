@@ -391,3 +391,66 @@ async fn the_warm_up_calibration_caps_concurrency_and_is_stored_per_device_and_m
     );
     assert_eq!(app.get("/v1/stats").await.1["concurrency"]["ceiling"], 2);
 }
+
+/// Fails every run with an unrecoverable device error.
+struct Faulty;
+
+impl Captioner for Faulty {
+    fn run(
+        &self,
+        _: &[u8],
+        _: &Skill,
+        _: &SkillSettings,
+        _: &RunControl,
+    ) -> Result<SkillResult, SkillError> {
+        Err(SkillError::DeviceFault(
+            "CUDA_ERROR_ILLEGAL_ADDRESS (injected)".into(),
+        ))
+    }
+
+    fn model_id(&self) -> String {
+        "faulty".into()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_fault_releases_the_job_and_stops_with_the_restart_exit_code() {
+    let opts = TestOptions::default();
+    let (_tmp, data, lib) = TestApp::folders(&opts);
+    let settings = common::settings(&data, &lib, &opts);
+    let app = captiond::App::build(&settings, Engine::Captioner(Arc::new(Faulty)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", app.address());
+    let body = json!({"image": {"data": common::data_uri(&png(30, 30, 1))}});
+    let job: Value = reqwest::Client::new()
+        .post(format!("{base}/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let reason = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.run_until_stopped(std::future::pending()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(reason, captiond::StopReason::DeviceFault(_)),
+        "{reason:?}"
+    );
+    assert_eq!(reason.exit_code(), 75);
+    let store = captiond::queue::Store::open(&data.join("captiond.db"), &Default::default())
+        .await
+        .unwrap();
+    let id = uuid::Uuid::parse_str(job["id"].as_str().unwrap()).unwrap();
+    let j = store.get_job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (j.state, j.attempt),
+        (captiond::queue::JobState::Queued, 0),
+        "released for the restarted process"
+    );
+}
