@@ -195,15 +195,7 @@ async fn under_memory_pressure_the_pool_stays_at_one_generation_and_reports_vram
             .unwrap()
             .is_empty()
     );
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.get_text("/metrics").await;
     assert!(metrics.contains("captiond_workers_target 1"), "{metrics}");
     assert!(
         metrics.contains(&format!("captiond_memory_total_bytes {}", 24u64 << 30)),

@@ -353,15 +353,7 @@ async fn stats_and_metrics_report_the_queue() {
     assert_eq!(status, 200);
     assert_eq!(stats["jobs"]["succeeded"], 1);
     assert_eq!(stats["workers"]["target"], 1);
-    let text = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     assert!(
         text.contains("captiond_jobs{state=\"succeeded\"} 1"),
         "{text}"

@@ -280,7 +280,9 @@ macro_rules! job_columns {
 
 const SQL_INSERT_JOB: &str = concat!(
     "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
-    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?9, ?10) ON CONFLICT(idempotency_key) DO NOTHING"
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?9, NULL) ON CONFLICT(idempotency_key) DO NOTHING ",
+    "RETURNING ",
+    job_columns!()
 );
 const SQL_INSERT_MANY: &str = concat!(
     "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
@@ -437,17 +439,11 @@ impl Store {
     /// Inserts one job (in a batch when `batch` is set). With an idempotency key that
     /// already exists, returns the existing job and `false`.
     pub async fn insert_job(&self, new: &NewJob) -> StoreResult<(Job, bool)> {
-        let id = Uuid::now_v7();
-        let now = now_ms();
-        let done = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now, None)
-            .execute(&self.write)
+        let inserted = bind_insert(sqlx::query(SQL_INSERT_JOB), Uuid::now_v7(), new, now_ms())
+            .fetch_optional(&self.write)
             .await?;
-        if done.rows_affected() == 1 {
-            let job = self
-                .get_job_from(&self.write, id)
-                .await?
-                .ok_or(StoreError::Closed)?;
-            return Ok((job, true));
+        if let Some(row) = inserted {
+            return Ok((job_from_row(&row)?, true));
         }
         let key = new.idempotency_key.clone().unwrap_or_default();
         let row = sqlx::query(SQL_JOB_BY_KEY)
@@ -816,7 +812,6 @@ fn bind_insert<'q>(
     id: Uuid,
     new: &NewJob,
     now: i64,
-    batch: Option<Uuid>,
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
     let (kind, source) = source_columns(&new.source);
     q.bind(id.to_string())
@@ -828,7 +823,6 @@ fn bind_insert<'q>(
         .bind(new.max_attempts)
         .bind(now)
         .bind(new.idempotency_key.clone())
-        .bind(batch.map(|b| b.to_string()))
 }
 
 /// Writes finishing ops in shared transactions: whatever arrived while the previous

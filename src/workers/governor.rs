@@ -122,7 +122,7 @@ impl Governor {
             };
             ticks += 1;
             let now = self.started.elapsed();
-            let target = {
+            let (target, blocked) = {
                 let mut st = self.lock();
                 // One controller event per OOM (a burst of many counts as a few).
                 for _ in 0..stats.out_of_memory.saturating_sub(seen_oom).min(3) {
@@ -147,7 +147,6 @@ impl Governor {
                 }
                 (st.controller.target(), st.controller.is_blocked())
             };
-            let (target, blocked) = target;
             if target != stats.target {
                 pool.set_target(target);
             }

@@ -105,9 +105,7 @@ impl Default for PoolConfig {
 
 struct Running {
     attempt: i64,
-    cancel: Arc<AtomicBool>,
-    user_cancel: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    flags: Flags,
 }
 
 /// The flags a running job shares with the pool.
@@ -255,8 +253,8 @@ impl WorkerPool {
         let running = lock(&self.inner.running);
         match running.get(&id) {
             Some(r) => {
-                r.user_cancel.store(true, Ordering::SeqCst);
-                r.cancel.store(true, Ordering::SeqCst);
+                r.flags.user_cancel.store(true, Ordering::SeqCst);
+                r.flags.cancel.store(true, Ordering::SeqCst);
                 true
             }
             None => false,
@@ -308,7 +306,7 @@ impl WorkerPool {
             info!(jobs = left, "grace period over; releasing running jobs");
             self.inner.releasing.store(true, Ordering::SeqCst);
             for r in lock(&self.inner.running).values() {
-                r.cancel.store(true, Ordering::SeqCst);
+                r.flags.cancel.store(true, Ordering::SeqCst);
             }
             let deadline = Instant::now() + Duration::from_secs(10);
             while !lock(&self.inner.running).is_empty() && Instant::now() < deadline {
@@ -415,9 +413,7 @@ fn register(inner: &Inner, job: &Job) -> Flags {
         job.id,
         Running {
             attempt: job.attempt,
-            cancel: flags.cancel.clone(),
-            user_cancel: flags.user_cancel.clone(),
-            lost: flags.lost.clone(),
+            flags: flags.clone(),
         },
     );
     flags
@@ -621,13 +617,13 @@ async fn heartbeat_loop(inner: Arc<Inner>) {
             };
             match held.iter().find(|h| h.id == id && h.attempt == attempt) {
                 Some(h) if h.cancel => {
-                    r.user_cancel.store(true, Ordering::SeqCst);
-                    r.cancel.store(true, Ordering::SeqCst);
+                    r.flags.user_cancel.store(true, Ordering::SeqCst);
+                    r.flags.cancel.store(true, Ordering::SeqCst);
                 }
                 Some(_) => {}
                 None => {
-                    r.lost.store(true, Ordering::SeqCst);
-                    r.cancel.store(true, Ordering::SeqCst);
+                    r.flags.lost.store(true, Ordering::SeqCst);
+                    r.flags.cancel.store(true, Ordering::SeqCst);
                 }
             }
         }

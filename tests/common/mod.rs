@@ -192,6 +192,16 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET → body text (for `/metrics`).
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self
+            .auth(self.client.get(format!("{}{path}", self.base)))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    }
+
     /// POST JSON → (status, JSON body or Null).
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
