@@ -114,6 +114,8 @@ pub struct App {
     server: tokio::task::JoinHandle<()>,
     stop_rx: watch::Receiver<Option<StopReason>>,
     stop_tx: watch::Sender<Option<StopReason>>,
+    engine_stop: CancellationToken,
+    engine: Option<tokio::task::JoinHandle<()>>,
     _lock: File,
 }
 
@@ -248,6 +250,7 @@ impl App {
             skill_defaults: settings.model.skill_defaults(),
             max_attempts: settings.workers.max_attempts,
             started: Instant::now(),
+            model: crate::library::ModelIdentity::from_settings(&settings.model),
         };
         let router = api::router(
             state.clone(),
@@ -265,32 +268,72 @@ impl App {
         });
         info!(%addr, data_dir = %data_dir.display(), "captiond listening");
         let (stop_tx, stop_rx) = watch::channel(None);
-        let app = App {
+        let mut app = App {
             addr,
             state,
             server_stop,
             server,
             stop_rx,
             stop_tx,
+            engine_stop: CancellationToken::new(),
+            engine: None,
             _lock: lock,
         };
-        app.start_engine(settings, engine, blobs, probe);
+        app.engine = Some(app.start_engine(settings, engine, blobs, probe));
         Ok(app)
     }
 
+    /// Loads the model (when asked), calibrates, and starts the workers. Stops early,
+    /// leaving nothing running, once `engine_stop` is cancelled.
     fn start_engine(
         &self,
         settings: &Settings,
         engine: Engine,
         blobs: BlobStore,
         probe: Option<Box<dyn VramProbe>>,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
+        let stopping = self.engine_stop.clone();
         let state = self.state.clone();
         let stop_tx = self.stop_tx.clone();
         let model = settings.model.clone();
         let pool_cfg = settings.workers.pool_config();
         let workers = settings.workers.clone();
         tokio::spawn(async move {
+            let loaded = tokio::select! {
+                r = Self::load_engine(engine, &model, blobs, &stop_tx) => r,
+                _ = stopping.cancelled() => return,
+            };
+            let Some((handler, captioner)) = loaded else {
+                return;
+            };
+            let adaptive = if workers.adaptive {
+                let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
+                let calibrated = tokio::select! {
+                    c = calibrate(&state.store, &workers, probe, captioner) => c,
+                    _ = stopping.cancelled() => return,
+                };
+                let (probe, calibration) = calibrated;
+                let mut cfg = workers.controller_config();
+                if let Some(c) = &calibration {
+                    cfg.max = cfg.max.min(c.max_concurrency);
+                }
+                Some((probe, cfg, calibration))
+            } else {
+                None
+            };
+            Self::start_pool(state, handler, adaptive, pool_cfg, stop_tx, stopping).await;
+        })
+    }
+
+    /// The job handler (and the model, for calibration) the engine asks for; `None`
+    /// when the model cannot be loaded (the stop reason says why).
+    async fn load_engine(
+        engine: Engine,
+        model: &crate::config::ModelSettings,
+        blobs: BlobStore,
+        stop_tx: &watch::Sender<Option<StopReason>>,
+    ) -> Option<(Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>)> {
+        {
             let (handler, captioner): (Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>) =
                 match engine {
                     Engine::Handler(h) => (h, None),
@@ -321,28 +364,35 @@ impl App {
                                 error!("cannot load the model: {e}");
                                 let _ =
                                     stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                                return;
+                                return None;
                             }
                             Err(e) => {
                                 let _ =
                                     stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                                return;
+                                return None;
                             }
                         }
                     }
                 };
-            let adaptive = if workers.adaptive {
-                let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
-                let (probe, calibration) =
-                    calibrate(&state.store, &workers, probe, captioner).await;
-                let mut cfg = workers.controller_config();
-                if let Some(c) = &calibration {
-                    cfg.max = cfg.max.min(c.max_concurrency);
-                }
-                Some((probe, cfg, calibration))
-            } else {
-                None
-            };
+            Some((handler, captioner))
+        }
+    }
+
+    /// Starts the pool and the governor, marks the service ready, and turns a fatal
+    /// device error into a stop reason.
+    async fn start_pool(
+        state: AppState,
+        handler: Arc<dyn JobHandler>,
+        adaptive: Option<(
+            Box<dyn VramProbe>,
+            crate::workers::concurrency::ControllerConfig,
+            Option<Calibration>,
+        )>,
+        pool_cfg: crate::workers::PoolConfig,
+        stop_tx: watch::Sender<Option<StopReason>>,
+        stopping: CancellationToken,
+    ) {
+        {
             match WorkerPool::start(
                 state.store.clone(),
                 handler,
@@ -353,6 +403,10 @@ impl App {
             .await
             {
                 Ok(pool) => {
+                    if stopping.is_cancelled() {
+                        pool.shutdown().await;
+                        return;
+                    }
                     if let Some((probe, cfg, calibration)) = adaptive {
                         let g = Governor::spawn(
                             pool.clone(),
@@ -368,9 +422,12 @@ impl App {
                     let _ = state.pool.set(pool);
                     state.ready.store(true, Ordering::SeqCst);
                     info!("ready: workers are claiming jobs");
-                    if fatal.wait_for(|f| f.is_some()).await.is_ok() {
-                        let reason = fatal.borrow().clone().unwrap_or_default();
-                        let _ = stop_tx.send(Some(StopReason::DeviceFault(reason)));
+                    tokio::select! {
+                        r = fatal.wait_for(|f| f.is_some()) => if let Ok(v) = r {
+                            let reason = v.clone().unwrap_or_default();
+                            let _ = stop_tx.send(Some(StopReason::DeviceFault(reason)));
+                        },
+                        _ = stopping.cancelled() => {}
                     }
                 }
                 Err(e) => {
@@ -378,12 +435,22 @@ impl App {
                     let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
                 }
             }
-        });
+        }
     }
 
     /// The bound address (useful with port 0).
     pub fn address(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Resolves when a fatal condition (model load failure, device fault) stops the
+    /// service, with the reason; pending forever otherwise.
+    pub async fn fatal(&self) -> StopReason {
+        let mut rx = self.stop_rx.clone();
+        match rx.wait_for(|r| r.is_some()).await {
+            Ok(r) => r.clone().unwrap_or(StopReason::Requested),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Shared state (store, pool, ...).
@@ -409,7 +476,11 @@ impl App {
 
     /// Stops claiming, lets running jobs finish (or releases them), stops the HTTP
     /// server and checkpoints the database.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        self.engine_stop.cancel();
+        if let Some(engine) = self.engine.take() {
+            let _ = engine.await;
+        }
         if let Some(pool) = self.state.pool.get() {
             pool.shutdown().await;
         }

@@ -1,17 +1,18 @@
-//! The `captiond` command line: `serve` runs the HTTP service; `caption` captions
-//! folders in-process on the embedded queue; `status` prints queue counts.
+//! The `captiond` command line: `serve` runs the HTTP service; `caption` runs a
+//! library run; `status` reports it; `export` writes results where photo tools read them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use captiond::api::input::{JobRequest, resolve_library_path};
 use captiond::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
-use captiond::queue::{JobState, Store};
+use captiond::library::export::{self, ExportOptions, Format, XmpNaming};
+use captiond::library::run::{Mode, Remote, RunOptions, RunSummary, run_local, run_remote};
+use captiond::library::{ModelIdentity, TaskSpec};
+use captiond::queue::{Store, TaskKind};
 use captiond::vision::CaptionLength;
 use captiond::workers::caption::TaskParams;
 use captiond::{App, Engine, Settings};
@@ -40,20 +41,27 @@ enum Command {
         #[command(flatten)]
         server: ServerSettings,
     },
-    /// Caption every image under the given folders (or files) and print the captions.
+    /// Caption every image under the given folders (or files): the main job.
     ///
-    /// Runs in-process on the embedded queue. Images already captioned with the same
-    /// settings are skipped, so running the same command again resumes an interrupted run.
+    /// Walks folders recursively and picks images by extension and by content. Each
+    /// distinct image content is captioned once per model and settings: unchanged files
+    /// are skipped without being opened, moved or duplicated files by content hash.
+    /// Ctrl-C stops cleanly; running the same command again resumes.
     Caption {
         /// Folders or image files.
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
-        /// Caption length.
-        #[arg(long, default_value = "normal", value_parser = parse_length)]
-        length: CaptionLength,
-        /// Print one JSON object per image instead of `path<TAB>caption`.
-        #[arg(long)]
-        json: bool,
+        /// missing: images without a result; all: every image again; failed: retry failures.
+        #[arg(long, value_enum, default_value_t = Mode::Missing)]
+        mode: Mode,
+        #[command(flatten)]
+        task: TaskArgs,
+        /// Enqueue into a running captiond at this URL instead of running the model here.
+        #[arg(long, env = "CAPTIOND_SERVER", value_name = "URL")]
+        server: Option<String>,
+        /// Print each image's result on stdout at the end: `text` (path TAB caption) or `json`.
+        #[arg(long, value_enum, value_name = "FORMAT")]
+        print: Option<PrintFormat>,
         #[command(flatten)]
         data: DataSettings,
         #[command(flatten)]
@@ -61,11 +69,92 @@ enum Command {
         #[command(flatten)]
         workers: WorkerSettings,
     },
-    /// Print job counts of the queue in the data dir.
+    /// Print what is done for the library (images, done, failed, pending) and the queue.
     Status {
+        /// Folders to report on (default: everything captioned from this data dir).
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        task: TaskArgs,
         #[command(flatten)]
         data: DataSettings,
+        #[command(flatten)]
+        model: ModelSettings,
     },
+    /// Export results: JSON lines, CSV, .txt files or XMP sidecars beside the images.
+    ///
+    /// Repeatable and incremental: files that already say the same are not touched, and
+    /// text that captiond did not write is kept unless --overwrite.
+    Export {
+        /// Folders or files to export (default: everything captioned from this data dir).
+        #[arg(value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// jsonl or csv (to stdout or --output), txt or xmp (files beside each image).
+        #[arg(long, value_enum)]
+        format: Format,
+        /// File for jsonl/csv (written atomically); stdout when absent.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Extension of the text files (txt format).
+        #[arg(long, default_value = "txt")]
+        txt_extension: String,
+        /// Sidecar names: auto (an existing one, else photo.jpg.xmp), ext (photo.jpg.xmp), stem (photo.xmp).
+        #[arg(long, value_enum, default_value_t = XmpNaming::Auto)]
+        xmp_naming: XmpNaming,
+        /// Also write the caption as Iptc4xmpCore:AltTextAccessibility (xmp format).
+        #[arg(long)]
+        alt_text: bool,
+        /// Replace descriptions and text files that captiond did not write.
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        task: TaskArgs,
+        #[command(flatten)]
+        data: DataSettings,
+        #[command(flatten)]
+        model: ModelSettings,
+    },
+}
+
+/// The task of a library run; results are keyed by it.
+#[derive(Debug, Clone, clap::Args)]
+struct TaskArgs {
+    /// Caption length: short, normal or long.
+    #[arg(long, default_value = "normal", value_parser = parse_length)]
+    length: CaptionLength,
+    /// Ask this question about every image instead of captioning it.
+    #[arg(long, value_name = "TEXT")]
+    question: Option<String>,
+}
+
+impl TaskArgs {
+    fn spec(&self) -> TaskSpec {
+        match &self.question {
+            Some(q) => TaskSpec {
+                task: TaskKind::Query,
+                params: TaskParams {
+                    question: Some(q.clone()),
+                    ..TaskParams::default()
+                },
+            },
+            None => TaskSpec {
+                task: TaskKind::Caption,
+                params: TaskParams {
+                    length: Some(self.length),
+                    ..TaskParams::default()
+                },
+            },
+        }
+    }
+}
+
+/// How `caption --print` shows results.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrintFormat {
+    /// `path<TAB>text`.
+    Text,
+    /// One JSON object per image.
+    Json,
 }
 
 fn parse_length(s: &str) -> Result<CaptionLength, String> {
@@ -84,7 +173,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("CAPTIOND_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| {
+            // The service logs what it does; the batch commands keep stderr for
+            // progress and the summary unless CAPTIOND_LOG asks for more.
+            EnvFilter::new(match cli.command {
+                Command::Serve { .. } => "info",
+                _ => "warn",
+            })
+        });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -130,28 +226,144 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Caption {
             paths,
-            length,
-            json,
+            mode,
+            task,
+            server,
+            print,
             data,
             model,
             workers,
-        } => caption(paths, length, json, data, model, workers).await,
-        Command::Status { data } => {
-            let store = Store::open(&data.database_path(), &data.store_options()).await?;
-            let c = store.counts(None).await?;
-            println!(
-                "queued {}  scheduled {}  running {}  succeeded {}  failed {}  cancelled {}  (total {})",
-                c.queued,
-                c.scheduled,
-                c.running,
-                c.succeeded,
-                c.failed,
-                c.cancelled,
-                c.total()
+        } => {
+            let opts = RunOptions {
+                paths,
+                mode,
+                spec: task.spec(),
+                show_progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            caption(opts, server, print, data, model, workers).await
+        }
+        Command::Status {
+            paths,
+            task,
+            data,
+            model,
+        } => status(paths, task, data, model).await,
+        Command::Export {
+            paths,
+            format,
+            output,
+            txt_extension,
+            xmp_naming,
+            alt_text,
+            overwrite,
+            task,
+            data,
+            model,
+        } => {
+            let store = open_existing(&data).await?;
+            let opts = ExportOptions {
+                paths,
+                format,
+                spec: task.spec(),
+                model: ModelIdentity::from_settings(&model),
+                output,
+                txt_extension,
+                xmp_naming,
+                alt_text,
+                overwrite,
+            };
+            let s = export::export(&store, &opts).await?;
+            store.close().await;
+            for n in &s.notes {
+                eprintln!("note: {n}");
+            }
+            for k in &s.kept {
+                eprintln!("kept: {k} (written by someone else; --overwrite replaces it)");
+            }
+            for e in &s.errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!(
+                "export: {} images, {} with a result; {} written, {} unchanged, {} kept, {} errors",
+                s.images,
+                s.with_result,
+                s.written,
+                s.unchanged,
+                s.kept.len(),
+                s.errors.len()
             );
-            Ok(0)
+            Ok(if s.errors.is_empty() { 0 } else { 1 })
         }
     }
+}
+
+/// Opens the data dir's database for reading reports; refuses to create one.
+async fn open_existing(data: &DataSettings) -> Result<Store> {
+    let path = data.database_path();
+    if !path.exists() {
+        anyhow::bail!(
+            "no captiond database at {} (run `captiond caption PATH` first, or pass --data-dir)",
+            path.display()
+        );
+    }
+    Ok(Store::open(&path, &data.store_options()).await?)
+}
+
+async fn status(
+    paths: Vec<PathBuf>,
+    task: TaskArgs,
+    data: DataSettings,
+    model: ModelSettings,
+) -> Result<i32> {
+    let store = open_existing(&data).await?;
+    let opts = ExportOptions {
+        paths,
+        format: Format::Jsonl,
+        spec: task.spec(),
+        model: ModelIdentity::from_settings(&model),
+        output: None,
+        txt_extension: "txt".into(),
+        xmp_naming: XmpNaming::Auto,
+        alt_text: false,
+        overwrite: false,
+    };
+    let rows = export::rows(&store, &opts).await?;
+    let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut distinct = std::collections::HashSet::new();
+    for r in &rows {
+        *by_state.entry(r.state.as_str()).or_default() += 1;
+        distinct.insert(r.hash.as_str());
+    }
+    let n = |s: &str| by_state.get(s).copied().unwrap_or(0);
+    println!(
+        "library: {} images ({} distinct)  done {}  failed {}  pending {}  not captioned {}",
+        rows.len(),
+        distinct.len(),
+        n("succeeded"),
+        n("failed"),
+        n("queued") + n("scheduled") + n("running"),
+        n("missing") + n("cancelled"),
+    );
+    let c = store.counts(None).await?;
+    println!(
+        "queue:   queued {}  scheduled {}  running {}  succeeded {}  failed {}  cancelled {}  (total {})",
+        c.queued,
+        c.scheduled,
+        c.running,
+        c.succeeded,
+        c.failed,
+        c.cancelled,
+        c.total()
+    );
+    for r in rows.iter().filter(|r| r.state == "failed") {
+        println!(
+            "failed:  {}: {}",
+            r.path,
+            r.error.as_deref().unwrap_or("unknown")
+        );
+    }
+    store.close().await;
+    Ok(0)
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -176,242 +388,123 @@ async fn shutdown_signal() {
     }
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "tif", "tiff", "gif", "bmp"];
-
-/// Image files under `root` (or `root` itself), sorted; unreadable folders are reported.
-fn collect_images(root: &Path, out: &mut Vec<PathBuf>) {
-    if root.is_file() {
-        out.push(root.to_path_buf());
-        return;
-    }
-    let mut stack = vec![root.to_path_buf()];
-    let mut seen = std::collections::HashSet::new();
-    while let Some(dir) = stack.pop() {
-        let Ok(canonical) = std::fs::canonicalize(&dir) else {
-            continue;
-        };
-        if !seen.insert(canonical) {
-            eprintln!("warning: skipping {} (symlink loop)", dir.display());
-            continue;
-        }
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("warning: cannot read {}: {e}", dir.display());
-                continue;
-            }
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-            {
-                out.push(path);
-            }
-        }
-    }
-}
-
 async fn caption(
-    paths: Vec<PathBuf>,
-    length: CaptionLength,
-    json: bool,
+    opts: RunOptions,
+    server: Option<String>,
+    print: Option<PrintFormat>,
     data: DataSettings,
     model: ModelSettings,
     workers: WorkerSettings,
 ) -> Result<i32> {
-    let mut roots = Vec::new();
-    let mut images = Vec::new();
-    for p in &paths {
-        let c = std::fs::canonicalize(p).with_context(|| format!("cannot open {}", p.display()))?;
-        roots.push(if c.is_file() {
-            c.parent().map(Path::to_path_buf).unwrap_or(c.clone())
-        } else {
-            c.clone()
-        });
-        collect_images(&c, &mut images);
-    }
-    images.sort();
-    images.dedup();
-    if images.is_empty() {
-        eprintln!(
-            "no images found under {}",
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        return Ok(0);
-    }
-    let server = ServerSettings {
-        bind: "127.0.0.1:0".parse()?,
-        api_token: None,
-        library_roots: roots.clone(),
-        body_limit_mib: 32,
+    let summary = match &server {
+        Some(url) => {
+            let remote = Remote {
+                url: url.clone(),
+                token: std::env::var("CAPTIOND_API_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty()),
+            };
+            run_remote(&remote, &data, &opts, shutdown_signal()).await?
+        }
+        None => {
+            let settings = Settings {
+                data: data.clone(),
+                model: model.clone(),
+                workers,
+                server: ServerSettings {
+                    bind: "127.0.0.1:0".parse()?,
+                    api_token: None,
+                    library_roots: Vec::new(),
+                    body_limit_mib: 32,
+                },
+            };
+            run_local(&settings, &opts, shutdown_signal()).await?
+        }
     };
-    let settings = Settings {
-        data,
-        model,
-        workers,
-        server,
-    };
-    let app = App::build(&settings, Engine::LoadModel).await?;
-    let state = app.state().clone();
-    let mut news = Vec::with_capacity(images.len());
-    for img in &images {
-        let meta = std::fs::metadata(img)?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let canonical = resolve_library_path(&img.to_string_lossy(), &state.roots)
-            .map_err(|e| anyhow::anyhow!(e.message))?;
-        let key = format!(
-            "caption:{:?}:{}:{}:{}",
-            length,
-            canonical.display(),
-            meta.len(),
-            mtime
-        );
-        let req = JobRequest {
-            task: captiond::queue::TaskKind::Caption,
-            image: Some(captiond::api::input::ImageInput {
-                path: Some(canonical.to_string_lossy().into_owned()),
-                data: None,
-            }),
-            params: TaskParams {
-                length: Some(length),
-                ..TaskParams::default()
-            },
-            priority: None,
-            max_attempts: None,
-            idempotency_key: Some(key),
+    if let Some(fmt) = print
+        && server.is_none()
+    {
+        let store = open_existing(&data).await?;
+        let eopts = ExportOptions {
+            paths: opts.paths.clone(),
+            format: Format::Jsonl,
+            spec: opts.spec.clone(),
+            model: ModelIdentity::from_settings(&model),
+            output: None,
+            txt_extension: "txt".into(),
+            xmp_naming: XmpNaming::Auto,
+            alt_text: false,
+            overwrite: false,
         };
-        news.push(
-            req.into_new_job(&state, None)
-                .map_err(|e| anyhow::anyhow!(e.message))?,
-        );
-    }
-    let mut ids = Vec::with_capacity(news.len());
-    let mut batches = Vec::new();
-    for chunk in news.chunks(5_000) {
-        let (batch, chunk_ids) = state.store.insert_batch(chunk).await?;
-        batches.push(batch);
-        ids.extend(chunk_ids);
-    }
-    state.wakeup.wake();
-    eprintln!(
-        "{} images; captioning (Ctrl-C stops; run the same command again to resume)",
-        ids.len()
-    );
-    let started = Instant::now();
-    let total = ids.len();
-    let interrupted = tokio::select! {
-        _ = wait_all(&state.store, &ids, &batches, total, started) => false,
-        _ = shutdown_signal() => true,
-    };
-    let mut failed = 0;
-    for id in &ids {
-        let Some(job) = state.store.get_job(*id).await? else {
-            continue;
-        };
-        let path = match &job.source {
-            captiond::queue::ImageSource::Path(p) => p.clone(),
-            captiond::queue::ImageSource::Blob(b) => b.clone(),
-        };
-        match job.state {
-            JobState::Succeeded => {
-                let result = state.store.get_result(*id).await?;
-                let caption = result
-                    .as_ref()
-                    .and_then(|r| r.output.get("caption"))
-                    .and_then(|c| c.as_str())
-                    .unwrap_or_default()
-                    .to_string();
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"path": path, "caption": caption, "model": result.map(|r| r.model)})
-                    );
-                } else {
-                    println!("{path}\t{caption}");
+        let rows = export::rows(&store, &eopts).await?;
+        store.close().await;
+        for r in rows.iter().filter(|r| r.text.is_some()) {
+            match fmt {
+                PrintFormat::Text => {
+                    println!("{}\t{}", r.path, r.text.as_deref().unwrap_or_default())
                 }
+                PrintFormat::Json => println!("{}", serde_json::to_string(r)?),
             }
-            JobState::Failed => {
-                failed += 1;
-                let why = job
-                    .error
-                    .map(|e| format!("{}: {}", e.code, e.message))
-                    .unwrap_or_default();
-                eprintln!("failed: {path}: {why}");
-            }
-            _ => {}
         }
     }
-    app.shutdown().await;
-    if interrupted {
-        eprintln!("interrupted; run the same command again to resume");
-        return Ok(130);
-    }
-    eprintln!(
-        "done in {:.1}s; {} failed",
-        started.elapsed().as_secs_f64(),
-        failed
-    );
-    Ok(if failed > 0 { 2 } else { 0 })
+    print_summary(&summary, server.is_some());
+    Ok(if summary.interrupted {
+        130
+    } else if summary.failures.is_empty() {
+        0
+    } else {
+        2
+    })
 }
 
-/// Waits until every job is terminal. Jobs that already existed (same image and
-/// settings) sit in earlier batches, so they are checked one by one once.
-async fn wait_all(
-    store: &Store,
-    ids: &[uuid::Uuid],
-    batches: &[uuid::Uuid],
-    total: usize,
-    started: Instant,
-) {
-    let mut earlier = Vec::new();
-    for id in ids {
-        if let Ok(Some(j)) = store.get_job(*id).await
-            && !j.batch_id.is_some_and(|b| batches.contains(&b))
-        {
-            earlier.push(*id);
-        }
+fn print_summary(s: &RunSummary, remote: bool) {
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
     }
-    loop {
-        let mut done = 0;
-        for b in batches {
-            if let Ok(c) = store.counts(Some(*b)).await {
-                done += (c.total() - c.pending()) as usize;
-            }
+    eprintln!(
+        "{} files, {} images ({} distinct); {} unchanged since the last scan, {} hashed",
+        s.files, s.images, s.distinct, s.unchanged, s.hashed
+    );
+    eprintln!(
+        "captioned {}, failed {}, skipped {} already done{}",
+        s.succeeded,
+        s.failures.len(),
+        s.already_done,
+        if s.failed_before > 0 {
+            format!(
+                " and {} that failed before (--mode failed retries them)",
+                s.failed_before
+            )
+        } else {
+            String::new()
         }
-        for id in &earlier {
-            if let Ok(Some(j)) = store.get_job(*id).await
-                && j.state.is_terminal()
-            {
-                done += 1;
-            }
-        }
-        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        if tty {
-            eprint!(
-                "\r{done}/{total} done, {:.1} images/s   ",
-                done as f64 / started.elapsed().as_secs_f64().max(0.001)
+    );
+    const SHOWN: usize = 50;
+    for f in s.failures.iter().take(SHOWN) {
+        eprintln!("failed: {}: {} ({})", f.paths.join(", "), f.message, f.code);
+    }
+    if s.failures.len() > SHOWN {
+        eprintln!(
+            "... and {} more failures (captiond status lists them all)",
+            s.failures.len() - SHOWN
+        );
+    }
+    if s.interrupted {
+        if remote {
+            eprintln!(
+                "stopped following; the server keeps working on {} images. Run the same command again to follow it.",
+                s.pending
+            );
+        } else {
+            eprintln!(
+                "interrupted with {} images left; run the same command again to resume.",
+                s.pending
             );
         }
-        if done == total {
-            if tty {
-                eprintln!();
-            }
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    } else {
+        eprintln!(
+            "finished in {:.1}s. Export with: captiond export --format xmp|txt|jsonl|csv PATH",
+            s.elapsed_secs
+        );
     }
 }

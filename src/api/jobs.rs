@@ -234,11 +234,50 @@ pub async fn create_batch(
     })??;
     let (batch, ids) = state.store.insert_batch(&news).await?;
     state.wakeup.wake();
+    let found = state.store.job_states(&ids).await?;
+    let states: Vec<Option<JobState>> = ids.iter().map(|id| found.get(id).copied()).collect();
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({"batch_id": batch, "job_ids": ids, "count": ids.len()})),
+        Json(serde_json::json!({
+            "batch_id": batch, "job_ids": ids, "states": states, "count": ids.len()
+        })),
     )
         .into_response())
+}
+
+/// Ids to look up at once (`POST /v1/jobs/lookup`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRequest {
+    /// Up to 10,000 job ids.
+    pub ids: Vec<Uuid>,
+}
+
+/// The state and error of many jobs at once (`POST /v1/jobs/lookup`): how a client
+/// follows a large run without one request per job. Unknown ids are left out.
+pub async fn lookup_jobs(
+    State(state): State<AppState>,
+    req: Request,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let body: LookupRequest = json_body(&state, req).await?;
+    if body.ids.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(
+            "invalid_params",
+            format!("look up at most {MAX_BATCH} ids at once"),
+        ));
+    }
+    let states = state.store.job_states(&body.ids).await?;
+    let mut jobs = Vec::with_capacity(states.len());
+    for id in &body.ids {
+        let Some(st) = states.get(id) else { continue };
+        let error = if matches!(st, JobState::Failed | JobState::Cancelled) {
+            state.store.get_job(*id).await?.and_then(|j| j.error)
+        } else {
+            None
+        };
+        jobs.push(serde_json::json!({"id": id, "state": st, "error": error}));
+    }
+    Ok(Json(serde_json::json!({ "jobs": jobs })))
 }
 
 /// Progress of a batch.

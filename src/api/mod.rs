@@ -20,6 +20,7 @@ use axum::{Json, Router, middleware};
 pub use error::ApiError;
 
 use crate::blobs::BlobStore;
+use crate::library::ModelIdentity;
 use crate::queue::{JobEvents, StateCounts, Store, Wakeup, now_ms};
 use crate::vision::SkillSettings;
 use crate::vision::image::DecodeLimits;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub max_attempts: i64,
     /// Process start.
     pub started: Instant,
+    /// The model the settings select (library results are keyed by it).
+    pub model: ModelIdentity,
 }
 
 /// Builds the router with auth and body-size limits.
@@ -65,6 +68,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/stats", get(stats))
         .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
+        .route("/v1/jobs/lookup", post(jobs::lookup_jobs))
         .route("/v1/jobs/{id}", get(jobs::get_job))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
         .route("/v1/jobs/{id}/retry", post(jobs::retry_job))
@@ -143,6 +147,8 @@ pub struct Stats {
     pub concurrency: Option<GovernorSnapshot>,
     /// Seconds since start.
     pub uptime_seconds: f64,
+    /// The model and revision results are produced with.
+    pub model: ModelIdentity,
 }
 
 async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
@@ -157,6 +163,7 @@ async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
         ready: state.ready.load(Ordering::SeqCst),
         concurrency: state.governor.get().map(|g| g.snapshot()),
         uptime_seconds: uptime,
+        model: state.model.clone(),
     })
 }
 

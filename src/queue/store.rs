@@ -278,6 +278,9 @@ macro_rules! job_columns {
     };
 }
 
+mod library;
+pub use library::LibraryFile;
+
 const SQL_INSERT_JOB: &str = concat!(
     "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
     "VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?8, ?9, NULL) ON CONFLICT(idempotency_key) DO NOTHING ",
