@@ -359,7 +359,7 @@ async fn status(
         println!(
             "failed:  {}: {}",
             r.path,
-            r.error.as_deref().unwrap_or("unknown")
+            r.error.as_deref().unwrap_or("unknown").trim()
         );
     }
     store.close().await;
@@ -462,7 +462,7 @@ fn print_summary(s: &RunSummary, remote: bool) {
         eprintln!("warning: {w}");
     }
     eprintln!(
-        "{} files, {} images ({} distinct); {} unchanged since the last scan, {} hashed",
+        "{} files, {} images ({} distinct); {} unchanged since the last scan, {} opened",
         s.files, s.images, s.distinct, s.unchanged, s.hashed
     );
     eprintln!(

@@ -263,7 +263,7 @@ pub async fn run_local(
 
 async fn run_on_app(
     app: &App,
-    walked: super::scan::Walk,
+    mut walked: super::scan::Walk,
     opts: &RunOptions,
     started: Instant,
     shutdown: impl Future<Output = ()>,
@@ -273,9 +273,10 @@ async fn run_on_app(
     let progress = Progress::new(opts.show_progress);
     let files = walked.files.len();
     progress.scanning(files);
-    let classified = classify(store, walked.files, &|n| progress.0.set_position(n as u64)).await?;
+    let warnings = std::mem::take(&mut walked.warnings);
+    let classified = classify(store, walked, &|n| progress.0.set_position(n as u64)).await?;
     let plan = Plan::new(&classified, &state.model, &opts.spec);
-    let mut summary = base_summary(files, walked.warnings, &classified, &plan);
+    let mut summary = base_summary(files, warnings, &classified, &plan);
     let keys = plan.key_list();
     let existing = store.jobs_by_keys(&keys).await?;
     let mut to_insert = Vec::new();
@@ -517,7 +518,7 @@ pub async fn run_remote(
         .call(&client, reqwest::Method::GET, "/v1/stats", None)
         .await?;
     let paths = opts.paths.clone();
-    let walked = tokio::task::spawn_blocking(move || walk(&paths))
+    let mut walked = tokio::task::spawn_blocking(move || walk(&paths))
         .await
         .map_err(|e| RunError::Invalid(format!("the folder walk stopped: {e}")))?;
     std::fs::create_dir_all(data.data_dir()).map_err(|e| {
@@ -527,10 +528,11 @@ pub async fn run_remote(
     let progress = Progress::new(opts.show_progress);
     let files = walked.files.len();
     progress.scanning(files);
-    let classified = classify(&store, walked.files, &|n| progress.0.set_position(n as u64)).await?;
+    let warnings = std::mem::take(&mut walked.warnings);
+    let classified = classify(&store, walked, &|n| progress.0.set_position(n as u64)).await?;
     store.close().await;
     let plan = Plan::new(&classified, &stats.model, &opts.spec);
-    let mut summary = base_summary(files, walked.warnings, &classified, &plan);
+    let mut summary = base_summary(files, warnings, &classified, &plan);
     let hashes: Vec<&String> = plan.groups.keys().collect();
     let mut follow = HashMap::new();
     let params =

@@ -30,6 +30,8 @@ pub struct Walk {
     pub files: Vec<Candidate>,
     /// Folders skipped (loops, unreadable) and entries that could not be read.
     pub warnings: Vec<String>,
+    /// What was walked, as path prefixes: each folder with a trailing `/`, each file as is.
+    pub prefixes: Vec<String>,
 }
 
 /// Modification time of `meta` in nanoseconds since the epoch (0 when unknown).
@@ -73,10 +75,17 @@ pub fn walk(roots: &[PathBuf]) -> Walk {
         };
         match std::fs::metadata(&canonical) {
             Ok(m) if m.is_file() => {
+                out.prefixes.push(canonical.to_string_lossy().into_owned());
                 push_file(&mut out, canonical, &m, true);
                 continue;
             }
-            Ok(m) if m.is_dir() => {}
+            Ok(m) if m.is_dir() => {
+                let mut p = canonical.to_string_lossy().into_owned();
+                if !p.ends_with('/') {
+                    p.push('/');
+                }
+                out.prefixes.push(p);
+            }
             Ok(_) => continue,
             Err(e) => {
                 out.warnings
@@ -182,6 +191,8 @@ pub struct Classified {
     pub hashed: usize,
     /// Files that could not be read, with the reason.
     pub unreadable: Vec<(String, String)>,
+    /// Recorded files no longer found (deleted or moved), now forgotten.
+    pub forgotten: usize,
 }
 
 /// Hashes new and changed files (in parallel), reuses the stored hash of unchanged
@@ -189,12 +200,13 @@ pub struct Classified {
 /// the number of files handled so far.
 pub async fn classify(
     store: &Store,
-    files: Vec<Candidate>,
+    walked: Walk,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Classified, StoreError> {
+    let files = walked.files;
     let mut known: HashMap<String, LibraryFile> = HashMap::new();
-    for prefix in common_prefixes(&files) {
-        for f in store.library_files_under(&prefix).await? {
+    for prefix in &walked.prefixes {
+        for f in store.library_files_under(prefix).await? {
             known.insert(f.path.clone(), f);
         }
     }
@@ -212,6 +224,10 @@ pub async fn classify(
             _ => todo.push(c),
         }
     }
+    // What is recorded under the walked folders but was not found is gone.
+    out.forgotten = known.len();
+    let gone: Vec<String> = known.into_keys().collect();
+    store.forget_library_files(&gone).await?;
     progress(out.unchanged);
     let base = out.unchanged;
     let threads = std::thread::available_parallelism()
@@ -274,28 +290,4 @@ fn hash_one(c: &Candidate) -> Hashed {
         hash,
         is_image,
     })
-}
-
-/// Folder prefixes (ending in `/`) that cover every file, one per top-level parent.
-fn common_prefixes(files: &[Candidate]) -> Vec<String> {
-    let mut prefixes: Vec<String> = Vec::new();
-    for f in files {
-        let parent = f
-            .path
-            .parent()
-            .map(|p| {
-                let mut s = p.to_string_lossy().into_owned();
-                if !s.ends_with('/') {
-                    s.push('/');
-                }
-                s
-            })
-            .unwrap_or_else(|| "/".into());
-        if prefixes.iter().any(|p| parent.starts_with(p.as_str())) {
-            continue;
-        }
-        prefixes.retain(|p| !p.starts_with(&parent));
-        prefixes.push(parent);
-    }
-    prefixes
 }

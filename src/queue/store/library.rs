@@ -18,6 +18,8 @@ const SQL_PUT_FILES: &str = concat!(
     "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, ",
     "hash = excluded.hash, is_image = excluded.is_image, seen_at = excluded.seen_at"
 );
+const SQL_FORGET_FILES: &str =
+    "DELETE FROM library_files WHERE path IN (SELECT value FROM json_each(?1))";
 const SQL_JOBS_BY_KEYS: &str = concat!(
     "SELECT ",
     job_columns!(),
@@ -104,6 +106,17 @@ impl Store {
             sqlx::query(SQL_PUT_FILES)
                 .bind(json(&rows)?)
                 .bind(now)
+                .execute(&self.write)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets files the walk no longer finds (deleted or moved away).
+    pub async fn forget_library_files(&self, paths: &[String]) -> StoreResult<()> {
+        for chunk in paths.chunks(CHUNK) {
+            sqlx::query(SQL_FORGET_FILES)
+                .bind(json(&chunk)?)
                 .execute(&self.write)
                 .await?;
         }

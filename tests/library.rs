@@ -1,0 +1,483 @@
+//! Library runs with the real `captiond` binary on the tiny checkpoint: a generated
+//! photo library with the awkward files real libraries have, reruns that do nothing,
+//! SIGKILL and resume, and exports read back by ExifTool.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn captiond(data: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_captiond"));
+    c.args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--model-dir")
+        .arg(common::tiny_model_dir())
+        .env_remove("CAPTIOND_API_TOKEN")
+        .env_remove("CAPTIOND_SERVER")
+        .env("CAPTIOND_LOG", "warn")
+        .stdin(Stdio::null());
+    c
+}
+
+fn run(data: &Path, args: &[&str]) -> (i32, String, String) {
+    let out: Output = captiond(data, args).output().expect("captiond runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn caption_args(lib: &Path) -> Vec<String> {
+    vec![
+        "caption".into(),
+        lib.display().to_string(),
+        "--max-tokens".into(),
+        "6".into(),
+        "--workers".into(),
+        "2".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Rows of `captiond export --format jsonl`.
+fn export_rows(data: &Path, lib: &Path) -> Vec<Value> {
+    let (code, out, err) = run(
+        data,
+        &["export", &lib.display().to_string(), "--format", "jsonl"],
+    );
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+fn db_scalar(data: &Path, sql: &'static str) -> i64 {
+    let db = data.join("captiond.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .read_only(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    })
+}
+
+/// nested folders, EXIF-rotated JPEGs, a duplicate under another name, a corrupt
+/// file, a zero-byte file, a text file named .jpg, an image without extension, a
+/// non-image file and a symlink loop.
+fn make_library(root: &Path) -> PathBuf {
+    let lib = root.join("Photos");
+    let deep = lib.join("2024/summer/beach");
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::create_dir_all(lib.join("2023")).unwrap();
+    let img = image::RgbImage::from_fn(40, 24, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 9) as u8, 90])
+    });
+    std::fs::write(
+        deep.join("rotated6.jpg"),
+        common::jpeg_with_orientation(&img, 6),
+    )
+    .unwrap();
+    std::fs::write(
+        deep.join("rotated3.JPG"),
+        common::jpeg_with_orientation(&img, 3),
+    )
+    .unwrap();
+    let png = common::png(30, 20, 7);
+    std::fs::write(lib.join("2023/dog.png"), &png).unwrap();
+    std::fs::write(lib.join("2024/copy of dog.png"), &png).unwrap();
+    std::fs::write(lib.join("scan0001"), common::png(16, 16, 99)).unwrap();
+    let jpeg = common::jpeg_with_orientation(&img, 1);
+    std::fs::write(lib.join("corrupt.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(lib.join("empty.jpg"), b"").unwrap();
+    std::fs::write(lib.join("notes.jpg"), b"shopping list: milk, eggs\n").unwrap();
+    std::fs::write(lib.join("README.txt"), b"not a photo\n").unwrap();
+    std::os::unix::fs::symlink(&lib, deep.join("back to top")).unwrap();
+    lib
+}
+
+#[test]
+fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = make_library(tmp.path());
+    let data = tmp.path().join("data");
+    let args = caption_args(&lib);
+
+    let (code, _, err) = run(&data, &strs(&args));
+    assert_eq!(code, 2, "failures make exit code 2: {err}");
+    assert!(err.contains("symlink loop"), "{err}");
+    assert!(err.contains("captioned 4, failed 3"), "{err}");
+    for (file, reason) in [
+        ("corrupt.jpg", "cannot decode image"),
+        ("empty.jpg", "the image file is empty"),
+        ("notes.jpg", "unsupported or unrecognised image format"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("failed: ") && l.contains(file) && l.contains(reason)),
+            "{file}: {reason} in {err}"
+        );
+    }
+    // One job per distinct content: 4 images + 3 bad files (the duplicate shares one).
+    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
+    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM results"), 4);
+    let rows = export_rows(&data, &lib);
+    assert_eq!(
+        rows.len(),
+        8,
+        "every image file, duplicates included: {rows:?}"
+    );
+    let text_of = |name: &str| {
+        rows.iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(name))
+            .and_then(|r| r["text"].as_str())
+            .map(str::to_string)
+    };
+    assert!(
+        text_of("scan0001").is_some(),
+        "an image without extension is found by content"
+    );
+    assert_eq!(text_of("2023/dog.png"), text_of("copy of dog.png"));
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["path"].as_str().unwrap().ends_with("README.txt"))
+    );
+
+    // The rerun opens no file and enqueues nothing.
+    let (code, _, err) = run(&data, &strs(&args));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("9 files, 8 images (7 distinct); 9 unchanged since the last scan, 0 opened"),
+        "{err}"
+    );
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 4 already done and 3 that failed before"),
+        "{err}"
+    );
+    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
+
+    // A moved file is recognised by its content.
+    std::fs::rename(lib.join("2023/dog.png"), lib.join("dog moved.png")).unwrap();
+    let (code, _, err) = run(&data, &strs(&args));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 opened"), "{err}");
+    assert!(err.contains("captioned 0"), "{err}");
+
+    // --mode failed retries only the failures (they fail again, with their reasons).
+    let mut failed = args.clone();
+    failed.extend(["--mode".into(), "failed".into()]);
+    let (code, _, err) = run(&data, &strs(&failed));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("captioned 0, failed 3"), "{err}");
+    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 10);
+
+    // Other settings make earlier results stale: a new length captions everything again.
+    let mut short = args.clone();
+    short.extend(["--length".into(), "short".into()]);
+    let (_, _, err) = run(&data, &strs(&short));
+    assert!(err.contains("captioned 4, failed 3"), "{err}");
+
+    let (code, out, _) = run(&data, &["status", &lib.display().to_string()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("library: 8 images (7 distinct)  done 5  failed 3"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(lib.join("a/b")).unwrap();
+    for i in 0..24u8 {
+        let dir = if i % 2 == 0 {
+            lib.join("a")
+        } else {
+            lib.join("a/b")
+        };
+        std::fs::write(
+            dir.join(format!("img{i:02}.png")),
+            common::png(32 + u32::from(i), 24, i),
+        )
+        .unwrap();
+    }
+    let data = tmp.path().join("data");
+    let mut args = caption_args(&lib);
+    args[3] = "48".into(); // longer captions, so the kill lands mid-run
+    args[5] = "1".into();
+    let mut child = captiond(&data, &strs(&args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(Instant::now() < deadline, "the run never got going");
+        if data.join("captiond.db").exists()
+            && db_scalar(&data, "SELECT COUNT(*) FROM results") >= 3
+        {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended before the kill: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = db_scalar(&data, "SELECT COUNT(*) FROM results");
+    assert!(before < 24, "killed mid-run ({before} done)");
+
+    let (code, _, err) = run(&data, &strs(&args));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("skipped {before} already done")),
+        "{err}"
+    );
+    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 24);
+    assert_eq!(
+        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'"),
+        24
+    );
+    assert_eq!(
+        db_scalar(&data, "SELECT COUNT(*) FROM results"),
+        24,
+        "one result per image"
+    );
+    assert_eq!(
+        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE attempt > 2"),
+        0
+    );
+    let rows = export_rows(&data, &lib);
+    assert_eq!(rows.len(), 24);
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "succeeded" && r["text"].is_string())
+    );
+}
+
+fn exiftool(args: &[&str]) -> String {
+    let out = Command::new("exiftool")
+        .args(args)
+        .output()
+        .expect("ExifTool is installed (scripts/test installs libimage-exiftool-perl)");
+    assert!(
+        out.status.success(),
+        "exiftool {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn exports_xmp_that_exiftool_reads_keeping_other_fields_and_peoples_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(
+        lib.join("a.jpg"),
+        common::jpeg_with_orientation(
+            &image::RgbImage::from_pixel(20, 20, image::Rgb([200, 10, 10])),
+            1,
+        ),
+    )
+    .unwrap();
+    std::fs::write(lib.join("a.png"), common::png(20, 20, 3)).unwrap();
+    std::fs::write(lib.join("b.png"), common::png(20, 20, 4)).unwrap();
+    let data = tmp.path().join("data");
+    let (code, _, err) = run(&data, &strs(&caption_args(&lib)));
+    assert_eq!(code, 0, "{err}");
+    let rows = export_rows(&data, &lib);
+    let caption = |name: &str| -> String {
+        rows.iter()
+            .find(|r| r["path"].as_str().unwrap().ends_with(name))
+            .and_then(|r| r["text"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    // A sidecar written by another tool, and one where a person wrote a description.
+    let a_xmp = lib.join("a.jpg.xmp");
+    exiftool(&[
+        "-q",
+        "-XMP-dc:Creator=Alice",
+        "-XMP-xmp:Rating=4",
+        "-o",
+        a_xmp.to_str().unwrap(),
+        lib.join("a.jpg").to_str().unwrap(),
+    ]);
+    let b_xmp = lib.join("b.xmp");
+    exiftool(&[
+        "-q",
+        "-XMP-dc:Description=Grandma at the lake",
+        "-o",
+        b_xmp.to_str().unwrap(),
+        lib.join("b.png").to_str().unwrap(),
+    ]);
+
+    let lib_s = lib.display().to_string();
+    let (code, _, err) = run(&data, &["export", &lib_s, "--format", "xmp", "--alt-text"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 written, 0 unchanged, 1 kept"), "{err}");
+    let read = |p: &Path, tag: &str| exiftool(&["-s3", tag, p.to_str().unwrap()]);
+    assert_eq!(read(&a_xmp, "-XMP-dc:Description"), caption("a.jpg"));
+    assert_eq!(
+        read(&a_xmp, "-XMP-iptcCore:AltTextAccessibility"),
+        caption("a.jpg")
+    );
+    assert_eq!(read(&a_xmp, "-XMP-dc:Creator"), "Alice");
+    assert_eq!(read(&a_xmp, "-XMP-xmp:Rating"), "4");
+    let a_png_xmp = lib.join("a.png.xmp");
+    assert_eq!(read(&a_png_xmp, "-XMP-dc:Description"), caption("a.png"));
+    assert_eq!(read(&b_xmp, "-XMP-dc:Description"), "Grandma at the lake");
+    assert!(
+        !lib.join("b.png.xmp").exists(),
+        "the existing photo.xmp is the sidecar"
+    );
+
+    // Again: nothing changes.
+    let before = std::fs::read(&a_xmp).unwrap();
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "xmp", "--alt-text"]);
+    assert!(err.contains("0 written, 2 unchanged, 1 kept"), "{err}");
+    assert_eq!(std::fs::read(&a_xmp).unwrap(), before);
+
+    // A person's edit of captiond's text is theirs now.
+    exiftool(&[
+        "-q",
+        "-overwrite_original",
+        "-XMP-dc:Description=Red square, by me",
+        a_png_xmp.to_str().unwrap(),
+    ]);
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "xmp"]);
+    assert!(err.contains("2 kept"), "{err}");
+    assert_eq!(read(&a_png_xmp, "-XMP-dc:Description"), "Red square, by me");
+
+    // --overwrite replaces them.
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "xmp", "--overwrite"]);
+    assert!(err.contains("0 kept"), "{err}");
+    assert_eq!(read(&b_xmp, "-XMP-dc:Description"), caption("b.png"));
+    assert_eq!(read(&a_xmp, "-XMP-dc:Creator"), "Alice");
+
+    // Text files: a.jpg and a.png share a stem, so both get the long name.
+    let (code, _, err) = run(&data, &["export", &lib_s, "--format", "txt"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("shares its name"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(lib.join("a.jpg.txt"))
+            .unwrap()
+            .trim(),
+        caption("a.jpg")
+    );
+    assert_eq!(
+        std::fs::read_to_string(lib.join("a.png.txt"))
+            .unwrap()
+            .trim(),
+        caption("a.png")
+    );
+    assert_eq!(
+        std::fs::read_to_string(lib.join("b.txt")).unwrap().trim(),
+        caption("b.png")
+    );
+    std::fs::write(lib.join("b.txt"), "my own notes\n").unwrap();
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "txt"]);
+    assert!(err.contains("0 written, 2 unchanged, 1 kept"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(lib.join("b.txt")).unwrap(),
+        "my own notes\n"
+    );
+
+    // CSV to a file, written once.
+    let csv = tmp.path().join("out.csv");
+    let csv_s = csv.display().to_string();
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "csv", "-o", &csv_s]);
+    assert!(err.contains("1 written"), "{err}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.starts_with("path,hash,model,revision,task,params,state,text"));
+    assert_eq!(text.lines().count(), 4);
+    let (_, _, err) = run(&data, &["export", &lib_s, "--format", "csv", "-o", &csv_s]);
+    assert!(err.contains("0 written, 1 unchanged"), "{err}");
+}
+
+#[test]
+fn caption_with_server_enqueues_into_a_running_captiond_and_follows_it() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for i in 0..3u8 {
+        std::fs::write(lib.join(format!("p{i}.png")), common::png(20, 20, i)).unwrap();
+    }
+    std::fs::write(lib.join("p3.png"), common::png(20, 20, 0)).unwrap(); // duplicate
+    std::fs::write(lib.join("bad.jpg"), b"not a jpeg").unwrap();
+    let server_data = tmp.path().join("server");
+    let mut server = captiond(
+        &server_data,
+        &["serve", "--bind", "127.0.0.1:0", "--max-tokens", "6"],
+    )
+    .arg("--library-root")
+    .arg(&lib)
+    .env("CAPTIOND_LOG", "info")
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("addr=").nth(1) {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server address");
+    let url = format!("http://{addr}");
+    let client_data = tmp.path().join("client");
+    let lib_s = lib.display().to_string();
+    let args = ["caption", lib_s.as_str(), "--server", url.as_str()];
+    let (code, _, err) = run(&client_data, &args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("captioned 3, failed 1"), "{err}");
+    assert!(err.contains("bad.jpg"), "{err}");
+    let (code, _, err) = run(&client_data, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 3 already done and 1 that failed before"),
+        "{err}"
+    );
+    assert!(err.contains("0 opened"), "{err}");
+    // A folder that does not exist is reported, not fatal.
+    let (_, err2) = {
+        let (c, _, e) = run(
+            &client_data,
+            &["caption", "/nonexistent-folder", "--server", url.as_str()],
+        );
+        (c, e)
+    };
+    assert!(err2.contains("cannot open /nonexistent-folder"), "{err2}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
