@@ -251,6 +251,8 @@ impl App {
             max_attempts: settings.workers.max_attempts,
             started: Instant::now(),
             model: crate::library::ModelIdentity::from_settings(&settings.model),
+            request_timeout: Duration::from_secs(settings.server.request_timeout_secs.max(1)),
+            started_unix_ms: crate::queue::now_ms(),
         };
         let router = api::router(
             state.clone(),

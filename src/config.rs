@@ -257,4 +257,10 @@ pub struct ServerSettings {
     /// Largest request body in MiB.
     #[arg(long, env = "CAPTIOND_BODY_LIMIT_MIB", default_value_t = 32)]
     pub body_limit_mib: usize,
+    /// Seconds a skill or chat request waits for its result before answering 504.
+    #[arg(long, env = "CAPTIOND_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// Moondream Station compatibility: listen on port 2020 unless --bind is given.
+    #[arg(long, env = "CAPTIOND_STATION", default_value_t = false)]
+    pub station: bool,
 }

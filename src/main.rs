@@ -170,7 +170,17 @@ fn parse_length(s: &str) -> Result<CaptionLength, String> {
 
 fn main() -> ExitCode {
     let _ = dotenvy::dotenv();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    // `serve --station` moves the default port to 2020 unless --bind (or
+    // CAPTIOND_BIND) chose one.
+    let bind_given = matches.subcommand_matches("serve").is_some_and(|m| {
+        m.value_source("bind")
+            .is_some_and(|s| s != clap::parser::ValueSource::DefaultValue)
+    });
     let filter = EnvFilter::try_from_env("CAPTIOND_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| {
@@ -194,7 +204,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, bind_given)) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -203,7 +213,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<i32> {
+async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
     match cli.command {
         Command::Serve {
             data,
@@ -211,6 +221,10 @@ async fn run(cli: Cli) -> Result<i32> {
             workers,
             server,
         } => {
+            let mut server = server;
+            if server.station && !bind_given {
+                server.bind.set_port(2020);
+            }
             let settings = Settings {
                 data,
                 model,
@@ -416,6 +430,8 @@ async fn caption(
                     api_token: None,
                     library_roots: Vec::new(),
                     body_limit_mib: 32,
+                    request_timeout_secs: 300,
+                    station: false,
                 },
             };
             run_local(&settings, &opts, shutdown_signal()).await?

@@ -186,6 +186,26 @@ async fn under_memory_pressure_the_pool_stays_at_one_generation_and_reports_vram
             .as_str()
     );
     assert_eq!(r.headers()["x-captiond-concurrency"], "1");
+    // Both compatible families carry the headers too (OpenAI models, Station skills).
+    let models = app
+        .client
+        .get(format!("{}/v1/models", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        models.headers()["x-vram-total"],
+        r.headers()["x-vram-total"]
+    );
+    let chat = app
+        .client
+        .post(format!("{}/v1/chat/completions", app.base))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "no image"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 400);
+    assert!(chat.headers().contains_key("x-vram-used"));
     let stats: Value = r.json().await.unwrap();
     assert_eq!(stats["concurrency"]["probe"], "scripted");
     assert_eq!(stats["concurrency"]["target"], 1);

@@ -13,7 +13,7 @@ use crate::vision::image::DecodeLimits;
 use crate::workers::caption::TaskParams;
 
 /// Where the image of a request comes from.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImageInput {
     /// A file inside a configured library root.
@@ -25,7 +25,7 @@ pub struct ImageInput {
 }
 
 /// One job as a client describes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 pub struct JobRequest {
     /// caption, query, detect or point (default caption).
     #[serde(default = "default_task")]
@@ -53,6 +53,9 @@ fn default_task() -> TaskKind {
 
 /// Default priority of queued work; interactive requests use a smaller number.
 pub const DEFAULT_PRIORITY: i64 = 100;
+
+/// Priority of interactive requests (the skill and chat endpoints): ahead of batches.
+pub const INTERACTIVE_PRIORITY: i64 = 10;
 
 /// Decodes base64 or a base64 data URI.
 pub fn decode_base64_image(data: &str) -> Result<Vec<u8>, ApiError> {
@@ -254,7 +257,8 @@ impl JobRequest {
     }
 }
 
-fn store_upload(state: &AppState, bytes: &[u8]) -> Result<ImageSource, ApiError> {
+/// Checks an uploaded image's header and stores it content-addressed.
+pub fn store_upload(state: &AppState, bytes: &[u8]) -> Result<ImageSource, ApiError> {
     check_image_header(bytes, state.limits)?;
     let id = state.blobs.put(bytes).map_err(|e| match e {
         crate::blobs::BlobError::DiskFull => {

@@ -17,7 +17,7 @@ use crate::queue::{
 };
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct JobView {
     /// Job id (UUIDv7).
     pub id: Uuid,
@@ -187,7 +187,7 @@ pub async fn create_job(State(state): State<AppState>, req: Request) -> Result<R
 }
 
 /// Body of `POST /v1/batches`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct BatchRequest {
     /// Up to 10,000 jobs.
     pub jobs: Vec<JobRequest>,
@@ -246,7 +246,7 @@ pub async fn create_batch(
 }
 
 /// Ids to look up at once (`POST /v1/jobs/lookup`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LookupRequest {
     /// Up to 10,000 job ids.
@@ -281,7 +281,7 @@ pub async fn lookup_jobs(
 }
 
 /// Progress of a batch.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BatchView {
     /// Batch id.
     pub id: Uuid,
@@ -336,7 +336,7 @@ pub async fn get_batch(
 }
 
 /// Query of `GET /v1/jobs/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct WaitQuery {
     /// Long-poll up to this long for a terminal state (`30s`, `500ms`; at most 120 s).
     pub wait: Option<String>,
@@ -398,7 +398,7 @@ pub async fn wait_for_terminal(
 }
 
 /// Query of `GET /v1/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct ListParams {
     /// Only this state.
     pub state: Option<String>,

@@ -4,7 +4,11 @@
 pub mod auth;
 pub mod error;
 pub mod input;
+pub mod interactive;
 pub mod jobs;
+pub mod openai;
+pub mod openapi;
+pub mod station;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +18,6 @@ use std::time::Instant;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
 
 pub use error::ApiError;
@@ -58,24 +61,19 @@ pub struct AppState {
     pub started: Instant,
     /// The model the settings select (library results are keyed by it).
     pub model: ModelIdentity,
+    /// How long an interactive request (skills, chat) waits for its result.
+    pub request_timeout: std::time::Duration,
+    /// Process start, Unix milliseconds.
+    pub started_unix_ms: i64,
 }
 
 /// Builds the router with auth and body-size limits.
 pub fn router(state: AppState, body_limit: usize) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/v1/stats", get(stats))
-        .route("/v1/jobs", post(jobs::create_job).get(jobs::list_jobs))
-        .route("/v1/jobs/lookup", post(jobs::lookup_jobs))
-        .route("/v1/jobs/{id}", get(jobs::get_job))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
-        .route("/v1/jobs/{id}/retry", post(jobs::retry_job))
-        .route("/v1/batches", post(jobs::create_batch))
-        .route("/v1/batches/{id}", get(jobs::get_batch))
-        .route("/v1/queue/pause", post(jobs::pause_queue))
-        .route("/v1/queue/resume", post(jobs::resume_queue))
+    let mut router = Router::new();
+    for (doc, method_router) in openapi::table() {
+        router = router.route(doc.path, method_router);
+    }
+    router
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), vram_headers))
         .layer(middleware::from_fn_with_state(

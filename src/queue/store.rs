@@ -179,7 +179,9 @@ pub enum RetryOutcome {
 }
 
 /// Counts per state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct StateCounts {
     /// Waiting.
     pub queued: i64,
@@ -442,7 +444,13 @@ impl Store {
     /// Inserts one job (in a batch when `batch` is set). With an idempotency key that
     /// already exists, returns the existing job and `false`.
     pub async fn insert_job(&self, new: &NewJob) -> StoreResult<(Job, bool)> {
-        let inserted = bind_insert(sqlx::query(SQL_INSERT_JOB), Uuid::now_v7(), new, now_ms())
+        self.insert_job_as(Uuid::now_v7(), new).await
+    }
+
+    /// [`Store::insert_job`] under an id chosen by the caller (a UUIDv7), so that a
+    /// stream can be subscribed to before any worker can claim the job.
+    pub async fn insert_job_as(&self, id: Uuid, new: &NewJob) -> StoreResult<(Job, bool)> {
+        let inserted = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now_ms())
             .fetch_optional(&self.write)
             .await?;
         if let Some(row) = inserted {

@@ -21,7 +21,9 @@ use self::moondream2::loader::{
 use self::moondream2::{GenerateOptions, Moondream2, Sampling, StopReason};
 
 /// Caption length, selecting one of the three caption prompts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CaptionLength {
     /// One short line.

@@ -11,7 +11,7 @@ use crate::queue::{ImageSource, Job, JobErrorInfo, TaskKind};
 use crate::vision::{CaptionLength, Captioner, RunControl, Skill, SkillError, SkillSettings};
 
 /// Task parameters as stored in a job's `params` column.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct TaskParams {
     /// Caption length (caption).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,6 +31,8 @@ pub struct TestOptions {
     pub adaptive: bool,
     /// Run the warm-up calibration (GPU probes only).
     pub calibrate: bool,
+    /// How long skill and chat requests wait for their result.
+    pub request_timeout_secs: u64,
 }
 
 impl Default for TestOptions {
@@ -42,6 +44,7 @@ impl Default for TestOptions {
             data_dir: None,
             adaptive: false,
             calibrate: false,
+            request_timeout_secs: 60,
         }
     }
 }
@@ -85,6 +88,8 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             api_token: opts.token.clone(),
             library_roots: vec![library.to_path_buf()],
             body_limit_mib: opts.body_limit_mib,
+            request_timeout_secs: opts.request_timeout_secs,
+            station: false,
         },
     }
 }
