@@ -245,6 +245,33 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
     let before = db_scalar(&data, "SELECT COUNT(*) FROM results");
     assert!(before < 24, "killed mid-run ({before} done)");
 
+    // Ctrl-C (SIGINT) on the rerun: it stops cleanly, says how to resume, exits 130.
+    let mut child = captiond(&data, &strs(&args))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while db_scalar(&data, "SELECT COUNT(*) FROM results") < before + 2 {
+        assert!(Instant::now() < deadline, "the rerun never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    assert_eq!(
+        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'running'"),
+        0,
+        "running work was released"
+    );
+    let before = db_scalar(&data, "SELECT COUNT(*) FROM results");
+
     let (code, _, err) = run(&data, &strs(&args));
     assert_eq!(code, 0, "{err}");
     assert!(
