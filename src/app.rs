@@ -257,6 +257,7 @@ impl App {
         let router = api::router(
             state.clone(),
             settings.server.body_limit_mib.max(1) * 1024 * 1024,
+            Duration::from_secs(settings.server.body_timeout_secs.max(1)),
         );
         let server_stop = CancellationToken::new();
         let stop = server_stop.clone();

@@ -59,7 +59,14 @@ impl BlobStore {
             return Ok(id);
         }
         let io = |path: &Path, source: std::io::Error| {
-            if source.raw_os_error() == Some(libc::ENOSPC) {
+            // tempfile wraps errors (adding the path), so the raw errno can be gone:
+            // look at the kind as well.
+            let full = source.raw_os_error() == Some(libc::ENOSPC)
+                || matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                );
+            if full {
                 BlobError::DiskFull
             } else {
                 BlobError::Io {

@@ -11,6 +11,7 @@ pub mod api;
 pub mod app;
 pub mod blobs;
 pub mod config;
+pub mod failpoint;
 pub mod library;
 pub mod queue;
 pub mod vision;

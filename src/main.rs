@@ -431,6 +431,7 @@ async fn caption(
                     library_roots: Vec::new(),
                     body_limit_mib: 32,
                     request_timeout_secs: 300,
+                    body_timeout_secs: 60,
                     station: false,
                 },
             };

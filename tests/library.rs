@@ -246,7 +246,7 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
     assert!(before < 24, "killed mid-run ({before} done)");
 
     // Ctrl-C (SIGINT) on the rerun: it stops cleanly, says how to resume, exits 130.
-    let mut child = captiond(&data, &strs(&args))
+    let child = captiond(&data, &strs(&args))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -67,8 +67,8 @@ pub struct AppState {
     pub started_unix_ms: i64,
 }
 
-/// Builds the router with auth and body-size limits.
-pub fn router(state: AppState, body_limit: usize) -> Router {
+/// Builds the router with auth, body-size limits and a deadline for receiving a body.
+pub fn router(state: AppState, body_limit: usize, body_timeout: std::time::Duration) -> Router {
     let mut router = Router::new();
     for (doc, method_router) in openapi::table() {
         router = router.route(doc.path, method_router);
@@ -76,12 +76,60 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
     router
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), vram_headers))
+        .layer(middleware::from_fn(move |req, next| {
+            read_body(body_limit, body_timeout, req, next)
+        }))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+}
+
+/// Reads the whole request body within `timeout` (408 otherwise) and `limit` (413),
+/// so a client trickling a body (slow-loris) cannot hold a request open for long.
+async fn read_body(
+    limit: usize,
+    timeout: std::time::Duration,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
+    let bytes = match read {
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
+            )
+            .into_response();
+        }
+        Ok(Err(e)) => {
+            let too_large = format!("{e:?}").contains("LengthLimitError")
+                || e.to_string().contains("length limit");
+            return if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is larger than {} MiB", limit >> 20),
+                )
+            } else {
+                ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
+            }
+            .into_response();
+        }
+        Ok(Ok(b)) => b,
+    };
+    next.run(axum::extract::Request::from_parts(
+        parts,
+        axum::body::Body::from(bytes),
+    ))
+    .await
 }
 
 /// Adds `X-VRAM-Used`/`X-VRAM-Total` (MiB, when a GPU probe is active) and

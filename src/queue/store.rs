@@ -347,9 +347,10 @@ const SQL_CANCEL_RUNNING: &str =
     "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'";
 const SQL_RETRY: &str = "UPDATE jobs SET state = 'queued', attempt = 0, oom_count = 0, run_at = ?2, finished_at = NULL, error_code = NULL, error_message = NULL, cancel_requested = 0 WHERE id = ?1 AND state IN ('failed', 'cancelled')";
 const SQL_RESCUE: &str = concat!(
-    "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END, ",
-    "finished_at = CASE WHEN attempt >= max_attempts THEN ?1 ELSE NULL END, run_at = ?1, ",
-    "error_code = 'lease_expired', error_message = 'the worker stopped heartbeating (crash or hang); attempt ' || attempt || ' of ' || max_attempts, ",
+    "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 'cancelled' WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END, ",
+    "finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN ?1 ELSE NULL END, run_at = ?1, ",
+    "error_code = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'lease_expired' END, ",
+    "error_message = CASE WHEN cancel_requested THEN 'cancelled on request' ELSE 'the worker stopped heartbeating (crash or hang); attempt ' || attempt || ' of ' || max_attempts END, ",
     "lease_owner = NULL, lease_expires_at = NULL ",
     "WHERE state = 'running' AND (?2 OR lease_expires_at < ?1)"
 );
@@ -578,6 +579,9 @@ impl Store {
             .bind(n as i64)
             .fetch_all(&self.write)
             .await?;
+        if !rows.is_empty() {
+            crate::failpoint::hit("claim");
+        }
         claimed_in_order(&rows)
     }
 
@@ -590,6 +594,9 @@ impl Store {
             .bind(now_ms() + lease.as_millis() as i64)
             .fetch_all(&self.write)
             .await?;
+        if !rows.is_empty() {
+            crate::failpoint::hit("heartbeat");
+        }
         rows.into_iter()
             .map(|(id, attempt, cancel)| {
                 Ok(Heartbeat {
@@ -629,6 +636,9 @@ impl Store {
         } else {
             0
         };
+        if waiting.rows_affected() + running > 0 {
+            crate::failpoint::hit("cancel");
+        }
         let Some(job) = self.get_job_from(&self.write, id).await? else {
             return Ok(None);
         };
@@ -974,6 +984,17 @@ async fn apply_finishes(
         }
     }
     tx.commit().await?;
+    for ((op, _), applied) in ops.iter().zip(&applied) {
+        match (&op.finish, applied) {
+            (Finish::Succeeded { .. }, true) => crate::failpoint::hit("complete"),
+            (Finish::Failed(_), true) => crate::failpoint::hit("fail"),
+            (Finish::Retry { .. }, true) => crate::failpoint::hit("retry"),
+            _ => {}
+        }
+    }
+    if next.iter().any(Option::is_some) {
+        crate::failpoint::hit("claim");
+    }
     Ok(applied
         .into_iter()
         .zip(next)

@@ -89,6 +89,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             library_roots: vec![library.to_path_buf()],
             body_limit_mib: opts.body_limit_mib,
             request_timeout_secs: opts.request_timeout_secs,
+            body_timeout_secs: 5,
             station: false,
         },
     }
@@ -300,4 +301,122 @@ pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8>
     out.extend_from_slice(&app1);
     out.extend_from_slice(&plain[2..]);
     out
+}
+
+/// The real `captiond serve` binary on port 0 with the tiny model.
+pub struct Server {
+    /// The process.
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Lines it logged (stderr), collected in the background.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts `captiond serve` with `extra` flags and environment on `data_dir`;
+    /// waits for its address (not for the model).
+    pub fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        use std::io::{BufRead, BufReader};
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
+        cmd.args(["serve", "--bind", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--model-dir")
+            .arg(tiny_model_dir())
+            .env("CAPTIOND_LOG", "info")
+            .env_remove("CAPTIOND_API_TOKEN")
+            .env_remove("CAPTIOND_FAILPOINT")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("captiond starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(rest) = line.split("addr=").nth(1) {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not log its address: {:?}", log.lock().unwrap());
+            }
+        };
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    /// Waits until `/ready` answers 200 (the model is loaded).
+    pub async fn wait_ready(&self, client: &reqwest::Client) {
+        for _ in 0..800 {
+            if let Ok(r) = client.get(format!("{}/ready", self.base)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("not ready");
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory of the process (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A read-only connection pool on a data dir's database.
+pub async fn read_db(data_dir: &Path) -> sqlx::SqlitePool {
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(data_dir.join("captiond.db"))
+        .read_only(true);
+    sqlx::SqlitePool::connect_with(opts).await.unwrap()
+}
+
+/// Prints one row of the reliability table (collected by `scripts/reliability`).
+pub fn report(scenario: &str, cases: usize, failures: usize, lost: usize, note: &str) {
+    println!("RELIABILITY|{scenario}|{cases}|{failures}|{lost}|{note}");
+}
+
+/// A scale knob: `CAPTIOND_RELIABILITY_FULL=1` (set by `scripts/reliability`) picks
+/// `full`, CI runs `quick`.
+pub fn scale(quick: usize, full: usize) -> usize {
+    if std::env::var("CAPTIOND_RELIABILITY_FULL").is_ok_and(|v| v == "1") {
+        full
+    } else {
+        quick
+    }
 }
