@@ -172,7 +172,7 @@ pub fn document() -> serde_json::Value {
             .split('/')
             .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
             .map(|name| {
-                serde_json::json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
+                serde_json::json!({"name": name, "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}})
             })
             .collect();
         if let Some(q) = doc.query {
