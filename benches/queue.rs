@@ -208,9 +208,8 @@ async fn main() {
     let counter = Arc::new(AtomicU64::new(0));
     // Statement logging costs time per query, so it is switched on only while the idle
     // server's queries are counted.
-    let (filter, logging) = tracing_subscriber::reload::Layer::new(
-        tracing_subscriber::filter::Targets::new(),
-    );
+    let (filter, logging) =
+        tracing_subscriber::reload::Layer::new(tracing_subscriber::filter::Targets::new());
     let subscriber = tracing_subscriber::registry()
         .with(filter)
         .with(QueryCounter(counter.clone()));
