@@ -336,49 +336,44 @@ impl App {
         blobs: BlobStore,
         stop_tx: &watch::Sender<Option<StopReason>>,
     ) -> Option<(Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>)> {
-        {
-            let (handler, captioner): (Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>) =
-                match engine {
-                    Engine::Handler(h) => (h, None),
-                    Engine::Captioner(c) => (
-                        Arc::new(CaptionHandler::new(
-                            c.clone(),
-                            blobs,
-                            model.skill_defaults(),
-                        )),
-                        Some(c),
-                    ),
-                    Engine::LoadModel => {
-                        let opts = model.model_options();
-                        info!(model = %opts.source.label(), "loading the model");
-                        match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
-                            Ok(Ok((m, _))) => {
-                                let c: Arc<dyn Captioner> = Arc::new(m);
-                                (
-                                    Arc::new(CaptionHandler::new(
-                                        c.clone(),
-                                        blobs,
-                                        model.skill_defaults(),
-                                    )),
-                                    Some(c),
-                                )
-                            }
-                            Ok(Err(e)) => {
-                                error!("cannot load the model: {e}");
-                                let _ =
-                                    stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                                return None;
-                            }
-                            Err(e) => {
-                                let _ =
-                                    stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
-                                return None;
-                            }
-                        }
+        let (handler, captioner): (Arc<dyn JobHandler>, Option<Arc<dyn Captioner>>) = match engine {
+            Engine::Handler(h) => (h, None),
+            Engine::Captioner(c) => (
+                Arc::new(CaptionHandler::new(
+                    c.clone(),
+                    blobs,
+                    model.skill_defaults(),
+                )),
+                Some(c),
+            ),
+            Engine::LoadModel => {
+                let opts = model.model_options();
+                info!(model = %opts.source.label(), "loading the model");
+                match tokio::task::spawn_blocking(move || Moondream::load(&opts)).await {
+                    Ok(Ok((m, _))) => {
+                        let c: Arc<dyn Captioner> = Arc::new(m);
+                        (
+                            Arc::new(CaptionHandler::new(
+                                c.clone(),
+                                blobs,
+                                model.skill_defaults(),
+                            )),
+                            Some(c),
+                        )
                     }
-                };
-            Some((handler, captioner))
-        }
+                    Ok(Err(e)) => {
+                        error!("cannot load the model: {e}");
+                        let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                        return None;
+                    }
+                    Err(e) => {
+                        let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                        return None;
+                    }
+                }
+            }
+        };
+        Some((handler, captioner))
     }
 
     /// Starts the pool and the governor, marks the service ready, and turns a fatal
@@ -395,48 +390,46 @@ impl App {
         stop_tx: watch::Sender<Option<StopReason>>,
         stopping: CancellationToken,
     ) {
+        match WorkerPool::start(
+            state.store.clone(),
+            handler,
+            state.wakeup.clone(),
+            state.events.clone(),
+            pool_cfg,
+        )
+        .await
         {
-            match WorkerPool::start(
-                state.store.clone(),
-                handler,
-                state.wakeup.clone(),
-                state.events.clone(),
-                pool_cfg,
-            )
-            .await
-            {
-                Ok(pool) => {
-                    if stopping.is_cancelled() {
-                        pool.shutdown().await;
-                        return;
-                    }
-                    if let Some((probe, cfg, calibration)) = adaptive {
-                        let g = Governor::spawn(
-                            pool.clone(),
-                            state.store.clone(),
-                            probe,
-                            cfg,
-                            calibration,
-                            Duration::from_secs(1),
-                        );
-                        let _ = state.governor.set(g);
-                    }
-                    let mut fatal = pool.fatal_errors();
-                    let _ = state.pool.set(pool);
-                    state.ready.store(true, Ordering::SeqCst);
-                    info!("ready: workers are claiming jobs");
-                    tokio::select! {
-                        r = fatal.wait_for(|f| f.is_some()) => if let Ok(v) = r {
-                            let reason = v.clone().unwrap_or_default();
-                            let _ = stop_tx.send(Some(StopReason::DeviceFault(reason)));
-                        },
-                        _ = stopping.cancelled() => {}
-                    }
+            Ok(pool) => {
+                if stopping.is_cancelled() {
+                    pool.shutdown().await;
+                    return;
                 }
-                Err(e) => {
-                    error!(error = %e, "cannot start the workers");
-                    let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
+                if let Some((probe, cfg, calibration)) = adaptive {
+                    let g = Governor::spawn(
+                        pool.clone(),
+                        state.store.clone(),
+                        probe,
+                        cfg,
+                        calibration,
+                        Duration::from_secs(1),
+                    );
+                    let _ = state.governor.set(g);
                 }
+                let mut fatal = pool.fatal_errors();
+                let _ = state.pool.set(pool);
+                state.ready.store(true, Ordering::SeqCst);
+                info!("ready: workers are claiming jobs");
+                tokio::select! {
+                    r = fatal.wait_for(|f| f.is_some()) => if let Ok(v) = r {
+                        let reason = v.clone().unwrap_or_default();
+                        let _ = stop_tx.send(Some(StopReason::DeviceFault(reason)));
+                    },
+                    _ = stopping.cancelled() => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot start the workers");
+                let _ = stop_tx.send(Some(StopReason::ModelLoadFailed(e.to_string())));
             }
         }
     }

@@ -95,6 +95,7 @@ async fn json_errors(
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> axum::response::Response {
+    let path = req.uri().path().to_string();
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp
@@ -125,7 +126,7 @@ async fn json_errors(
         s if s.is_server_error() => "internal",
         _ => "error",
     };
-    let mut out = ApiError::new(status, code, message).into_response();
+    let mut out = openapi::shaped_error(&path, ApiError::new(status, code, message));
     for (k, v) in parts.headers.iter() {
         if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
             out.headers_mut().insert(k.clone(), v.clone());
@@ -151,23 +152,26 @@ async fn read_body(
     next: middleware::Next,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let bytes = match read {
         Err(_) => {
-            return ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                format!(
-                    "the request body did not arrive within {} s",
-                    timeout.as_secs()
+            return openapi::shaped_error(
+                &path,
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        timeout.as_secs()
+                    ),
                 ),
-            )
-            .into_response();
+            );
         }
         Ok(Err(e)) => {
             let too_large = format!("{e:?}").contains("LengthLimitError")
                 || e.to_string().contains("length limit");
-            return if too_large {
+            let e = if too_large {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "body_too_large",
@@ -175,8 +179,8 @@ async fn read_body(
                 )
             } else {
                 ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
-            }
-            .into_response();
+            };
+            return openapi::shaped_error(&path, e);
         }
         Ok(Ok(b)) => b,
     };

@@ -136,6 +136,33 @@ pub fn table() -> Vec<(RouteDoc, MethodRouter<AppState>)> {
     ]
 }
 
+/// The error shape (`api`, `station` or `openai`) of the route at `path`, so layers
+/// that answer before the handler (body limits, rejections) speak the route's dialect.
+pub fn error_shape(path: &str) -> &'static str {
+    static SHAPES: std::sync::OnceLock<std::collections::HashMap<&'static str, &'static str>> =
+        std::sync::OnceLock::new();
+    SHAPES
+        .get_or_init(|| {
+            table()
+                .into_iter()
+                .map(|(d, _)| (d.path, d.errors))
+                .collect()
+        })
+        .get(path)
+        .copied()
+        .unwrap_or("api")
+}
+
+/// Renders `e` in the error shape of the route at `path`.
+pub fn shaped_error(path: &str, e: super::ApiError) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match error_shape(path) {
+        "station" => station::StationError(e).into_response(),
+        "openai" => openai::OpenAiError(e).into_response(),
+        _ => e.into_response(),
+    }
+}
+
 fn error_schema(kind: &str) -> serde_json::Value {
     match kind {
         "station" => serde_json::json!({
