@@ -420,3 +420,59 @@ async fn skills_answer_503_until_the_model_is_loaded() {
     assert!(v["error"].as_str().unwrap().contains("model"), "{v}");
     app.shutdown().await;
 }
+
+/// The first stderr lines of `captiond serve` with `args` until it names its address
+/// (or fails to bind); the process is killed afterwards.
+fn serve_address(args: &[&str], env: &[(&str, &str)]) -> String {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
+    cmd.arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("--model-dir")
+        .arg(common::tiny_model_dir())
+        .env("CAPTIOND_LOG", "info")
+        .env_remove("CAPTIOND_BIND")
+        .env_remove("CAPTIOND_STATION")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("addr=") || line.contains("cannot listen") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
+#[test]
+fn station_mode_listens_on_2020_unless_an_address_is_given() {
+    // Either it listens on 2020, or 2020 is taken here and the error names it.
+    let out = serve_address(&["--station"], &[]);
+    assert!(out.contains("127.0.0.1:2020"), "{out}");
+    let out = serve_address(&["--station", "--bind", "127.0.0.1:0"], &[]);
+    assert!(out.contains("addr=") && !out.contains(":2020"), "{out}");
+    let out = serve_address(
+        &[],
+        &[
+            ("CAPTIOND_STATION", "true"),
+            ("CAPTIOND_BIND", "127.0.0.1:0"),
+        ],
+    );
+    assert!(out.contains("addr=") && !out.contains(":2020"), "{out}");
+    let out = serve_address(&["--bind", "127.0.0.1:0"], &[]);
+    assert!(!out.contains(":2020"), "{out}");
+}
