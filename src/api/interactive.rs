@@ -231,6 +231,93 @@ fn leak_code(code: &str) -> &'static str {
     }
 }
 
+/// The text of a caption or an answer (empty for boxes and points).
+pub fn text_of(r: &SkillResult) -> String {
+    match &r.output {
+        crate::vision::SkillOutput::Caption { caption } => caption.clone(),
+        crate::vision::SkillOutput::Answer { answer, .. } => answer.clone(),
+        _ => String::new(),
+    }
+}
+
+/// How one client family frames a streamed job as Server-Sent Events `data:` payloads.
+pub trait StreamFormat: Send + 'static {
+    /// Events before any text.
+    fn opening(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// One piece of text (whole words).
+    fn chunk(&self, text: &str) -> String;
+    /// Events after the text of a finished job.
+    fn done(&self, done: &Finished) -> Vec<String>;
+    /// Events after a failure.
+    fn failed(&self, e: &ApiError) -> Vec<String>;
+}
+
+/// Streams a started job's text as it is generated, in whole words, framed by
+/// `format`. The stream ends after the job's last events; a client that goes away
+/// drops the stream, and the job is cancelled.
+pub fn stream<F: StreamFormat>(
+    state: AppState,
+    started: Started,
+    mut deltas: mpsc::UnboundedReceiver<String>,
+    timeout: Duration,
+    format: F,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, Sse};
+    let (tx, mut rx) = mpsc::channel::<Event>(64);
+    let id = started.id;
+    let mut guard = started.guard;
+    tokio::spawn(async move {
+        let send = |data: String| {
+            let tx = tx.clone();
+            async move { tx.send(Event::default().data(data)).await.is_ok() }
+        };
+        for e in format.opening() {
+            if !send(e).await {
+                return; // the client left: `guard` cancels the job
+            }
+        }
+        let mut words = WordChunker::default();
+        let finished = finish(&state, id, timeout);
+        tokio::pin!(finished);
+        let outcome = loop {
+            tokio::select! {
+                d = deltas.recv() => match d {
+                    Some(d) => if let Some(w) = words.push(&d)
+                        && !send(format.chunk(&w)).await {
+                        return; // the client left: `guard` cancels the job
+                    },
+                    None => break (&mut finished).await,
+                },
+                r = &mut finished => break r,
+                _ = tx.closed() => return, // the client left: `guard` cancels the job
+            }
+        };
+        guard.disarm();
+        let events = match outcome {
+            Ok(done) => {
+                let mut events: Vec<String> = words
+                    .finish(&text_of(&done.result))
+                    .map(|rest| format.chunk(&rest))
+                    .into_iter()
+                    .collect();
+                events.extend(format.done(&done));
+                events
+            }
+            Err(e) => format.failed(&e),
+        };
+        for e in events {
+            send(e).await;
+        }
+    });
+    Sse::new(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|o| o.map(Ok))
+    }))
+}
+
 /// Collects streamed text and hands it out in whole words: a chunk always ends
 /// after whitespace, and the rest waits for the next delta (or the end).
 #[derive(Debug, Default)]

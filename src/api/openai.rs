@@ -2,20 +2,17 @@
 //! an `image_url` data URI, streaming chunks ending in `[DONE]`, real `usage`) and
 //! `GET /v1/models`, answering both OpenAI and Station clients.
 
-use std::convert::Infallible;
-
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::input::decode_base64_image;
-use super::interactive::{self, WordChunker};
+use super::interactive;
 use super::jobs::json_body;
 use super::{ApiError, AppState};
 use crate::queue::{TaskKind, now_ms};
-use crate::vision::{CaptionLength, SkillOutput, SkillResult};
+use crate::vision::{CaptionLength, SkillResult};
 use crate::workers::caption::TaskParams;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "code"}}`.
@@ -209,14 +206,6 @@ fn plan(req: &ChatRequest) -> Result<(Vec<u8>, TaskKind, TaskParams), ApiError> 
     Ok((bytes, task, params))
 }
 
-fn text_of(r: &SkillResult) -> String {
-    match &r.output {
-        SkillOutput::Caption { caption } => caption.clone(),
-        SkillOutput::Answer { answer, .. } => answer.clone(),
-        other => serde_json::to_string(other).unwrap_or_default(),
-    }
-}
-
 fn usage(r: &SkillResult) -> serde_json::Value {
     let u = r.usage;
     serde_json::json!({
@@ -239,18 +228,13 @@ pub async fn chat_completions(
     let created = now_ms() / 1000;
     let cid = format!("chatcmpl-{}", started.id.simple());
     if let Some(deltas) = started.deltas.take() {
-        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream(
-            state,
-            started,
-            deltas,
-            timeout,
+        let format = OpenAiStream {
             cid,
             model,
             created,
-            include_usage,
-        )
-        .into_response());
+            include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+        };
+        return Ok(interactive::stream(state, started, deltas, timeout, format).into_response());
     }
     let done = interactive::finish(&state, started.id, timeout).await;
     started.guard.disarm();
@@ -262,7 +246,7 @@ pub async fn chat_completions(
         "model": model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": text_of(&done.result)},
+            "message": {"role": "assistant", "content": interactive::text_of(&done.result)},
             "finish_reason": if done.result.truncated { "length" } else { "stop" },
         }],
         "usage": usage(&done.result),
@@ -271,84 +255,65 @@ pub async fn chat_completions(
     .into_response())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stream(
-    state: AppState,
-    started: interactive::Started,
-    mut deltas: tokio::sync::mpsc::UnboundedReceiver<String>,
-    timeout: std::time::Duration,
+/// OpenAI's stream: a role chunk, content chunks in whole words, a chunk with the
+/// finish reason (and one with `usage` when asked), then `[DONE]`.
+struct OpenAiStream {
     cid: String,
     model: String,
     created: i64,
     include_usage: bool,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(64);
-    let id = started.id;
-    let mut guard = started.guard;
-    tokio::spawn(async move {
-        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
-            serde_json::json!({
-                "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            })
-        };
-        let send = |v: serde_json::Value| {
-            let tx = tx.clone();
-            async move { tx.send(Event::default().data(v.to_string())).await.is_ok() }
-        };
-        if !send(chunk(
+}
+
+impl OpenAiStream {
+    fn chunk_with(&self, delta: serde_json::Value, finish: Option<&str>) -> String {
+        serde_json::json!({
+            "id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        })
+        .to_string()
+    }
+}
+
+impl interactive::StreamFormat for OpenAiStream {
+    fn opening(&self) -> Vec<String> {
+        vec![self.chunk_with(
             serde_json::json!({"role": "assistant", "content": ""}),
             None,
-        ))
-        .await
-        {
-            return;
-        }
-        let mut words = WordChunker::default();
-        let finished = interactive::finish(&state, id, timeout);
-        tokio::pin!(finished);
-        let outcome = loop {
-            tokio::select! {
-                d = deltas.recv() => match d {
-                    Some(d) => if let Some(w) = words.push(&d)
-                        && !send(chunk(serde_json::json!({"content": w}), None)).await {
-                        return;
-                    },
-                    None => break (&mut finished).await,
-                },
-                r = &mut finished => break r,
-                _ = tx.closed() => return,
-            }
+        )]
+    }
+
+    fn chunk(&self, text: &str) -> String {
+        self.chunk_with(serde_json::json!({ "content": text }), None)
+    }
+
+    fn done(&self, done: &interactive::Finished) -> Vec<String> {
+        let reason = if done.result.truncated {
+            "length"
+        } else {
+            "stop"
         };
-        guard.disarm();
-        match outcome {
-            Ok(done) => {
-                if let Some(rest) = words.finish(&text_of(&done.result)) {
-                    send(chunk(serde_json::json!({"content": rest}), None)).await;
-                }
-                let reason = if done.result.truncated {
-                    "length"
-                } else {
-                    "stop"
-                };
-                send(chunk(serde_json::json!({}), Some(reason))).await;
-                if include_usage {
-                    send(serde_json::json!({
-                        "id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "choices": [], "usage": usage(&done.result),
-                    }))
-                    .await;
-                }
-            }
-            Err(e) => {
-                send(serde_json::json!({"error": {"message": e.message, "type": "server_error", "code": e.code}})).await;
-            }
+        let mut events = vec![self.chunk_with(serde_json::json!({}), Some(reason))];
+        if self.include_usage {
+            events.push(
+                serde_json::json!({
+                    "id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "choices": [], "usage": usage(&done.result),
+                })
+                .to_string(),
+            );
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
-    });
-    Sse::new(futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|o| o.map(Ok))
-    }))
+        events.push("[DONE]".into());
+        events
+    }
+
+    fn failed(&self, e: &ApiError) -> Vec<String> {
+        vec![
+            serde_json::json!({"error": {"message": e.message, "type": "server_error", "code": e.code}})
+                .to_string(),
+            "[DONE]".into(),
+        ]
+    }
 }
 
 /// `GET /v1/models`: OpenAI's list and Station's `models` in one body.

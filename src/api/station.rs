@@ -2,16 +2,13 @@
 //! `/v1/point`) with its request and response shapes, SSE streaming and top-level
 //! `"error"` strings, so Station clients work by changing the URL.
 
-use std::convert::Infallible;
-
 use axum::Json;
 use axum::extract::{Request, State};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::input::decode_base64_image;
-use super::interactive::{self, Finished, WordChunker};
+use super::interactive::{self, Finished};
 use super::jobs::json_body;
 use super::{ApiError, AppState};
 use crate::queue::TaskKind;
@@ -126,7 +123,8 @@ async fn skill(state: AppState, task: TaskKind, req: Request) -> Result<Response
         interactive::start(&state, task, params_of(task, &body), &image, stream).await?;
     let timeout = state.request_timeout;
     if let Some(deltas) = started.deltas.take() {
-        return Ok(sse(state, started, deltas, timeout).into_response());
+        let format = StationStream { id: started.id };
+        return Ok(interactive::stream(state, started, deltas, timeout, format).into_response());
     }
     let done = interactive::finish(&state, started.id, timeout).await;
     started.guard.disarm();
@@ -159,60 +157,27 @@ fn body_of(done: &Finished, id: uuid::Uuid) -> serde_json::Value {
 }
 
 /// Station's stream: `{"chunk"}` events in whole words, then `{"stats"}`, then
-/// `{"completed": true}`; `{"error"}` when the job fails. Dropping the stream (the
-/// client left) cancels the job.
-fn sse(
-    state: AppState,
-    started: interactive::Started,
-    mut deltas: tokio::sync::mpsc::UnboundedReceiver<String>,
-    timeout: std::time::Duration,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Event>(64);
-    let id = started.id;
-    let mut guard = started.guard;
-    tokio::spawn(async move {
-        let send = |v: serde_json::Value| {
-            let tx = tx.clone();
-            async move { tx.send(Event::default().data(v.to_string())).await.is_ok() }
-        };
-        let mut words = WordChunker::default();
-        let finished = interactive::finish(&state, id, timeout);
-        tokio::pin!(finished);
-        let outcome = loop {
-            tokio::select! {
-                d = deltas.recv() => match d {
-                    Some(d) => if let Some(chunk) = words.push(&d)
-                        && !send(serde_json::json!({"chunk": chunk})).await {
-                        return; // the client left: `guard` cancels the job
-                    },
-                    None => break (&mut finished).await,
-                },
-                r = &mut finished => break r,
-                _ = tx.closed() => return, // the client left: `guard` cancels the job
-            }
-        };
-        match outcome {
-            Ok(done) => {
-                guard.disarm();
-                let text = match &done.result.output {
-                    SkillOutput::Caption { caption } => caption.clone(),
-                    SkillOutput::Answer { answer, .. } => answer.clone(),
-                    _ => String::new(),
-                };
-                if let Some(rest) = words.finish(&text) {
-                    send(serde_json::json!({"chunk": rest})).await;
-                }
-                send(serde_json::json!({"stats": done.stats(), "request_id": id})).await;
-                send(serde_json::json!({"completed": true})).await;
-            }
-            Err(e) => {
-                guard.disarm();
-                send(serde_json::json!({"error": e.message, "code": e.code})).await;
-                send(serde_json::json!({"completed": true})).await;
-            }
-        }
-    });
-    Sse::new(futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|o| o.map(Ok))
-    }))
+/// `{"completed": true}`; `{"error"}` when the job fails.
+struct StationStream {
+    id: uuid::Uuid,
+}
+
+impl interactive::StreamFormat for StationStream {
+    fn chunk(&self, text: &str) -> String {
+        serde_json::json!({ "chunk": text }).to_string()
+    }
+
+    fn done(&self, done: &Finished) -> Vec<String> {
+        vec![
+            serde_json::json!({"stats": done.stats(), "request_id": self.id}).to_string(),
+            serde_json::json!({"completed": true}).to_string(),
+        ]
+    }
+
+    fn failed(&self, e: &ApiError) -> Vec<String> {
+        vec![
+            serde_json::json!({"error": e.message, "code": e.code}).to_string(),
+            serde_json::json!({"completed": true}).to_string(),
+        ]
+    }
 }
