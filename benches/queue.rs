@@ -216,6 +216,21 @@ async fn main() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 2_000 } else { 20_000 };
+    // `--concurrency N` measures only claim→complete at N (for profiling).
+    let args: Vec<String> = std::env::args().collect();
+    let only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--concurrency")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    if let Some(c) = only {
+        let (f, nn) = (
+            throughput(Durability::Full, c, n).await,
+            throughput(Durability::Normal, c, n).await,
+        );
+        println!("claim→complete, jobs/s, concurrency {c}: FULL {f:.0}, NORMAL {nn:.0}");
+        return;
+    }
 
     println!("captiond queue benchmark (no-op handler, SQLite file in a temp dir)");
     println!("{:<44} {:>12} {:>12}", "figure", "FULL", "NORMAL");

@@ -227,6 +227,118 @@ async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_c
     );
 }
 
+/// Every kind of outcome, a stale one, and claims for two owners arrive together and are
+/// written in one group commit (a current-thread runtime queues them all before the
+/// finisher runs); each is applied, or refused, as if it had been written alone.
+#[tokio::test]
+async fn one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner() {
+    let (_d, store) = store().await;
+    for i in 0..8 {
+        store.insert_job(&new_job(i)).await.unwrap();
+    }
+    let a = store.claim("A", 7, LEASE).await.unwrap();
+    let b = store.claim("B", 1, LEASE).await.unwrap().remove(0);
+    let mut next_ids = Vec::new();
+    for i in 0..3 {
+        let (j, _) = store
+            .insert_job(&NewJob {
+                priority: 10,
+                ..new_job(100 + i)
+            })
+            .await
+            .unwrap();
+        next_ids.push(j.id);
+    }
+    let succeeded = |caption: &str| Finish::Succeeded {
+        model: "m".into(),
+        output: serde_json::json!({"caption": caption}),
+    };
+    let later = captiond::queue::now_ms() + 60_000;
+    let mut stale = op(&a[6], "A", succeeded("stale"));
+    stale.attempt += 1;
+    let ops = [
+        FinishOp {
+            claim_next: Some(LEASE),
+            ..op(&a[0], "A", succeeded("a0"))
+        },
+        op(&a[1], "A", Finish::Failed(err("bad_image"))),
+        op(
+            &a[2],
+            "A",
+            Finish::Retry {
+                run_at: later,
+                error: err("busy"),
+            },
+        ),
+        op(
+            &a[3],
+            "A",
+            Finish::OutOfMemory {
+                max_oom: 3,
+                error: err("oom"),
+            },
+        ),
+        op(&a[4], "A", Finish::Cancelled),
+        op(&a[5], "A", Finish::Released),
+        stale,
+        FinishOp {
+            claim_next: Some(Duration::from_secs(90)),
+            ..op(&b, "B", succeeded("b"))
+        },
+    ];
+    let outcomes = futures::future::join_all(ops.into_iter().map(|o| store.finish(o))).await;
+    let outcomes: Vec<_> = outcomes.into_iter().map(Result::unwrap).collect();
+    let applied: Vec<bool> = outcomes.iter().map(|o| o.applied).collect();
+    assert_eq!(applied, [true, true, true, true, true, true, false, true]);
+
+    let state = |id| {
+        let store = store.clone();
+        async move { store.get_job(id).await.unwrap().unwrap() }
+    };
+    let j = state(a[0].id).await;
+    assert_eq!((j.state, j.lease_owner), (JobState::Succeeded, None));
+    let r = store.get_result(a[0].id).await.unwrap().unwrap();
+    assert_eq!((r.attempt, r.output["caption"].as_str()), (1, Some("a0")));
+    let j = state(a[1].id).await;
+    assert_eq!(
+        (j.state, j.error.map(|e| e.code)),
+        (JobState::Failed, Some("bad_image".into()))
+    );
+    let j = state(a[2].id).await;
+    assert_eq!(
+        (j.state, j.run_at, j.attempt),
+        (JobState::Scheduled, later, 1)
+    );
+    let j = state(a[3].id).await;
+    assert_eq!((j.state, j.attempt, j.oom_count), (JobState::Queued, 0, 1));
+    assert_eq!(state(a[4].id).await.state, JobState::Cancelled);
+    let j = state(a[5].id).await;
+    assert_eq!((j.state, j.attempt), (JobState::Queued, 0));
+    let j = state(a[6].id).await;
+    assert_eq!(
+        (j.state, j.attempt),
+        (JobState::Running, 1),
+        "the stale write changed nothing"
+    );
+    assert!(store.get_result(a[6].id).await.unwrap().is_none());
+    assert_eq!(state(b.id).await.state, JobState::Succeeded);
+
+    // Each owner got its next job under its own lease, the highest priority first.
+    let next_a = outcomes[0].next.clone().expect("A's slot got a next job");
+    let next_b = outcomes[7].next.clone().expect("B's slot got a next job");
+    assert!(next_ids.contains(&next_a.id) && next_ids.contains(&next_b.id));
+    assert_ne!(next_a.id, next_b.id);
+    assert_eq!(next_a.lease_owner.as_deref(), Some("A"));
+    assert_eq!(next_b.lease_owner.as_deref(), Some("B"));
+    let lease_gap = next_b.lease_expires_at.unwrap() - next_a.lease_expires_at.unwrap();
+    assert!(
+        (59_000..=61_000).contains(&lease_gap),
+        "B's lease is 90 s, A's 30 s: {lease_gap}"
+    );
+    assert!(outcomes[1..7].iter().all(|o| o.next.is_none()));
+    assert_eq!(store.counts(None).await.unwrap().running, 3);
+}
+
 /// Fails the first attempt of every job transiently, sleeps, then succeeds; counts concurrency.
 struct Flaky {
     seen: Mutex<Vec<uuid::Uuid>>,

@@ -91,7 +91,8 @@ impl From<sqlx::Error> for StoreError {
 /// Result type of the store.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// How a worker finishes an attempt; each becomes one guarded statement.
+/// How a worker finishes an attempt; each kind is one guarded, set-based statement of the
+/// group commit.
 #[derive(Debug, Clone)]
 pub enum Finish {
     /// Store the result and succeed.
@@ -308,40 +309,93 @@ const SQL_LIST: &str = concat!(
     " ",
     "FROM jobs WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR batch_id = ?2) AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
 );
-const SQL_CLAIM: &str = concat!(
-    "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = ?1, lease_expires_at = ?2, ",
-    "started_at = COALESCE(started_at, ?3), cancel_requested = 0 ",
-    "WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_runnable WHERE state IN ('queued', 'scheduled') AND run_at <= ?3 ORDER BY priority, run_at LIMIT ?4) ",
-    "RETURNING ",
-    job_columns!()
-);
 const SQL_HEARTBEAT: &str = "UPDATE jobs SET lease_expires_at = ?2 WHERE lease_owner = ?1 AND state = 'running' RETURNING id, attempt, cancel_requested";
-const SQL_SUCCEED_MANY: &str = concat!(
-    "UPDATE jobs SET state = 'succeeded', finished_at = ?2, lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, error_message = NULL ",
-    "FROM (SELECT value ->> 'id' AS fid, value ->> 'owner' AS fowner, value ->> 'attempt' AS fattempt FROM json_each(?1)) AS f ",
-    "WHERE jobs.id = f.fid AND jobs.lease_owner = f.fowner AND jobs.attempt = f.fattempt AND jobs.state = 'running' RETURNING jobs.id"
-);
-const SQL_INSERT_RESULTS: &str = concat!(
-    "INSERT INTO results (job_id, attempt, model, output, created_at) ",
-    "SELECT value ->> 'id', value ->> 'attempt', value ->> 'model', value ->> 'output', ?2 FROM json_each(?1) WHERE true ",
-    "ON CONFLICT(job_id) DO UPDATE SET attempt = excluded.attempt, model = excluded.model, output = excluded.output, created_at = excluded.created_at"
-);
-const SQL_FAIL: &str = "UPDATE jobs SET state = 'failed', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = ?5, error_message = ?6 WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
-const SQL_RETRY_LATER: &str = concat!(
-    "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'scheduled' END, ",
-    "finished_at = CASE WHEN attempt >= max_attempts THEN ?4 ELSE NULL END, run_at = ?5, ",
-    "lease_owner = NULL, lease_expires_at = NULL, error_code = ?6, error_message = ?7 ",
-    "WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'"
-);
-const SQL_OOM: &str = concat!(
-    "UPDATE jobs SET oom_count = oom_count + 1, attempt = attempt - 1, ",
-    "state = CASE WHEN oom_count + 1 >= ?5 THEN 'failed' ELSE 'queued' END, ",
-    "finished_at = CASE WHEN oom_count + 1 >= ?5 THEN ?4 ELSE NULL END, run_at = ?4 + 1000 * (oom_count + 1), ",
-    "lease_owner = NULL, lease_expires_at = NULL, error_code = ?6, error_message = ?7 ",
-    "WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'"
-);
-const SQL_FINISH_CANCELLED: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?4, lease_owner = NULL, lease_expires_at = NULL, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
-const SQL_RELEASE: &str = "UPDATE jobs SET state = 'queued', attempt = attempt - 1, run_at = ?4, lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND lease_owner = ?2 AND attempt = ?3 AND state = 'running'";
+/// Finishing ops of one kind (a JSON array, bound positionally) joined to their jobs under
+/// the lease guard: same owner, same attempt, still running.
+macro_rules! finishing {
+    () => {
+        concat!(
+            "FROM (SELECT value ->> 'id' AS fid, value ->> 'owner' AS fowner, value ->> 'attempt' AS fattempt, ",
+            "value ->> 'run_at' AS frun_at, value ->> 'code' AS fcode, value ->> 'message' AS fmessage, ",
+            "value ->> 'max_oom' AS fmax_oom FROM jsonb_each(?)) AS f ",
+            "WHERE jobs.id = f.fid AND jobs.lease_owner = f.fowner AND jobs.attempt = f.fattempt ",
+            "AND jobs.state = 'running';"
+        )
+    };
+}
+
+/// One group commit in one round trip: which ops still hold their lease (one JSON row),
+/// results, the guarded transition of each finishing kind, then the claim of the slots'
+/// next jobs. Parameters are positional, bound in text
+/// order by `group_commit` (sqlx skips numbered parameters after a gap in multi-statement
+/// queries). `$end` is `COMMIT;`, or empty when more claims follow.
+macro_rules! finish_group {
+    ($end:literal) => {
+        concat!(
+            "BEGIN IMMEDIATE;",
+            // The ops whose lease is still held: exactly those the statements below apply.
+            "SELECT json_group_array(json_array(jobs.id, jobs.attempt)) FROM jsonb_each(?) AS f ",
+            "JOIN jobs ON jobs.id = f.value ->> 'id' AND jobs.lease_owner = f.value ->> 'owner' ",
+            "AND jobs.attempt = f.value ->> 'attempt' AND jobs.state = 'running';",
+            // Results first, under the same guard the success transition checks below.
+            "INSERT INTO results (job_id, attempt, model, output, created_at) ",
+            "SELECT f.value ->> 'id', f.value ->> 'attempt', f.value ->> 'model', f.value ->> 'output', ? ",
+            "FROM jsonb_each(?) AS f JOIN jobs ON jobs.id = f.value ->> 'id' AND jobs.lease_owner = f.value ->> 'owner' ",
+            "AND jobs.attempt = f.value ->> 'attempt' AND jobs.state = 'running' WHERE true ",
+            "ON CONFLICT(job_id) DO UPDATE SET attempt = excluded.attempt, model = excluded.model, output = excluded.output, ",
+            "created_at = excluded.created_at;",
+            "UPDATE jobs SET state = 'succeeded', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL, ",
+            "error_code = NULL, error_message = NULL ",
+            finishing!(),
+            "UPDATE jobs SET state = 'failed', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL, ",
+            "error_code = f.fcode, error_message = f.fmessage ",
+            finishing!(),
+            "UPDATE jobs SET state = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'scheduled' END, ",
+            "finished_at = CASE WHEN attempt >= max_attempts THEN ? ELSE NULL END, run_at = f.frun_at, ",
+            "lease_owner = NULL, lease_expires_at = NULL, error_code = f.fcode, error_message = f.fmessage ",
+            finishing!(),
+            "UPDATE jobs SET oom_count = oom_count + 1, attempt = attempt - 1, ",
+            "state = CASE WHEN oom_count + 1 >= f.fmax_oom THEN 'failed' ELSE 'queued' END, ",
+            "finished_at = CASE WHEN oom_count + 1 >= f.fmax_oom THEN ? ELSE NULL END, run_at = ? + 1000 * (oom_count + 1), ",
+            "lease_owner = NULL, lease_expires_at = NULL, error_code = f.fcode, error_message = f.fmessage ",
+            finishing!(),
+            "UPDATE jobs SET state = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL, ",
+            "error_code = 'cancelled', error_message = 'cancelled on request' ",
+            finishing!(),
+            "UPDATE jobs SET state = 'queued', attempt = attempt - 1, run_at = ?, lease_owner = NULL, lease_expires_at = NULL ",
+            finishing!(),
+            claim!("?", "?", "?", "?"),
+            ";",
+            $end
+        )
+    };
+}
+
+/// Claims up to `$limit` due jobs for `$owner` with lease expiry `$expires` at time `$now`.
+macro_rules! claim {
+    ($owner:literal, $expires:literal, $now:literal, $limit:literal) => {
+        concat!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = ",
+            $owner,
+            ", lease_expires_at = ",
+            $expires,
+            ", started_at = COALESCE(started_at, ",
+            $now,
+            "), cancel_requested = 0 ",
+            "WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_runnable WHERE state IN ('queued', 'scheduled') AND run_at <= ",
+            $now,
+            // `+ 0`: a bare parameter as LIMIT makes SQLite re-prepare the statement
+            // whenever its value changes; an expression is evaluated at run time instead.
+            " ORDER BY priority, run_at LIMIT ",
+            $limit,
+            " + 0) RETURNING ",
+            job_columns!()
+        )
+    };
+}
+const SQL_CLAIM: &str = claim!("?1", "?2", "?3", "?4");
+const SQL_FINISH_GROUP: &str = finish_group!("COMMIT;");
+const SQL_FINISH_GROUP_OPEN: &str = finish_group!("");
 const SQL_CANCEL_WAITING: &str = "UPDATE jobs SET state = 'cancelled', finished_at = ?2, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = ?1 AND state IN ('queued', 'scheduled')";
 const SQL_CANCEL_RUNNING: &str =
     "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1 AND state = 'running'";
@@ -881,109 +935,38 @@ async fn apply_finishes(
     pool: &SqlitePool,
     ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)],
 ) -> StoreResult<Vec<FinishOutcome>> {
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    let mut applied = vec![false; ops.len()];
     let now = now_ms();
-    // Successes, the common case, go in two set-based statements for the whole group.
-    let succeeded: Vec<(usize, serde_json::Value)> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (op, _))| match &op.finish {
-            Finish::Succeeded { model, output } => Some((
-                i,
-                serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt, "model": model, "output": output}),
-            )),
-            _ => None,
-        })
-        .collect();
-    if !succeeded.is_empty() {
-        let batch = serde_json::Value::Array(succeeded.iter().map(|(_, v)| v.clone()).collect())
-            .to_string();
-        let done: Vec<String> = sqlx::query_scalar(SQL_SUCCEED_MANY)
-            .bind(batch)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
-        let done: std::collections::HashSet<String> = done.into_iter().collect();
-        let mut results = Vec::with_capacity(done.len());
-        for (i, v) in &succeeded {
-            if v["id"].as_str().is_some_and(|id| done.contains(id)) {
-                applied[*i] = true;
-                results.push(v.clone());
-            }
-        }
-        if !results.is_empty() {
-            sqlx::query(SQL_INSERT_RESULTS)
-                .bind(serde_json::Value::Array(results).to_string())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
+    let kinds = by_kind(ops);
+    // Slots asking for their next job, grouped by (owner, lease); one pool asks as one.
+    let mut claims: Vec<(&str, Duration, Vec<usize>)> = Vec::new();
     for (i, (op, _)) in ops.iter().enumerate() {
-        let id = op.id.to_string();
-        let guarded = |sql: &'static str| {
-            sqlx::query(sql)
-                .bind(id.clone())
-                .bind(op.owner.clone())
-                .bind(op.attempt)
-                .bind(now)
-        };
-        let done = match &op.finish {
-            Finish::Succeeded { .. } => continue,
-            Finish::Failed(err) => {
-                guarded(SQL_FAIL)
-                    .bind(err.code.clone())
-                    .bind(err.message.clone())
-                    .execute(&mut *tx)
-                    .await?
-            }
-            Finish::Retry { run_at, error } => {
-                guarded(SQL_RETRY_LATER)
-                    .bind(*run_at)
-                    .bind(error.code.clone())
-                    .bind(error.message.clone())
-                    .execute(&mut *tx)
-                    .await?
-            }
-            Finish::OutOfMemory { max_oom, error } => {
-                guarded(SQL_OOM)
-                    .bind(*max_oom)
-                    .bind(error.code.clone())
-                    .bind(error.message.clone())
-                    .execute(&mut *tx)
-                    .await?
-            }
-            Finish::Cancelled => guarded(SQL_FINISH_CANCELLED).execute(&mut *tx).await?,
-            Finish::Released => guarded(SQL_RELEASE).execute(&mut *tx).await?,
-        };
-        applied[i] = done.rows_affected() == 1;
-    }
-    let mut next: Vec<Option<Job>> = vec![None; ops.len()];
-    let mut askers: Vec<(usize, &str, Duration)> = ops
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (op, _))| op.claim_next.map(|lease| (i, op.owner.as_str(), lease)))
-        .collect();
-    while let Some(&(_, owner, lease)) = askers.first() {
-        let group: Vec<usize> = askers
-            .iter()
-            .filter(|a| a.1 == owner && a.2 == lease)
-            .map(|a| a.0)
-            .collect();
-        askers.retain(|a| !(a.1 == owner && a.2 == lease));
-        let rows = sqlx::query(SQL_CLAIM)
-            .bind(owner)
-            .bind(now + lease.as_millis() as i64)
-            .bind(now)
-            .bind(group.len() as i64)
-            .fetch_all(&mut *tx)
-            .await?;
-        for (slot, job) in group.into_iter().zip(claimed_in_order(&rows)?) {
-            next[slot] = Some(job);
+        let Some(lease) = op.claim_next else { continue };
+        match claims.iter_mut().find(|c| c.0 == op.owner && c.1 == lease) {
+            Some(c) => c.2.push(i),
+            None => claims.push((op.owner.as_str(), lease, vec![i])),
         }
     }
-    tx.commit().await?;
+    let mut conn = pool.acquire().await?;
+    // The script begins its own transaction; on any error it is rolled back here, so the
+    // connection goes back to the pool outside a transaction.
+    let rows = match group_commit(&mut conn, &kinds, now, &claims).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+            return Err(e);
+        }
+    };
+    let (applied_ids, claimed) = rows;
+    let mut next: Vec<Option<Job>> = vec![None; ops.len()];
+    for ((_, _, slots), jobs) in claims.iter().zip(claimed) {
+        for (slot, job) in slots.iter().zip(jobs) {
+            next[*slot] = Some(job);
+        }
+    }
+    let applied: Vec<bool> = ops
+        .iter()
+        .map(|(op, _)| applied_ids.contains(&(op.id.to_string(), op.attempt)))
+        .collect();
     for ((op, _), applied) in ops.iter().zip(&applied) {
         match (&op.finish, applied) {
             (Finish::Succeeded { .. }, true) => crate::failpoint::hit("complete"),
@@ -1002,10 +985,126 @@ async fn apply_finishes(
         .collect())
 }
 
+/// The (id, attempt) pairs whose transition applied, and each claim group's jobs in order.
+type GroupRows = (std::collections::HashSet<(String, i64)>, Vec<Vec<Job>>);
+
+/// Runs the group script; the rare claims for a second owner or lease follow it inside
+/// the same transaction, then COMMIT.
+async fn group_commit(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Sqlite>,
+    kinds: &[String; 7],
+    now: i64,
+    claims: &[(&str, Duration, Vec<usize>)],
+) -> StoreResult<GroupRows> {
+    let (script, owner, lease, slots) = match claims {
+        [] => (SQL_FINISH_GROUP, "", Duration::ZERO, 0),
+        [(owner, lease, slots)] => (SQL_FINISH_GROUP, *owner, *lease, slots.len()),
+        [(owner, lease, slots), ..] => (SQL_FINISH_GROUP_OPEN, *owner, *lease, slots.len()),
+    };
+    // In the script's text order: the lease check, results, one transition per kind, the claim.
+    let query = sqlx::query(script)
+        .bind(&kinds[ALL])
+        .bind(now)
+        .bind(&kinds[SUCCEEDED])
+        .bind(now)
+        .bind(&kinds[SUCCEEDED])
+        .bind(now)
+        .bind(&kinds[FAILED])
+        .bind(now)
+        .bind(&kinds[RETRY])
+        .bind(now)
+        .bind(now)
+        .bind(&kinds[OOM])
+        .bind(now)
+        .bind(&kinds[CANCELLED])
+        .bind(now)
+        .bind(&kinds[RELEASED])
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .bind(now)
+        .bind(slots as i64);
+    // Every row is read before any is parsed: dropping the stream early would stop the
+    // script before its COMMIT.
+    let rows: Vec<SqliteRow> = query.fetch_all(&mut **conn).await?;
+    let mut applied = std::collections::HashSet::new();
+    let mut first = Vec::new();
+    for row in &rows {
+        // The applied ops come as one JSON array of [id, attempt]; claims as whole jobs.
+        if row.len() == 1 {
+            let pairs: Vec<(String, i64)> = serde_json::from_str(&row.try_get::<String, _>(0)?)
+                .map_err(|e| StoreError::InvalidRow(format!("applied ops: {e}")))?;
+            applied.extend(pairs);
+        } else {
+            first.push(row);
+        }
+    }
+    let mut claimed = vec![claimed_in_order(first)?];
+    if claims.len() > 1 {
+        for (owner, lease, slots) in &claims[1..] {
+            let rows = sqlx::query(SQL_CLAIM)
+                .bind(*owner)
+                .bind(now + lease.as_millis() as i64)
+                .bind(now)
+                .bind(slots.len() as i64)
+                .fetch_all(&mut **conn)
+                .await?;
+            claimed.push(claimed_in_order(&rows)?);
+        }
+        sqlx::query("COMMIT").execute(&mut **conn).await?;
+    }
+    Ok((applied, claimed))
+}
+
+const SUCCEEDED: usize = 0;
+const FAILED: usize = 1;
+const RETRY: usize = 2;
+const OOM: usize = 3;
+const CANCELLED: usize = 4;
+const RELEASED: usize = 5;
+const ALL: usize = 6;
+
+/// The group's finishing ops as one JSON array per kind, indexed by the constants above.
+fn by_kind(ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)]) -> [String; 7] {
+    let mut kinds: [Vec<serde_json::Value>; 7] = Default::default();
+    for (op, _) in ops {
+        let mut v =
+            serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt});
+        let (kind, extra) = match &op.finish {
+            Finish::Succeeded { model, output } => (
+                SUCCEEDED,
+                serde_json::json!({"model": model, "output": output}),
+            ),
+            Finish::Failed(e) => (
+                FAILED,
+                serde_json::json!({"code": e.code, "message": e.message}),
+            ),
+            Finish::Retry { run_at, error } => (
+                RETRY,
+                serde_json::json!({"run_at": run_at, "code": error.code, "message": error.message}),
+            ),
+            Finish::OutOfMemory { max_oom, error } => (
+                OOM,
+                serde_json::json!({"max_oom": max_oom, "code": error.code, "message": error.message}),
+            ),
+            Finish::Cancelled => (CANCELLED, serde_json::json!({})),
+            Finish::Released => (RELEASED, serde_json::json!({})),
+        };
+        if let (Some(map), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            map.extend(extra);
+        }
+        kinds[ALL].push(
+            serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt}),
+        );
+        kinds[kind].push(v);
+    }
+    kinds.map(|k| serde_json::Value::Array(k).to_string())
+}
+
 /// Claimed rows in claim order: `RETURNING` follows table order, not the subquery's.
-fn claimed_in_order(rows: &[SqliteRow]) -> StoreResult<Vec<Job>> {
+fn claimed_in_order<'a>(rows: impl IntoIterator<Item = &'a SqliteRow>) -> StoreResult<Vec<Job>> {
     let mut jobs = rows
-        .iter()
+        .into_iter()
         .map(job_from_row)
         .collect::<StoreResult<Vec<_>>>()?;
     jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
