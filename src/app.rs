@@ -261,14 +261,8 @@ impl App {
         );
         let server_stop = CancellationToken::new();
         let stop = server_stop.clone();
-        let server = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                error!(error = %e, "HTTP server stopped");
-            }
-        });
+        let header_timeout = Duration::from_secs(settings.server.header_timeout_secs.max(1));
+        let server = tokio::spawn(api::serve::serve(listener, router, header_timeout, stop));
         info!(%addr, data_dir = %data_dir.display(), "captiond listening");
         let (stop_tx, stop_rx) = watch::channel(None);
         let mut app = App {

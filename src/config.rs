@@ -257,6 +257,9 @@ pub struct ServerSettings {
     /// Largest request body in MiB.
     #[arg(long, env = "CAPTIOND_BODY_LIMIT_MIB", default_value_t = 32)]
     pub body_limit_mib: usize,
+    /// Seconds a client has to send a request's headers; a slower connection is closed.
+    #[arg(long, env = "CAPTIOND_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
     /// Seconds a client has to send a whole request body (slow uploads get 408).
     #[arg(long, env = "CAPTIOND_BODY_TIMEOUT_SECS", default_value_t = 60)]
     pub body_timeout_secs: u64,

@@ -432,6 +432,7 @@ async fn caption(
                     body_limit_mib: 32,
                     request_timeout_secs: 300,
                     body_timeout_secs: 60,
+                    header_timeout_secs: 30,
                     station: false,
                 },
             };

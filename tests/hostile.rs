@@ -157,6 +157,8 @@ async fn hostile_requests_get_4xx_json_errors_and_the_server_stays_up_and_small(
             &lib_s,
             "--body-timeout-secs",
             "2",
+            "--header-timeout-secs",
+            "2",
             "--max-tokens",
             "4",
         ],
@@ -467,6 +469,46 @@ async fn hostile_requests_get_4xx_json_errors_and_the_server_stays_up_and_small(
         c.cases += 1;
         if !head.starts_with("HTTP/1.1 408") {
             c.failures.push(format!("slow-loris {i}: {head:?}"));
+            break;
+        }
+    }
+
+    // Header slow-loris: a request whose headers trickle in a line at a time is dropped
+    // once the header deadline passes, and others are answered meanwhile.
+    let mut slow = Vec::new();
+    for _ in 0..scale(40, 200) {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        slow.push(s);
+    }
+    let started = Instant::now();
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        for s in &mut slow {
+            let _ = s.write_all(format!("X-Slow-{round}: 1\r\n").as_bytes());
+        }
+    }
+    let (status, _) = c
+        .check(
+            "a normal request during header slow-loris",
+            c.get("/v1/stats"),
+            &[200],
+        )
+        .await;
+    assert_eq!(status, 200);
+    for (i, mut s) in slow.into_iter().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let read = s.read(&mut buf);
+        c.cases += 1;
+        // Closed (EOF or reset), never answered: the request never finished.
+        let closed = matches!(read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        if !closed {
+            c.failures.push(format!(
+                "header slow-loris {i} still open after {:?}: {read:?}",
+                started.elapsed()
+            ));
             break;
         }
     }

@@ -8,6 +8,7 @@ pub mod interactive;
 pub mod jobs;
 pub mod openai;
 pub mod openapi;
+pub mod serve;
 pub mod station;
 
 use std::path::PathBuf;

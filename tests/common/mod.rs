@@ -90,6 +90,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             body_limit_mib: opts.body_limit_mib,
             request_timeout_secs: opts.request_timeout_secs,
             body_timeout_secs: 5,
+            header_timeout_secs: 5,
             station: false,
         },
     }
