@@ -330,17 +330,7 @@ async fn status(
     model: ModelSettings,
 ) -> Result<i32> {
     let store = open_existing(&data).await?;
-    let opts = ExportOptions {
-        paths,
-        format: Format::Jsonl,
-        spec: task.spec(),
-        model: ModelIdentity::from_settings(&model),
-        output: None,
-        txt_extension: "txt".into(),
-        xmp_naming: XmpNaming::Auto,
-        alt_text: false,
-        overwrite: false,
-    };
+    let opts = ExportOptions::for_rows(paths, task.spec(), ModelIdentity::from_settings(&model));
     let rows = export::rows(&store, &opts).await?;
     let mut by_state: std::collections::BTreeMap<&str, usize> = Default::default();
     let mut distinct = std::collections::HashSet::new();
@@ -443,17 +433,11 @@ async fn caption(
         && server.is_none()
     {
         let store = open_existing(&data).await?;
-        let eopts = ExportOptions {
-            paths: opts.paths.clone(),
-            format: Format::Jsonl,
-            spec: opts.spec.clone(),
-            model: ModelIdentity::from_settings(&model),
-            output: None,
-            txt_extension: "txt".into(),
-            xmp_naming: XmpNaming::Auto,
-            alt_text: false,
-            overwrite: false,
-        };
+        let eopts = ExportOptions::for_rows(
+            opts.paths.clone(),
+            opts.spec.clone(),
+            ModelIdentity::from_settings(&model),
+        );
         let rows = export::rows(&store, &eopts).await?;
         store.close().await;
         for r in rows.iter().filter(|r| r.text.is_some()) {

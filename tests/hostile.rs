@@ -8,27 +8,10 @@ mod common;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Server, data_uri, png, report, scale};
+use common::{Rng, Server, data_uri, png, report, scale};
 use serde_json::{Map, Value, json};
 
 /// xorshift, seeded from the clock (printed, to replay a failure).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
-
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
     for &b in data {
@@ -629,13 +612,7 @@ fn hostile(rng: &mut Rng) -> Value {
 }
 
 async fn fuzz_openapi(c: &mut Checker, per_route: usize) -> usize {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    println!("fuzz seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_clock("fuzz");
     let (_, doc) = c.check("openapi", c.get("/openapi.json"), &[200]).await;
     let defs = doc["components"]["schemas"]
         .as_object()

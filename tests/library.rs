@@ -60,26 +60,9 @@ fn export_rows(data: &Path, lib: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn db_scalar(data: &Path, sql: &'static str) -> i64 {
-    let db = data.join("captiond.db");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let opts = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .read_only(true);
-        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-        let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
-        pool.close().await;
-        n
-    })
-}
-
-/// nested folders, EXIF-rotated JPEGs, a duplicate under another name, a corrupt
-/// file, a zero-byte file, a text file named .jpg, an image without extension, a
-/// non-image file and a symlink loop.
+/// Builds a library under `root`: nested folders, EXIF-rotated JPEGs, a duplicate under
+/// another name, a corrupt file, a zero-byte file, a text file named .jpg, an image
+/// without extension, a non-image file and a symlink loop.
 fn make_library(root: &Path) -> PathBuf {
     let lib = root.join("Photos");
     let deep = lib.join("2024/summer/beach");
@@ -134,8 +117,8 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
         );
     }
     // One job per distinct content: 4 images + 3 bad files (the duplicate shares one).
-    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
-    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM results"), 4);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM results"), 4);
     let rows = export_rows(&data, &lib);
     assert_eq!(
         rows.len(),
@@ -170,7 +153,7 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
         err.contains("captioned 0, failed 0, skipped 4 already done and 3 that failed before"),
         "{err}"
     );
-    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
 
     // A moved file is recognised by its content.
     std::fs::rename(lib.join("2023/dog.png"), lib.join("dog moved.png")).unwrap();
@@ -185,7 +168,7 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
     let (code, _, err) = run(&data, &strs(&failed));
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("captioned 0, failed 3"), "{err}");
-    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 10);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 10);
 
     // Other settings make earlier results stale: a new length captions everything again.
     let mut short = args.clone();
@@ -231,7 +214,7 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
     loop {
         assert!(Instant::now() < deadline, "the run never got going");
         if data.join("captiond.db").exists()
-            && db_scalar(&data, "SELECT COUNT(*) FROM results") >= 3
+            && common::db_scalar(&data, "SELECT COUNT(*) FROM results") >= 3
         {
             break;
         }
@@ -242,7 +225,7 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let before = db_scalar(&data, "SELECT COUNT(*) FROM results");
+    let before = common::db_scalar(&data, "SELECT COUNT(*) FROM results");
     assert!(before < 24, "killed mid-run ({before} done)");
 
     // Ctrl-C (SIGINT) on the rerun: it stops cleanly, says how to resume, exits 130.
@@ -252,7 +235,7 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while db_scalar(&data, "SELECT COUNT(*) FROM results") < before + 2 {
+    while common::db_scalar(&data, "SELECT COUNT(*) FROM results") < before + 2 {
         assert!(Instant::now() < deadline, "the rerun never got going");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -266,11 +249,11 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
         "{err}"
     );
     assert_eq!(
-        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'running'"),
+        common::db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'running'"),
         0,
         "running work was released"
     );
-    let before = db_scalar(&data, "SELECT COUNT(*) FROM results");
+    let before = common::db_scalar(&data, "SELECT COUNT(*) FROM results");
 
     let (code, _, err) = run(&data, &strs(&args));
     assert_eq!(code, 0, "{err}");
@@ -278,18 +261,18 @@ fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
         err.contains(&format!("skipped {before} already done")),
         "{err}"
     );
-    assert_eq!(db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 24);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 24);
     assert_eq!(
-        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'"),
+        common::db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'"),
         24
     );
     assert_eq!(
-        db_scalar(&data, "SELECT COUNT(*) FROM results"),
+        common::db_scalar(&data, "SELECT COUNT(*) FROM results"),
         24,
         "one result per image"
     );
     assert_eq!(
-        db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE attempt > 2"),
+        common::db_scalar(&data, "SELECT COUNT(*) FROM jobs WHERE attempt > 2"),
         0
     );
     let rows = export_rows(&data, &lib);

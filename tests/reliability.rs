@@ -13,33 +13,10 @@ use std::time::{Duration, Instant};
 
 use captiond::queue::Job;
 use captiond::workers::{HandlerOutput, JobControl, JobFailure, JobHandler};
-use common::{Server, TestApp, TestOptions, data_uri, png, read_db, report, scale};
+use common::{Rng, Server, TestApp, TestOptions, data_uri, png, read_db, report, scale};
 use serde_json::{Value, json};
 
 /// A small deterministic generator (xorshift), seeded from the clock and printed.
-struct Rng(u64);
-
-impl Rng {
-    fn from_clock() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1;
-        println!("seed {seed}");
-        Self(seed)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
-}
-
 async fn post(client: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
     let r = client.post(url).json(body).send().await.unwrap();
     let status = r.status().as_u16();
@@ -78,7 +55,7 @@ async fn crash_loop_loses_nothing_and_runs_each_job_to_one_result() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let client = reqwest::Client::new();
-    let mut rng = Rng::from_clock();
+    let mut rng = Rng::from_clock("crash loop");
     let server = Server::start(&data, WORKER_FLAGS, &[]);
     server.wait_ready(&client).await;
     let mut accepted = 0;

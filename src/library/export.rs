@@ -60,6 +60,23 @@ pub struct ExportOptions {
     pub overwrite: bool,
 }
 
+impl ExportOptions {
+    /// Options that only read rows (status, `caption --print`): JSONL, default naming.
+    pub fn for_rows(paths: Vec<PathBuf>, spec: TaskSpec, model: ModelIdentity) -> Self {
+        Self {
+            paths,
+            format: Format::Jsonl,
+            spec,
+            model,
+            output: None,
+            txt_extension: "txt".into(),
+            xmp_naming: XmpNaming::Auto,
+            alt_text: false,
+            overwrite: false,
+        }
+    }
+}
+
 /// One image's row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {

@@ -429,3 +429,56 @@ pub fn scale(quick: usize, full: usize) -> usize {
         quick
     }
 }
+
+/// Reads one integer (a count) from the database of an instance's data dir, from sync code.
+pub fn db_scalar(data_dir: &Path, sql: &'static str) -> i64 {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = read_db(data_dir).await;
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        n
+    })
+}
+
+/// A tiny xorshift generator for randomized tests; seeded from the clock and printed,
+/// so a failing run can be replayed with `Rng::seeded`.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeds from the clock and prints the seed under `label`.
+    pub fn from_clock(label: &str) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        println!("{label} seed {seed}");
+        Self::seeded(seed)
+    }
+    /// A generator with a fixed seed.
+    pub fn seeded(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo)
+    }
+    /// True `percent` times in 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
