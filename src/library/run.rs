@@ -219,10 +219,19 @@ impl Follow {
         )
     }
 
-    fn finish(&mut self, id: Uuid, state: JobState, error: Option<(String, String)>, plan: &Plan) {
+    /// Records a job that reached `state` (once; later reports of it are ignored).
+    fn finish(
+        &mut self,
+        id: Uuid,
+        state: JobState,
+        error: Option<(String, String)>,
+        plan: &Plan,
+        progress: &Progress,
+    ) {
         let Some(hash) = self.outstanding.remove(&id) else {
             return;
         };
+        progress.0.inc(1);
         match state {
             JobState::Succeeded => self.summary.succeeded += 1,
             _ => {
@@ -240,6 +249,14 @@ impl Follow {
             }
         }
     }
+
+    /// The summary once following stops (all done, or interrupted).
+    fn end(mut self, progress: &Progress, started: Instant) -> RunSummary {
+        progress.done();
+        self.summary.pending = self.outstanding.len();
+        self.summary.elapsed_secs = started.elapsed().as_secs_f64();
+        self.summary
+    }
 }
 
 /// Runs a library run on the embedded queue with the local model. `shutdown`
@@ -251,10 +268,7 @@ pub async fn run_local(
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, RunError> {
     let started = Instant::now();
-    let paths = opts.paths.clone();
-    let walked = tokio::task::spawn_blocking(move || walk(&paths))
-        .await
-        .map_err(|e| RunError::Invalid(format!("the folder walk stopped: {e}")))?;
+    let walked = walk_paths(&opts.paths).await?;
     let app = App::build(settings, Engine::LoadModel).await?;
     let result = run_on_app(&app, walked, opts, started, shutdown).await;
     app.shutdown().await;
@@ -263,7 +277,7 @@ pub async fn run_local(
 
 async fn run_on_app(
     app: &App,
-    mut walked: super::scan::Walk,
+    walked: super::scan::Walk,
     opts: &RunOptions,
     started: Instant,
     shutdown: impl Future<Output = ()>,
@@ -271,12 +285,8 @@ async fn run_on_app(
     let state = app.state();
     let store = &state.store;
     let progress = Progress::new(opts.show_progress);
-    let files = walked.files.len();
-    progress.scanning(files);
-    let warnings = std::mem::take(&mut walked.warnings);
-    let classified = classify(store, walked, &|n| progress.0.set_position(n as u64)).await?;
-    let plan = Plan::new(&classified, &state.model, &opts.spec);
-    let mut summary = base_summary(files, warnings, &classified, &plan);
+    let (plan, mut summary) =
+        scan_and_plan(store, walked, &state.model, &opts.spec, &progress).await?;
     let keys = plan.key_list();
     let existing = store.jobs_by_keys(&keys).await?;
     let mut to_insert = Vec::new();
@@ -381,14 +391,36 @@ async fn run_on_app(
                     .and_then(|j| j.error)
                     .map(|e| (e.code, e.message))
             };
-            f.finish(id, st, error, &plan);
-            progress.0.inc(1);
+            f.finish(id, st, error, &plan, &progress);
         }
     }
-    progress.done();
-    f.summary.pending = f.outstanding.len();
-    f.summary.elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(f.summary)
+    Ok(f.end(&progress, started))
+}
+
+/// Walks the run's folders off the async runtime.
+async fn walk_paths(paths: &[PathBuf]) -> Result<super::scan::Walk, RunError> {
+    let paths = paths.to_vec();
+    tokio::task::spawn_blocking(move || walk(&paths))
+        .await
+        .map_err(|e| RunError::Invalid(format!("the folder walk stopped: {e}")))
+}
+
+/// Classifies the walked files against the scan record (hashing only what changed),
+/// groups images by content and keys each group for `model` and `spec`.
+async fn scan_and_plan(
+    store: &Store,
+    mut walked: super::scan::Walk,
+    model: &ModelIdentity,
+    spec: &TaskSpec,
+    progress: &Progress,
+) -> Result<(Plan, RunSummary), RunError> {
+    let files = walked.files.len();
+    progress.scanning(files);
+    let warnings = std::mem::take(&mut walked.warnings);
+    let classified = classify(store, walked, &|n| progress.0.set_position(n as u64)).await?;
+    let plan = Plan::new(&classified, model, spec);
+    let summary = base_summary(files, warnings, &classified, &plan);
+    Ok((plan, summary))
 }
 
 fn base_summary(
@@ -517,22 +549,15 @@ pub async fn run_remote(
     let stats: RemoteStats = remote
         .call(&client, reqwest::Method::GET, "/v1/stats", None)
         .await?;
-    let paths = opts.paths.clone();
-    let mut walked = tokio::task::spawn_blocking(move || walk(&paths))
-        .await
-        .map_err(|e| RunError::Invalid(format!("the folder walk stopped: {e}")))?;
+    let walked = walk_paths(&opts.paths).await?;
     std::fs::create_dir_all(data.data_dir()).map_err(|e| {
         RunError::Invalid(format!("cannot create {}: {e}", data.data_dir().display()))
     })?;
     let store = Store::open(&data.database_path(), &data.store_options()).await?;
     let progress = Progress::new(opts.show_progress);
-    let files = walked.files.len();
-    progress.scanning(files);
-    let warnings = std::mem::take(&mut walked.warnings);
-    let classified = classify(&store, walked, &|n| progress.0.set_position(n as u64)).await?;
+    let planned = scan_and_plan(&store, walked, &stats.model, &opts.spec, &progress).await;
     store.close().await;
-    let plan = Plan::new(&classified, &stats.model, &opts.spec);
-    let mut summary = base_summary(files, warnings, &classified, &plan);
+    let (plan, mut summary) = planned?;
     let hashes: Vec<&String> = plan.groups.keys().collect();
     let mut follow = HashMap::new();
     let params =
@@ -611,16 +636,13 @@ pub async fn run_remote(
                 .await?;
             for j in found.jobs {
                 if j.state.is_terminal() {
-                    f.finish(j.id, j.state, j.error.map(|e| (e.code, e.message)), &plan);
-                    progress.0.inc(1);
+                    let error = j.error.map(|e| (e.code, e.message));
+                    f.finish(j.id, j.state, error, &plan, &progress);
                 }
             }
         }
     }
-    progress.done();
-    f.summary.pending = f.outstanding.len();
-    f.summary.elapsed_secs = started.elapsed().as_secs_f64();
-    Ok(f.summary)
+    Ok(f.end(&progress, started))
 }
 
 #[cfg(test)]
