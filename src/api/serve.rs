@@ -32,7 +32,13 @@ pub async fn serve(
             _ = stop.cancelled() => break,
         };
         let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+            Ok((stream, _peer)) => {
+                // Responses are written whole; waiting to coalesce them only adds latency.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(error = %e, "TCP_NODELAY not set");
+                }
+                stream
+            }
             Err(e) => {
                 // Per-connection failures (reset before accept) are not the listener's;
                 // running out of file descriptors clears up when connections close.

@@ -326,9 +326,9 @@ macro_rules! finishing {
 
 /// One group commit in one round trip: which ops still hold their lease (one JSON row),
 /// results, the guarded transition of each finishing kind, then the claim of the slots'
-/// next jobs. Parameters are positional, bound in text
-/// order by `group_commit` (sqlx skips numbered parameters after a gap in multi-statement
-/// queries). `$end` is `COMMIT;`, or empty when more claims follow.
+/// next jobs. Parameters are positional, bound in text order by `group_commit` (sqlx
+/// skips numbered parameters after a gap in multi-statement queries). `$end` is
+/// `COMMIT;`, or empty when more claims follow.
 macro_rules! finish_group {
     ($end:literal) => {
         concat!(
@@ -1068,8 +1068,9 @@ const ALL: usize = 6;
 fn by_kind(ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)]) -> [String; 7] {
     let mut kinds: [Vec<serde_json::Value>; 7] = Default::default();
     for (op, _) in ops {
-        let mut v =
+        let base =
             serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt});
+        let mut v = base.clone();
         let (kind, extra) = match &op.finish {
             Finish::Succeeded { model, output } => (
                 SUCCEEDED,
@@ -1093,9 +1094,7 @@ fn by_kind(ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)]) -> [
         if let (Some(map), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
             map.extend(extra);
         }
-        kinds[ALL].push(
-            serde_json::json!({"id": op.id.to_string(), "owner": op.owner, "attempt": op.attempt}),
-        );
+        kinds[ALL].push(base);
         kinds[kind].push(v);
     }
     kinds.map(|k| serde_json::Value::Array(k).to_string())
