@@ -57,8 +57,9 @@ pub async fn serve(
             }
         });
     }
-    // Idle connections close at once; requests in flight (a long poll, a stream) get
-    // up to SHUTDOWN_GRACE to finish.
+    // New connections are refused from now on; idle ones close at once; requests in
+    // flight (a long poll, a stream) get up to SHUTDOWN_GRACE to finish.
+    drop(listener);
     let open = graceful.count();
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
