@@ -426,22 +426,9 @@ async fn skills_answer_503_until_the_model_is_loaded() {
 fn serve_address(args: &[&str], env: &[(&str, &str)]) -> String {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
-    cmd.arg("serve")
-        .args(args)
-        .arg("--data-dir")
-        .arg(tmp.path())
-        .arg("--model-dir")
-        .arg(common::tiny_model_dir())
-        .env("CAPTIOND_LOG", "info")
-        .env_remove("CAPTIOND_BIND")
-        .env_remove("CAPTIOND_STATION")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = common::serve_command(tmp.path(), args, env)
+        .spawn()
+        .unwrap();
     let mut seen = String::new();
     for line in BufReader::new(child.stderr.take().unwrap())
         .lines()

@@ -96,7 +96,7 @@ async fn json_errors(
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> axum::response::Response {
-    let path = req.uri().path().to_string();
+    let shape = openapi::error_shape(req.uri().path());
     let resp = next.run(req).await;
     let status = resp.status();
     let is_json = resp
@@ -127,7 +127,7 @@ async fn json_errors(
         s if s.is_server_error() => "internal",
         _ => "error",
     };
-    let mut out = openapi::shaped_error(&path, ApiError::new(status, code, message));
+    let mut out = openapi::shaped_error(shape, ApiError::new(status, code, message));
     for (k, v) in parts.headers.iter() {
         if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
             out.headers_mut().insert(k.clone(), v.clone());
@@ -153,12 +153,12 @@ async fn read_body(
     next: middleware::Next,
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path().to_string();
+    let shape = openapi::error_shape(parts.uri.path());
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let bytes = match read {
         Err(_) => {
             return openapi::shaped_error(
-                &path,
+                shape,
                 ApiError::new(
                     StatusCode::REQUEST_TIMEOUT,
                     "body_timeout",
@@ -181,7 +181,7 @@ async fn read_body(
             } else {
                 ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
             };
-            return openapi::shaped_error(&path, e);
+            return openapi::shaped_error(shape, e);
         }
         Ok(Ok(b)) => b,
     };

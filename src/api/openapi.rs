@@ -153,10 +153,10 @@ pub fn error_shape(path: &str) -> &'static str {
         .unwrap_or("api")
 }
 
-/// Renders `e` in the error shape of the route at `path`.
-pub fn shaped_error(path: &str, e: super::ApiError) -> axum::response::Response {
+/// Renders `e` in `shape`, an `error_shape` answer.
+pub fn shaped_error(shape: &str, e: super::ApiError) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match error_shape(path) {
+    match shape {
         "station" => station::StationError(e).into_response(),
         "openai" => openai::OpenAiError(e).into_response(),
         _ => e.into_response(),

@@ -304,6 +304,36 @@ pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8>
     out
 }
 
+/// `captiond serve ARGS` on `data_dir` with the tiny model, logging at info to a piped
+/// stderr; the caller's `env` is applied after the settings a test must not inherit
+/// (token, failpoint, address, Station mode) are cleared.
+pub fn serve_command(
+    data_dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
+    cmd.arg("serve")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--model-dir")
+        .arg(tiny_model_dir())
+        .env("CAPTIOND_LOG", "info");
+    for k in [
+        "CAPTIOND_API_TOKEN",
+        "CAPTIOND_FAILPOINT",
+        "CAPTIOND_BIND",
+        "CAPTIOND_STATION",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
 /// The real `captiond serve` binary on port 0 with the tiny model.
 pub struct Server {
     /// The process.
@@ -319,22 +349,11 @@ impl Server {
     /// waits for its address (not for the model).
     pub fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         use std::io::{BufRead, BufReader};
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
-        cmd.args(["serve", "--bind", "127.0.0.1:0"])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--model-dir")
-            .arg(tiny_model_dir())
-            .env("CAPTIOND_LOG", "info")
-            .env_remove("CAPTIOND_API_TOKEN")
-            .env_remove("CAPTIOND_FAILPOINT")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("captiond starts");
+        let mut args = vec!["--bind", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut child = serve_command(data_dir, &args, env)
+            .spawn()
+            .expect("captiond starts");
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
