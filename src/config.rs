@@ -12,6 +12,7 @@ use crate::vision::image::DecodeLimits;
 use crate::vision::moondream2::loader::{
     DEFAULT_MODEL_REPO, DEFAULT_MODEL_REVISION, DEFAULT_TOKENIZER_REPO, ModelSource,
 };
+use crate::vision::moondream2::precision::Precision;
 use crate::vision::{DeviceChoice, ModelOptions, SkillSettings};
 use crate::workers::PoolConfig;
 use crate::workers::concurrency::ControllerConfig;
@@ -84,6 +85,15 @@ pub struct ModelSettings {
     #[arg(long, env = "CAPTIOND_DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: DeviceChoice,
 
+    /// Weight format: auto (fastest this device supports, logged with the reason), f32, bf16, or q8 (8-bit text weights; CPU only).
+    #[arg(
+        long,
+        env = "CAPTIOND_DTYPE",
+        default_value = "auto",
+        value_name = "auto|f32|bf16|q8"
+    )]
+    pub dtype: Precision,
+
     /// Default cap on generated tokens per request.
     #[arg(long, env = "CAPTIOND_MAX_TOKENS", default_value_t = 768)]
     pub max_tokens: usize,
@@ -124,6 +134,7 @@ impl ModelSettings {
             source,
             offline,
             device: self.device,
+            precision: self.dtype,
             limits: self.decode_limits(),
         }
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use captiond::Engine;
 use captiond::vision::image::DecodeLimits;
 use captiond::vision::moondream2::loader::ModelSource;
+use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::{
     Captioner, DeviceChoice, ModelOptions, Moondream, RunControl, Skill, SkillError, SkillResult,
     SkillSettings,
@@ -83,6 +84,7 @@ fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
         source: ModelSource::Dir(common::tiny_model_dir()),
         offline: true,
         device: DeviceChoice::Cpu,
+        precision: Precision::Auto,
         limits: DecodeLimits::default(),
     };
     Arc::new(Watched {

@@ -11,6 +11,7 @@ use captiond::vision::moondream2::Config;
 use captiond::vision::moondream2::loader::{
     LoadError, ModelSource, check_tensors, expected_tensors, files_from_hub, read_tensor_index,
 };
+use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::{
     CaptionLength, Captioner, DeviceChoice, ModelOptions, Moondream, RunControl, Skill,
     SkillOutput, SkillSettings,
@@ -234,6 +235,7 @@ fn a_caption_runs_through_the_public_api_from_an_exif_rotated_jpeg() {
         source: ModelSource::Dir(dir.path().to_path_buf()),
         offline: true,
         device: DeviceChoice::Cpu,
+        precision: Precision::Auto,
         limits: DecodeLimits::default(),
     };
     let (model, report) = Moondream::load(&opts).unwrap();
@@ -293,6 +295,7 @@ fn tiny_moondream() -> Moondream {
         source: ModelSource::Dir(fixture("tiny")),
         offline: true,
         device: DeviceChoice::Cpu,
+        precision: Precision::Auto,
         limits: DecodeLimits::default(),
     };
     Moondream::load(&opts).unwrap().0

@@ -9,15 +9,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use self::image::{DecodeLimits, ImageInputError, decode_rgb};
 use self::moondream2::generate::{BoundingBox, Point};
 use self::moondream2::loader::{
-    LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model,
+    LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model_with,
 };
+use self::moondream2::precision::{LoadPlan, Precision};
 use self::moondream2::{GenerateOptions, Moondream2, Sampling, StopReason};
 
 /// Caption length, selecting one of the three caption prompts.
@@ -258,6 +259,8 @@ pub struct ModelOptions {
     pub offline: bool,
     /// Device.
     pub device: DeviceChoice,
+    /// Weight format (`--dtype`).
+    pub precision: Precision,
     /// Decode limits for input images.
     pub limits: DecodeLimits,
 }
@@ -278,15 +281,12 @@ impl std::fmt::Debug for Moondream {
     }
 }
 
-fn pick_device(choice: DeviceChoice) -> Result<(Device, DType), LoadError> {
-    match choice {
-        DeviceChoice::Cpu => Ok((Device::Cpu, DType::F32)),
-        DeviceChoice::Cuda => Ok((Device::new_cuda(0)?, DType::BF16)),
-        DeviceChoice::Auto => match Device::cuda_if_available(0)? {
-            Device::Cpu => Ok((Device::Cpu, DType::F32)),
-            d => Ok((d, DType::BF16)),
-        },
-    }
+fn pick_device(choice: DeviceChoice) -> Result<Device, LoadError> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda => Device::new_cuda(0)?,
+        DeviceChoice::Auto => Device::cuda_if_available(0)?,
+    })
 }
 
 impl Moondream {
@@ -301,15 +301,19 @@ impl Moondream {
                 tokenizer_repo,
             } => files_from_hub(repo, revision, tokenizer_repo, opts.offline, None)?,
         };
-        let (device, dtype) = pick_device(opts.device)?;
-        Self::from_files(&files, &device, dtype, opts.source.label(), opts.limits)
+        let device = pick_device(opts.device)?;
+        let plan = opts
+            .precision
+            .plan(&device)
+            .map_err(LoadError::Unsupported)?;
+        Self::from_files(&files, &device, &plan, opts.source.label(), opts.limits)
     }
 
-    /// Loads from resolved files onto a device.
+    /// Loads from resolved files onto a device, in the formats `plan` names.
     pub fn from_files(
         files: &ModelFiles,
         device: &Device,
-        dtype: DType,
+        plan: &LoadPlan,
         id: String,
         limits: DecodeLimits,
     ) -> Result<(Self, LoadReport), LoadError> {
@@ -322,7 +326,8 @@ impl Moondream {
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
             LoadError::MissingFiles(format!("cannot read tokenizer {}: {e}", tok_path.display()))
         })?;
-        let (model, report) = load_model(files, device, dtype)?;
+        tracing::info!(model = %id, dtype = %plan.precision, why = %plan.why, "weight format");
+        let (model, report) = load_model_with(files, device, plan)?;
         tracing::info!(
             model = %id,
             parameters = report.parameters,
@@ -330,7 +335,7 @@ impl Moondream {
             rss_mib = report.rss_bytes.map(|b| b / (1 << 20)),
             device_used_mib = report.device_used_bytes.map(|b| b / (1 << 20)),
             device = ?device,
-            dtype = ?dtype,
+            dtype = %report.precision,
             seconds = format!("{:.2}", report.load_seconds),
             "model loaded; load buffers released"
         );

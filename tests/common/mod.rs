@@ -9,6 +9,7 @@ use base64::Engine as _;
 use captiond::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
 use captiond::queue::Durability;
 use captiond::vision::DeviceChoice;
+use captiond::vision::moondream2::precision::Precision;
 use captiond::{App, Engine, Settings};
 use serde_json::{Value, json};
 
@@ -63,6 +64,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             tokenizer_repo: String::new(),
             offline: true,
             device: DeviceChoice::Cpu,
+            dtype: Precision::Auto,
             max_tokens: 8,
             max_image_side: 16_384,
             max_image_pixels: 100_000_000,

@@ -11,6 +11,8 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::config::{Config, ConfigError};
+use super::layers::LinearFormat;
+use super::precision::{LoadPlan, Precision};
 use super::{Moondream2, text::HEAD_DIM};
 
 /// Hugging Face repository of the default model.
@@ -105,6 +107,9 @@ pub enum LoadError {
     /// The Hugging Face download failed.
     #[error("{0}")]
     Download(String),
+    /// The device cannot run the asked-for weight format.
+    #[error("{0}")]
+    Unsupported(String),
     /// Building the tensors failed.
     #[error("loading weights: {0}")]
     Candle(#[from] candle_core::Error),
@@ -187,12 +192,20 @@ pub fn expected_tensors(cfg: &Config) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Name → (shape, dtype) of every tensor in the weight files, read from headers only.
-pub fn read_tensor_index(
-    files: &[PathBuf],
-) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
+/// Where one tensor's bytes lie in a weight file.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    shape: Vec<usize>,
+    dtype: String,
+    /// Absolute byte range in the file.
+    range: (u64, u64),
+}
+
+/// Every tensor of the weight files by name, read from the headers only.
+fn tensor_entries(files: &[PathBuf]) -> Result<BTreeMap<String, TensorEntry>, LoadError> {
     let mut out = BTreeMap::new();
-    for path in files {
+    for (index, path) in files.iter().enumerate() {
         let io = |source| LoadError::Io {
             path: path.clone(),
             source,
@@ -230,10 +243,137 @@ pub fn read_tensor_index(
                 .and_then(|d| d.as_str())
                 .unwrap_or("?")
                 .to_string();
-            out.insert(name, (shape, dtype));
+            let offsets: Vec<u64> = info
+                .get("data_offsets")
+                .and_then(|o| o.as_array())
+                .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+                .unwrap_or_default();
+            let [start, end] = offsets[..] else {
+                return Err(fmt(format!("tensor {name} has no data_offsets")));
+            };
+            let range = (8 + len + start, 8 + len + end);
+            out.insert(
+                name,
+                TensorEntry {
+                    file: index,
+                    shape,
+                    dtype,
+                    range,
+                },
+            );
         }
     }
     Ok(out)
+}
+
+/// Name → (shape, dtype) of every tensor in the weight files, read from headers only.
+pub fn read_tensor_index(
+    files: &[PathBuf],
+) -> Result<BTreeMap<String, (Vec<usize>, String)>, LoadError> {
+    Ok(tensor_entries(files)?
+        .into_iter()
+        .map(|(name, e)| (name, (e.shape, e.dtype)))
+        .collect())
+}
+
+/// Reads tensors from safetensors files with positioned reads, one tensor at a time
+/// (no file map, so only the tensor being converted is resident beside the weights).
+struct FileTensors {
+    files: Vec<(PathBuf, File)>,
+    entries: BTreeMap<String, TensorEntry>,
+}
+
+impl FileTensors {
+    fn open(paths: &[PathBuf]) -> Result<Self, LoadError> {
+        let files = paths
+            .iter()
+            .map(|p| {
+                File::open(p)
+                    .map(|f| (p.clone(), f))
+                    .map_err(|source| LoadError::Io {
+                        path: p.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            files,
+            entries: tensor_entries(paths)?,
+        })
+    }
+
+    fn read(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use std::os::unix::fs::FileExt;
+        let e = self.entries.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })?;
+        let stored = match e.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            other => candle_core::bail!("tensor {name}: unsupported dtype {other}"),
+        };
+        let (path, file) = &self.files[e.file];
+        let want = e.shape.iter().product::<usize>() * stored.size_in_bytes();
+        let len = usize::try_from(e.range.1.saturating_sub(e.range.0)).unwrap_or(usize::MAX);
+        if len != want {
+            candle_core::bail!(
+                "tensor {name} in {}: {len} bytes for shape {:?}",
+                path.display(),
+                e.shape
+            );
+        }
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(&mut bytes, e.range.0).map_err(|err| {
+            candle_core::Error::Msg(format!("reading {name} from {}: {err}", path.display()))
+        })?;
+        let t = candle_core::Tensor::from_raw_buffer(&bytes, stored, &e.shape, &Device::Cpu)?;
+        drop(bytes);
+        t.to_dtype(dtype)?.to_device(device)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for FileTensors {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt())?
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
 }
 
 /// Compares the files' tensors with the configuration; lists every problem at once.
@@ -392,14 +532,28 @@ pub struct LoadReport {
     pub device_used_bytes: Option<u64>,
     /// Seconds spent loading.
     pub load_seconds: f64,
+    /// The weight format in effect.
+    pub precision: Precision,
 }
 
-/// Reads the config, checks every tensor and builds the model on `device` in `dtype`.
-/// File maps and host copies are released before returning.
+/// Reads the config, checks every tensor and builds the model on `device` with every
+/// weight a candle tensor in `dtype`.
 pub fn load_model(
     files: &ModelFiles,
     device: &Device,
     dtype: DType,
+) -> Result<(Moondream2, LoadReport), LoadError> {
+    load_model_with(files, device, &LoadPlan::candle(dtype))
+}
+
+/// Reads the config, checks every tensor and builds the model on `device` as `plan`
+/// says. On the CPU tensors are read one at a time and converted as they come (peak
+/// memory: the weights in their final format plus one tensor); on a GPU through a file
+/// map. File maps and host copies are released before returning.
+pub fn load_model_with(
+    files: &ModelFiles,
+    device: &Device,
+    plan: &LoadPlan,
 ) -> Result<(Moondream2, LoadReport), LoadError> {
     let started = std::time::Instant::now();
     let text = std::fs::read_to_string(&files.config).map_err(|source| LoadError::Io {
@@ -413,30 +567,58 @@ pub fn load_model(
     let found = read_tensor_index(&files.weights)?;
     check_tensors(&cfg, &found)?;
     let prefixed = found.keys().any(|k| k.starts_with(HF_PREFIX));
-    let parameters: u64 = expected_tensors(&cfg)
+    let expected = expected_tensors(&cfg);
+    let parameters: u64 = expected
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum();
-    let model = {
+    let model = if device.is_cpu() {
+        let backend = FileTensors::open(&files.weights)?;
+        let vb = VarBuilder::from_backend(Box::new(backend), plan.dtype, device.clone());
+        let vb = if prefixed { vb.pp("model") } else { vb };
+        Moondream2::with_formats(&cfg, vb, plan.formats)?
+    } else {
         // SAFETY: the files are memory-mapped read-only while the tensors are copied out;
         // the map is dropped at the end of this block. Modifying a weight file during
         // load is outside what captiond supports.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device)? };
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, plan.dtype, device)? };
         let vb = if prefixed { vb.pp("model") } else { vb };
-        Moondream2::new(&cfg, vb)?
+        Moondream2::with_formats(&cfg, vb, plan.formats)?
     };
     release_freed_memory();
     let report = LoadReport {
         parameters,
-        weight_bytes: parameters * dtype.size_in_bytes() as u64,
+        weight_bytes: expected
+            .iter()
+            .map(|(name, shape)| stored_bytes(name, shape, plan))
+            .sum(),
         rss_bytes: process_rss_bytes(),
         device_used_bytes: match device {
             Device::Cuda(_) => device.synchronize().ok().and_then(|_| nvml_used_bytes()),
             _ => None,
         },
         load_seconds: started.elapsed().as_secs_f64(),
+        precision: plan.precision,
     };
     Ok((model, report))
+}
+
+/// Bytes one checkpoint tensor takes once loaded under `plan`.
+fn stored_bytes(name: &str, shape: &[usize], plan: &LoadPlan) -> u64 {
+    let count = shape.iter().product::<usize>() as u64;
+    let format = if name.starts_with("vision.") {
+        plan.formats.vision
+    } else {
+        plan.formats.text
+    };
+    let is_linear_weight = name.ends_with(".weight") && shape.len() == 2;
+    match format {
+        LinearFormat::Bf16 if is_linear_weight || name == "text.wte" => count * 2,
+        LinearFormat::Q8 if is_linear_weight => count * 17 / 16,
+        LinearFormat::Q8 if name == "text.wte" => count * 2,
+        _ => count * plan.dtype.size_in_bytes() as u64,
+    }
 }
 
 /// Returns freed heap pages to the OS (glibc keeps them otherwise).

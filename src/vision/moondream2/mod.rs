@@ -5,8 +5,10 @@
 
 pub mod config;
 pub mod generate;
+pub mod kernels;
 mod layers;
 pub mod loader;
+pub mod precision;
 pub mod region;
 pub mod text;
 pub mod vision;
@@ -17,6 +19,7 @@ use image::RgbImage;
 
 pub use config::Config;
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
+pub use layers::LinearFormat;
 use region::RegionModel;
 use text::{KvCache, TextModel};
 use vision::VisionModel;
@@ -34,6 +37,23 @@ pub struct Moondream2 {
     dtype: DType,
 }
 
+/// How the Linear weights of each part are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Formats {
+    /// The vision encoder and projection.
+    pub vision: LinearFormat,
+    /// The text decoder (with its output head) and the region heads.
+    pub text: LinearFormat,
+}
+
+impl Formats {
+    /// Every weight a candle tensor.
+    pub const CANDLE: Self = Self {
+        vision: LinearFormat::Candle,
+        text: LinearFormat::Candle,
+    };
+}
+
 /// An image encoded into the text model's KV cache: BOS plus one token per patch.
 #[derive(Debug, Clone)]
 pub struct EncodedImage {
@@ -41,20 +61,27 @@ pub struct EncodedImage {
 }
 
 impl EncodedImage {
-    /// A copy of the prefix cache for one generation to extend.
+    /// A copy of the prefix cache for one generation to extend (room for 256 more
+    /// positions before its buffers grow).
     pub fn cache(&self) -> KvCache {
-        self.cache.clone()
+        self.cache.with_room(256)
     }
 }
 
 impl Moondream2 {
-    /// Builds the model from tensors named as in the checkpoint, without `model.`.
+    /// Builds the model from tensors named as in the checkpoint, without `model.`,
+    /// every weight a candle tensor in the builder's dtype.
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        Self::with_formats(cfg, vb, Formats::CANDLE)
+    }
+
+    /// Builds the model with the Linear weights of each part stored as `formats` says.
+    pub fn with_formats(cfg: &Config, vb: VarBuilder, formats: Formats) -> Result<Self> {
         Ok(Self {
             cfg: cfg.clone(),
-            vision: VisionModel::new(&cfg.vision, vb.pp("vision"))?,
-            text: TextModel::new(&cfg.text, vb.pp("text"))?,
-            region: RegionModel::new(&cfg.region, vb.pp("region"))?,
+            vision: VisionModel::new(&cfg.vision, vb.pp("vision"), formats.vision)?,
+            text: TextModel::new(&cfg.text, vb.pp("text"), formats.text)?,
+            region: RegionModel::new(&cfg.region, vb.pp("region"), formats.text)?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })

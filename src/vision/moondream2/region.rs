@@ -2,10 +2,10 @@
 //! size into a text embedding, and MLP decoders that read them back as bins.
 
 use candle_core::{D, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::RegionConfig;
-use super::layers::{Mlp, linear};
+use super::layers::{Linear, LinearFormat, Mlp, linear};
 
 /// Coordinate and size encoders/decoders.
 #[derive(Debug, Clone)]
@@ -21,23 +21,25 @@ pub struct RegionModel {
 
 impl RegionModel {
     /// Loads `region.*` tensors.
-    pub fn new(cfg: &RegionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &RegionConfig, vb: VarBuilder, format: LinearFormat) -> Result<Self> {
         Ok(Self {
             coord_features: vb.get((1, cfg.coord_feat_dim / 2), "coord_features")?,
-            coord_encoder: linear(cfg.coord_feat_dim, cfg.dim, vb.pp("coord_encoder"))?,
+            coord_encoder: linear(cfg.coord_feat_dim, cfg.dim, vb.pp("coord_encoder"), format)?,
             coord_decoder: Mlp::new(
                 cfg.dim,
                 cfg.inner_dim,
                 cfg.coord_out_dim,
                 vb.pp("coord_decoder"),
+                format,
             )?,
             size_features: vb.get((2, cfg.size_feat_dim / 2), "size_features")?,
-            size_encoder: linear(cfg.size_feat_dim, cfg.dim, vb.pp("size_encoder"))?,
+            size_encoder: linear(cfg.size_feat_dim, cfg.dim, vb.pp("size_encoder"), format)?,
             size_decoder: Mlp::new(
                 cfg.dim,
                 cfg.inner_dim,
                 cfg.size_out_dim,
                 vb.pp("size_decoder"),
+                format,
             )?,
             cfg: cfg.clone(),
         })

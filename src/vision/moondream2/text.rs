@@ -2,28 +2,40 @@
 //! embeddings, a bidirectional image prefix and a per-generation KV cache.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::layers::{Mlp, layer_norm, linear};
+use super::kernels::attend_one;
+use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 /// Head width; the reference hard-codes the rotary layout around 64.
 pub const HEAD_DIM: usize = 64;
 /// Dimensions of each head that are rotated.
 const ROT_DIM: usize = 32;
 
-/// Keys and values of every layer for the positions fed so far.
+/// Keys and values of every layer for the positions fed so far. On the CPU they live
+/// in growing host buffers (appended in place, read by the decode kernel); elsewhere
+/// as device tensors.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<LayerKv>,
     len: usize,
+}
+
+#[derive(Debug, Clone)]
+enum LayerKv {
+    Empty,
+    /// `[1, kv_heads, len, 64]` device tensors.
+    Device(Tensor, Tensor),
+    /// Position-major `[len × kv_heads × 64]` f32 keys and values.
+    Host(Vec<f32>, Vec<f32>),
 }
 
 impl KvCache {
     /// An empty cache for `n_layers` layers.
     pub fn new(n_layers: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            layers: vec![LayerKv::Empty; n_layers],
             len: 0,
         }
     }
@@ -38,13 +50,71 @@ impl KvCache {
         self.len == 0
     }
 
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.layers[layer].take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+    /// A copy that can grow by `extra` positions without reallocating.
+    pub fn with_room(&self, extra: usize) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                LayerKv::Host(k, v) => {
+                    let grow = |x: &Vec<f32>| {
+                        let per = if self.len == 0 { 0 } else { x.len() / self.len };
+                        let mut y = Vec::with_capacity(x.len() + extra * per);
+                        y.extend_from_slice(x);
+                        y
+                    };
+                    LayerKv::Host(grow(k), grow(v))
+                }
+                other => other.clone(),
+            })
+            .collect();
+        Self {
+            layers,
+            len: self.len,
+        }
+    }
+
+    /// Appends `k`, `v` (`[1, kv_heads, n, 64]`) to a layer.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<()> {
+        let host = |t: &Tensor| -> Result<Vec<f32>> {
+            t.transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let slot = &mut self.layers[layer];
+        let next = match slot {
+            LayerKv::Host(hk, hv) => {
+                hk.extend(host(&k)?);
+                hv.extend(host(&v)?);
+                return Ok(());
+            }
+            LayerKv::Empty if k.device().is_cpu() => LayerKv::Host(host(&k)?, host(&v)?),
+            LayerKv::Empty => LayerKv::Device(k, v),
+            LayerKv::Device(pk, pv) => {
+                LayerKv::Device(Tensor::cat(&[&*pk, &k], 2)?, Tensor::cat(&[&*pv, &v], 2)?)
+            }
+        };
+        *slot = next;
+        Ok(())
+    }
+
+    /// The layer's keys and values as `[1, kv_heads, len, 64]` tensors in `dtype`.
+    fn tensors(&self, layer: usize, kv_heads: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+        match &self.layers[layer] {
+            LayerKv::Device(k, v) => Ok((k.clone(), v.clone())),
+            LayerKv::Host(k, v) => {
+                let len = k.len() / (kv_heads * HEAD_DIM);
+                let t = |x: &[f32]| -> Result<Tensor> {
+                    Tensor::from_slice(x, (1, len, kv_heads, HEAD_DIM), &Device::Cpu)?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .to_dtype(dtype)
+                };
+                Ok((t(k)?, t(v)?))
+            }
+            LayerKv::Empty => candle_core::bail!("KV cache layer {layer} is empty"),
+        }
     }
 }
 
@@ -82,16 +152,28 @@ pub struct Step {
 
 impl TextModel {
     /// Loads `text.*` tensors and builds the rotary table.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &TextConfig, vb: VarBuilder, format: LinearFormat) -> Result<Self> {
         let qkv_dim = (cfg.n_heads + 2 * cfg.n_kv_heads) * HEAD_DIM;
+        // The largest tensors first, so that their f32 load copies are made while
+        // little else is held (peak memory during load).
+        let lm_head = linear(cfg.dim, cfg.vocab_size, vb.pp("lm_head"), format)?;
+        let wte = match format {
+            LinearFormat::Candle => vb.get((cfg.vocab_size, cfg.dim), "wte")?,
+            _ => vb.get_with_hints_dtype(
+                (cfg.vocab_size, cfg.dim),
+                "wte",
+                Default::default(),
+                DType::BF16,
+            )?,
+        };
         let blocks = (0..cfg.n_layers)
             .map(|i| {
                 let vb = vb.pp(format!("blocks.{i}"));
                 Ok(Block {
                     ln: layer_norm(cfg.dim, vb.pp("ln"))?,
-                    qkv: linear(cfg.dim, qkv_dim, vb.pp("attn.qkv"))?,
-                    proj: linear(cfg.dim, cfg.dim, vb.pp("attn.proj"))?,
-                    mlp: Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"))?,
+                    qkv: linear(cfg.dim, qkv_dim, vb.pp("attn.qkv"), format)?,
+                    proj: linear(cfg.dim, cfg.dim, vb.pp("attn.proj"), format)?,
+                    mlp: Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"), format)?,
                     n_heads: cfg.n_heads,
                     n_kv_heads: cfg.n_kv_heads,
                 })
@@ -99,10 +181,10 @@ impl TextModel {
             .collect::<Result<Vec<_>>>()?;
         let (cos, sin) = rotary_table(cfg.max_context, vb.device(), vb.dtype())?;
         Ok(Self {
-            wte: vb.get((cfg.vocab_size, cfg.dim), "wte")?,
+            wte,
             blocks,
             post_ln: layer_norm(cfg.dim, vb.pp("post_ln"))?,
-            lm_head: linear(cfg.dim, cfg.vocab_size, vb.pp("lm_head"))?,
+            lm_head,
             cos,
             sin,
             cfg: cfg.clone(),
@@ -112,7 +194,7 @@ impl TextModel {
     /// Embeddings of token ids → `[n, dim]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let ids = Tensor::new(ids, self.wte.device())?;
-        self.wte.embedding(&ids)
+        self.wte.embedding(&ids)?.to_dtype(self.cos.dtype())
     }
 
     /// Feeds `x` (`[n, dim]`) at the cache's next positions. Positions below
@@ -236,7 +318,11 @@ impl Block {
             * (1.0 / (HEAD_DIM as f64).sqrt()))?;
         let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &at.cos, &at.sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
-        let (k, v) = cache.append(layer, k, v)?;
+        cache.append(layer, k, v)?;
+        if n == 1 && b == 1 && cache.layers[layer].is_host() {
+            return self.proj.forward(&self.attend_cached(&q, layer, cache)?);
+        }
+        let (k, v) = cache.tensors(layer, self.n_kv_heads, q.dtype())?;
         let rep = self.n_heads / self.n_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?;
@@ -247,6 +333,24 @@ impl Block {
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, dim))?;
         self.proj.forward(&out)
+    }
+
+    /// One query position `[1, heads, 1, 64]` over the host cache of `layer` (which
+    /// already holds it) → `[1, 1, heads·64]`.
+    fn attend_cached(&self, q: &Tensor, layer: usize, cache: &KvCache) -> Result<Tensor> {
+        let LayerKv::Host(k, v) = &cache.layers[layer] else {
+            candle_core::bail!("attend_cached needs a host cache");
+        };
+        let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; q.len()];
+        attend_one(&q, k, v, self.n_heads, self.n_kv_heads, HEAD_DIM, &mut out);
+        Tensor::from_vec(out, (1, 1, self.n_heads * HEAD_DIM), &Device::Cpu)
+    }
+}
+
+impl LayerKv {
+    fn is_host(&self) -> bool {
+        matches!(self, Self::Host(..))
     }
 }
 

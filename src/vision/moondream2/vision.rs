@@ -2,10 +2,10 @@
 //! model's embedding space (`vision.py`, `image_crops.py` in the reference).
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::VisionConfig;
-use super::layers::{Mlp, layer_norm, linear};
+use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 use crate::vision::image::{Crops, Tiling};
 
 #[derive(Debug, Clone)]
@@ -19,14 +19,14 @@ struct Block {
 }
 
 impl Block {
-    fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VisionConfig, vb: VarBuilder, format: LinearFormat) -> Result<Self> {
         let d = cfg.enc_dim;
         Ok(Self {
             ln1: layer_norm(d, vb.pp("ln1"))?,
-            qkv: linear(d, 3 * d, vb.pp("attn.qkv"))?,
-            proj: linear(d, d, vb.pp("attn.proj"))?,
+            qkv: linear(d, 3 * d, vb.pp("attn.qkv"), format)?,
+            proj: linear(d, d, vb.pp("attn.proj"), format)?,
             ln2: layer_norm(d, vb.pp("ln2"))?,
-            mlp: Mlp::new(d, cfg.enc_ff_dim, d, vb.pp("mlp"))?,
+            mlp: Mlp::new(d, cfg.enc_ff_dim, d, vb.pp("mlp"), format)?,
             n_heads: cfg.enc_n_heads,
         })
     }
@@ -43,9 +43,18 @@ impl Block {
         };
         let q = (split(0)? * (1.0 / (hd as f64).sqrt()))?;
         let (k, v) = (split(1)?, split(2)?);
-        let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        // One crop at a time: the score matrices of all crops at once would be
+        // heads × 729² floats per crop (34 MB each at full size).
+        let per_crop = (0..b)
+            .map(|i| {
+                let (q, k, v) = (q.narrow(0, i, 1)?, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?);
+                let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+                probs.matmul(&v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = Tensor::cat(&per_crop, 0)?
+            .transpose(1, 2)?
+            .reshape((b, n, d))?;
         self.proj.forward(&out)
     }
 
@@ -68,14 +77,19 @@ pub struct VisionModel {
 
 impl VisionModel {
     /// Loads `vision.*` tensors.
-    pub fn new(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VisionConfig, vb: VarBuilder, format: LinearFormat) -> Result<Self> {
         let p = cfg.enc_patch_size;
         let grid = cfg.grid();
         let blocks = (0..cfg.enc_n_layers)
-            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}")), format))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            patch_emb: linear(cfg.in_channels * p * p, cfg.enc_dim, vb.pp("patch_emb"))?,
+            patch_emb: linear(
+                cfg.in_channels * p * p,
+                cfg.enc_dim,
+                vb.pp("patch_emb"),
+                format,
+            )?,
             pos_emb: vb.get((1, grid * grid, cfg.enc_dim), "pos_emb")?,
             blocks,
             post_ln: layer_norm(cfg.enc_dim, vb.pp("post_ln"))?,
@@ -84,6 +98,7 @@ impl VisionModel {
                 cfg.proj_inner_dim,
                 cfg.proj_out_dim,
                 vb.pp("proj_mlp"),
+                format,
             )?,
             cfg: cfg.clone(),
         })

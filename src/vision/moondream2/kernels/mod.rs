@@ -1,0 +1,250 @@
+//! CPU matrix kernels for weights packed at load time: bf16 and 8-bit (q8, one f16
+//! scale per 32 inputs of each output). `y = x · Wᵀ + b` with f32 activations in and
+//! out; the packed layout serves AMX tiles, AVX512-BF16/VNNI vectors and a portable
+//! scalar path alike. Not for anything but the Linear layers of the model.
+//!
+//! Packed layout: output columns in blocks of 16 (padded to an even number of blocks);
+//! inside a block, the inputs in pairs (bf16: `[k/2][16][2]`) or quads (q8:
+//! `[k/4][16][4]`), so one 64-byte row is one AMX tile row and one 512-bit vector.
+
+mod attention;
+mod isa;
+mod pack;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use attention::attend_one;
+pub use isa::{Isa, isa};
+pub use pack::{PackedBf16, PackedQ8, PackedWeight};
+
+/// Output columns per block.
+pub const BLOCK_N: usize = 16;
+/// Inputs per block of `k` (one AMX tile's depth, one q8 scale group).
+pub const BLOCK_K: usize = 32;
+
+/// Rows up to which the vector (GEMV-style) kernels are used; above, the tiled ones.
+const SMALL_M: usize = 8;
+
+/// `out[m × n] = a[m × k] · Wᵀ (+ bias)`, all row-major f32.
+pub fn matmul(a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_with(isa(), a, m, w, bias, out)
+}
+
+/// [`matmul`] restricted to the instruction sets in `isa` (a subset of [`isa()`]).
+pub fn matmul_with(
+    isa: &Isa,
+    a: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let (n, k) = (w.n(), w.k());
+    assert_eq!(a.len(), m * k, "activation is not m × k");
+    assert_eq!(out.len(), m * n, "output is not m × n");
+    if m == 0 {
+        return;
+    }
+    match w {
+        PackedWeight::Bf16(w) if m <= SMALL_M => {
+            let a = pack::activations_bf16(isa, a, m, k, w.kp, m);
+            run_blocks(w.blocks(), m, n, bias, out, |b0, b1, c| {
+                small_bf16(isa, &a, m, w, b0, b1, c)
+            });
+        }
+        PackedWeight::Q8(w) if m <= SMALL_M => {
+            let a = pack::QuantActivations::new(a, m, k, w.kp);
+            run_blocks(w.blocks(), m, n, bias, out, |b0, b1, c| {
+                small_q8(isa, &a, w, b0, b1, c)
+            });
+        }
+        _ => {
+            let mp = m.next_multiple_of(32);
+            let kp = w.kp();
+            let a = pack::activations_bf16(isa, a, m, k, kp, mp);
+            run_blocks(w.blocks(), mp, n, bias, out, |b0, b1, c| {
+                tiled(isa, &a, mp, kp, w, b0, b1, c)
+            });
+        }
+    }
+}
+
+/// Splits the column blocks among the CPU threads; each call of `f(b0, b1, c)` fills
+/// `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; then bias and copy into `out`.
+fn run_blocks(
+    blocks: usize,
+    rows: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let m = out.len() / n;
+    let threads = rayon::current_num_threads().clamp(1, blocks / 2);
+    // Chunks in pairs of blocks, so that the tiled kernels' 32-column steps line up.
+    let pairs = blocks / 2;
+    let per = pairs.div_ceil(threads);
+    let chunks: Vec<(usize, usize)> = (0..threads)
+        .map(|t| (2 * (t * per).min(pairs), 2 * ((t + 1) * per).min(pairs)))
+        .filter(|(a, b)| a < b)
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>)> = if chunks.len() == 1 {
+        let (b0, b1) = chunks[0];
+        let mut c = vec![0f32; rows * BLOCK_N * (b1 - b0)];
+        f(b0, b1, &mut c);
+        vec![(b0, b1, c)]
+    } else {
+        use rayon::prelude::*;
+        chunks
+            .par_iter()
+            .map(|&(b0, b1)| {
+                let mut c = vec![0f32; rows * BLOCK_N * (b1 - b0)];
+                f(b0, b1, &mut c);
+                (b0, b1, c)
+            })
+            .collect()
+    };
+    for (b0, b1, c) in results {
+        let width = BLOCK_N * (b1 - b0);
+        let col0 = BLOCK_N * b0;
+        let cols = width.min(n.saturating_sub(col0));
+        for i in 0..m {
+            let src = &c[i * width..i * width + cols];
+            let dst = &mut out[i * n + col0..i * n + col0 + cols];
+            match bias {
+                Some(b) => {
+                    for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[col0..col0 + cols]) {
+                        *d = s + b;
+                    }
+                }
+                None => dst.copy_from_slice(src),
+            }
+        }
+    }
+}
+
+fn small_bf16(isa: &Isa, a: &[u16], m: usize, w: &PackedBf16, b0: usize, b1: usize, c: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512bf16 {
+        // SAFETY: the CPU has AVX512-BF16 (checked at start-up); slices are sized by pack.
+        unsafe {
+            x86::bf16_rows_into(
+                a,
+                m,
+                w.kp,
+                w.block_range(b0, b1),
+                b1 - b0,
+                c,
+                BLOCK_N * (b1 - b0),
+            )
+        };
+        return;
+    }
+    let _ = isa;
+    scalar::bf16_rows_into(
+        a,
+        m,
+        w.kp,
+        w.block_range(b0, b1),
+        b1 - b0,
+        c,
+        BLOCK_N * (b1 - b0),
+    );
+}
+
+fn small_q8(
+    isa: &Isa,
+    a: &pack::QuantActivations,
+    w: &PackedQ8,
+    b0: usize,
+    b1: usize,
+    c: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512vnni {
+        // SAFETY: the CPU has AVX512-VNNI (checked at start-up); slices are sized by pack.
+        unsafe { x86::q8_rows(a, w, b0, b1, c) };
+        return;
+    }
+    let _ = isa;
+    scalar::q8_rows(a, w, b0, b1, c);
+}
+
+/// Many rows: AMX tiles where available, else AVX512-BF16 in 8-row steps, else scalar.
+/// q8 weights are widened to bf16 one panel at a time (cheap beside the arithmetic).
+#[allow(clippy::too_many_arguments)]
+fn tiled(
+    isa: &Isa,
+    a: &[u16],
+    mp: usize,
+    kp: usize,
+    w: &PackedWeight,
+    b0: usize,
+    b1: usize,
+    c: &mut [f32],
+) {
+    // Panels of at most ~1 MiB of bf16 weights stay in L2 while every row passes.
+    let panel = ((1 << 20) / (kp * BLOCK_N * 2)).clamp(2, 16) & !1;
+    let mut scratch = Vec::new();
+    let width = BLOCK_N * (b1 - b0);
+    let mut p0 = b0;
+    while p0 < b1 {
+        let p1 = (p0 + panel).min(b1);
+        let bw: &[u16] = match w {
+            PackedWeight::Bf16(w) => w.block_range(p0, p1),
+            PackedWeight::Q8(w) => {
+                w.widen_to_bf16(isa, p0, p1, &mut scratch);
+                &scratch
+            }
+        };
+        let col = BLOCK_N * (p0 - b0);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if isa.amx {
+                // SAFETY: AMX is enabled for this process (checked at start-up); `a`
+                // holds `mp` rows (a multiple of 32) of `kp` values; `c` holds `mp`
+                // rows of `width` floats.
+                unsafe { x86::amx_panel(a, mp, kp, bw, p1 - p0, &mut c[col..], width) };
+                p0 = p1;
+                continue;
+            }
+            if isa.avx512bf16 {
+                for r in (0..mp).step_by(SMALL_M) {
+                    let rows = &a[r * kp..(r + SMALL_M) * kp];
+                    // SAFETY: AVX512-BF16 is present (checked at start-up).
+                    unsafe {
+                        x86::bf16_rows_into(
+                            rows,
+                            SMALL_M,
+                            kp,
+                            bw,
+                            p1 - p0,
+                            &mut c[r * width + col..],
+                            width,
+                        )
+                    };
+                }
+                p0 = p1;
+                continue;
+            }
+        }
+        let _ = isa;
+        for r in (0..mp).step_by(SMALL_M) {
+            let rows = &a[r * kp..(r + SMALL_M) * kp];
+            scalar::bf16_rows_into(
+                rows,
+                SMALL_M,
+                kp,
+                bw,
+                p1 - p0,
+                &mut c[r * width + col..],
+                width,
+            );
+        }
+        p0 = p1;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,167 @@
+//! Every kernel path against an f64 product of the same inputs.
+
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// The instruction-set subsets this CPU can run, scalar first.
+fn paths() -> Vec<Isa> {
+    let best = *isa();
+    let scalar = Isa {
+        amx: false,
+        avx512bf16: false,
+        avx512vnni: false,
+    };
+    let mut out = vec![scalar];
+    if best.avx512bf16 || best.avx512vnni {
+        out.push(Isa { amx: false, ..best });
+    }
+    if best.amx {
+        out.push(best);
+    }
+    out
+}
+
+fn reference(
+    a: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0f64; m * n];
+    let mut mag = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for kk in 0..k {
+                let p = f64::from(a[i * k + kk]) * f64::from(w[j * k + kk]);
+                y[i * n + j] += p;
+                mag[i * n + j] += p.abs();
+            }
+            y[i * n + j] += f64::from(bias[j]);
+        }
+    }
+    (y, mag)
+}
+
+/// Largest error relative to Σ|a·w| of each output.
+fn worst(
+    isa: &Isa,
+    w: &PackedWeight,
+    a: &[f32],
+    bias: &[f32],
+    m: usize,
+    want: &(Vec<f64>, Vec<f64>),
+) -> f64 {
+    let mut out = vec![0f32; m * w.n()];
+    matmul_with(isa, a, m, w, Some(bias), &mut out);
+    out.iter()
+        .zip(&want.0)
+        .zip(&want.1)
+        .map(|((got, y), mag)| (f64::from(*got) - y).abs() / mag.max(1e-3))
+        .fold(0.0, f64::max)
+}
+
+const SHAPES: &[(usize, usize)] = &[(16, 32), (37, 50), (100, 588), (64, 256), (33, 1000)];
+const ROWS: &[usize] = &[1, 2, 3, 8, 9, 31, 45, 70];
+
+#[test]
+fn bf16_products_match_within_bf16_rounding_on_every_path() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for &(n, k) in SHAPES {
+        let w = rng.vec(n * k);
+        let bias = rng.vec(n);
+        let packed = PackedWeight::Bf16(PackedBf16::from_rows(&w, n, k));
+        for &m in ROWS {
+            let a = rng.vec(m * k);
+            let want = reference(&a, &w, &bias, m, n, k);
+            for isa in paths() {
+                let err = worst(&isa, &packed, &a, &bias, m, &want);
+                // Two bf16 roundings (8-bit mantissa) per product: |δ| ≤ 2·2⁻⁹.
+                assert!(
+                    err < 8e-3,
+                    "bf16 {isa:?} m={m} n={n} k={k}: relative error {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_products_match_within_quantization_error_on_every_path() {
+    let mut rng = Rng(0x0fed_cba9_8765_4321);
+    for &(n, k) in SHAPES {
+        let w = rng.vec(n * k);
+        let bias = rng.vec(n);
+        let packed = PackedWeight::Q8(PackedQ8::from_rows(&w, n, k));
+        for &m in ROWS {
+            let a = rng.vec(m * k);
+            let want = reference(&a, &w, &bias, m, n, k);
+            for isa in paths() {
+                let err = worst(&isa, &packed, &a, &bias, m, &want);
+                // Half a step of 1/127 of the group maximum on each side, plus bf16
+                // rounding on the many-row path.
+                assert!(
+                    err < 2.5e-2,
+                    "q8 {isa:?} m={m} n={n} k={k}: relative error {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn vector_paths_agree_with_the_scalar_path_to_float_rounding() {
+    let mut rng = Rng(0x5555_aaaa_1234_4321);
+    let (n, k) = (48, 200);
+    let w = rng.vec(n * k);
+    for packed in [
+        PackedWeight::Bf16(PackedBf16::from_rows(&w, n, k)),
+        PackedWeight::Q8(PackedQ8::from_rows(&w, n, k)),
+    ] {
+        for &m in ROWS {
+            let a = rng.vec(m * k);
+            let all = paths();
+            let mut base = vec![0f32; m * n];
+            matmul_with(&all[0], &a, m, &packed, None, &mut base);
+            for isa in &all[1..] {
+                let mut out = vec![0f32; m * n];
+                matmul_with(isa, &a, m, &packed, None, &mut out);
+                for (x, y) in out.iter().zip(&base) {
+                    assert!(
+                        (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{isa:?} m={m}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_sizes_are_those_of_the_format() {
+    let w = vec![0.5f32; 64 * 128];
+    assert_eq!(
+        PackedWeight::Bf16(PackedBf16::from_rows(&w, 64, 128)).bytes(),
+        64 * 128 * 2
+    );
+    // 1 byte per value plus an f16 scale per 32 values: 1.0625 bytes per parameter.
+    assert_eq!(
+        PackedWeight::Q8(PackedQ8::from_rows(&w, 64, 128)).bytes(),
+        64 * 128 * 17 / 16
+    );
+}

@@ -1,0 +1,306 @@
+//! x86-64 kernels: AMX tiles for many rows, AVX512-BF16 and AVX512-VNNI for few.
+//! Every function here requires the instruction sets named in its `target_feature`
+//! (the caller checks [`super::isa`]).
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::pack::{PackedQ8, QuantActivations};
+use super::{BLOCK_K, BLOCK_N};
+
+/// f32 → bf16 (round to nearest even), 16 at a time.
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+    let n = src.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 ≤ n for both slices (dst is at least n long).
+        unsafe {
+            let v = _mm512_loadu_ps(src.as_ptr().add(i));
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_storeu_si256(dst.as_mut_ptr().add(i) as *mut __m256i, h);
+        }
+        i += 16;
+    }
+    for j in i..n {
+        dst[j] = half::bf16::from_f32(src[j]).to_bits();
+    }
+}
+
+/// `m ≤ 8` bf16 rows times `blocks` (even) packed column blocks into `c` (stride `ldc`).
+#[target_feature(enable = "avx512f,avx512bf16")]
+pub(super) unsafe fn bf16_rows_into(
+    a: &[u16],
+    m: usize,
+    kp: usize,
+    w: &[u16],
+    blocks: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= m * kp && w.len() >= blocks * BLOCK_N * kp);
+    assert!(c.len() >= (m - 1) * ldc + blocks * BLOCK_N);
+    for b in (0..blocks).step_by(2) {
+        // SAFETY: the asserts above bound every offset the tile reads and writes.
+        unsafe {
+            let w0 = w.as_ptr().add(b * BLOCK_N * kp);
+            let w1 = w.as_ptr().add((b + 1) * BLOCK_N * kp);
+            let out = c.as_mut_ptr().add(b * BLOCK_N);
+            let a = a.as_ptr();
+            match m {
+                1 => bf16_tile::<1>(a, kp, w0, w1, out, ldc),
+                2 => bf16_tile::<2>(a, kp, w0, w1, out, ldc),
+                3 => bf16_tile::<3>(a, kp, w0, w1, out, ldc),
+                4 => bf16_tile::<4>(a, kp, w0, w1, out, ldc),
+                5 => bf16_tile::<5>(a, kp, w0, w1, out, ldc),
+                6 => bf16_tile::<6>(a, kp, w0, w1, out, ldc),
+                7 => bf16_tile::<7>(a, kp, w0, w1, out, ldc),
+                _ => bf16_tile::<8>(a, kp, w0, w1, out, ldc),
+            }
+        }
+    }
+}
+
+/// `MR` rows × 32 columns: one `vdpbf16ps` per row and 16 columns per input pair.
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn bf16_tile<const MR: usize>(
+    a: *const u16,
+    kp: usize,
+    w0: *const u16,
+    w1: *const u16,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut acc0 = [_mm512_setzero_ps(); MR];
+    let mut acc1 = [_mm512_setzero_ps(); MR];
+    for p in 0..kp / 2 {
+        // SAFETY: the caller bounds a (MR rows of kp), w0/w1 (kp·16 each) and c.
+        unsafe {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(w0.add(p * 32) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(w1.add(p * 32) as *const _));
+            for r in 0..MR {
+                let pair = (a.add(r * kp + 2 * p) as *const i32).read_unaligned();
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                acc0[r] = _mm512_dpbf16_ps(acc0[r], av, b0);
+                acc1[r] = _mm512_dpbf16_ps(acc1[r], av, b1);
+            }
+        }
+    }
+    for r in 0..MR {
+        // SAFETY: as above.
+        unsafe {
+            _mm512_storeu_ps(c.add(r * ldc), acc0[r]);
+            _mm512_storeu_ps(c.add(r * ldc + BLOCK_N), acc1[r]);
+        }
+    }
+}
+
+/// The q8 product for blocks `b0..b1` into `c` (`m × 16·(b1−b0)`): `vpdpbusd` of the
+/// weights (`q + 128`, unsigned) with the activations (signed), per 32-input group.
+#[target_feature(enable = "avx512f,avx512vnni,f16c")]
+pub(super) unsafe fn q8_rows(
+    a: &QuantActivations,
+    w: &PackedQ8,
+    b0: usize,
+    b1: usize,
+    c: &mut [f32],
+) {
+    assert!(a.m >= 1 && a.m <= 8 && a.kp == w.kp);
+    assert!(c.len() >= a.m * BLOCK_N * (b1 - b0) && b1 * BLOCK_N * w.kp <= w.q.len());
+    let ldc = BLOCK_N * (b1 - b0);
+    for b in b0..b1 {
+        // SAFETY: the asserts above bound every offset.
+        unsafe {
+            let out = c.as_mut_ptr().add((b - b0) * BLOCK_N);
+            match a.m {
+                1 => q8_tile::<1>(a, w, b, out, ldc),
+                2 => q8_tile::<2>(a, w, b, out, ldc),
+                3 => q8_tile::<3>(a, w, b, out, ldc),
+                4 => q8_tile::<4>(a, w, b, out, ldc),
+                5 => q8_tile::<5>(a, w, b, out, ldc),
+                6 => q8_tile::<6>(a, w, b, out, ldc),
+                7 => q8_tile::<7>(a, w, b, out, ldc),
+                _ => q8_tile::<8>(a, w, b, out, ldc),
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vnni,f16c")]
+unsafe fn q8_tile<const MR: usize>(
+    a: &QuantActivations,
+    w: &PackedQ8,
+    b: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (kp, groups) = (w.kp, w.kp / BLOCK_K);
+    let mut acc = [_mm512_setzero_ps(); MR];
+    // SAFETY: the caller checked that block b and MR rows of a exist.
+    unsafe {
+        let q = w.q.as_ptr().add(b * BLOCK_N * kp);
+        let scales = w.scales.as_ptr().add(b * groups * BLOCK_N) as *const __m256i;
+        let aq = a.q.as_ptr();
+        for g in 0..groups {
+            let mut dot = [_mm512_setzero_si512(); MR];
+            for quad in 0..BLOCK_K / 4 {
+                let wv = _mm512_loadu_si512(q.add(g * 512 + quad * 64) as *const _);
+                for r in 0..MR {
+                    let four =
+                        (aq.add(r * kp + g * BLOCK_K + quad * 4) as *const i32).read_unaligned();
+                    dot[r] = _mm512_dpbusd_epi32(dot[r], wv, _mm512_set1_epi32(four));
+                }
+            }
+            let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g)));
+            for r in 0..MR {
+                let fixed =
+                    _mm512_sub_epi32(dot[r], _mm512_set1_epi32(128 * a.sum[r * groups + g]));
+                let s = _mm512_mul_ps(sw, _mm512_set1_ps(a.scale[r * groups + g]));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
+            }
+        }
+        for (r, v) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * ldc), *v);
+        }
+    }
+}
+
+/// q8 → bf16 of one column block, in the bf16 pair layout.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,f16c")]
+pub(super) unsafe fn widen_q8_block(src: &[u8], scales: &[f16], kp: usize, dst: &mut [u16]) {
+    assert!(src.len() >= BLOCK_N * kp && dst.len() >= BLOCK_N * kp);
+    assert!(scales.len() >= kp / BLOCK_K * BLOCK_N);
+    // SAFETY: the asserts above bound every load and store.
+    unsafe {
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let bias = _mm512_set1_epi32(128);
+        for g in 0..kp / BLOCK_K {
+            let sw = _mm512_cvtph_ps(_mm256_loadu_si256(
+                scales.as_ptr().add(g * BLOCK_N) as *const __m256i
+            ));
+            // Lane l of chunk j holds column 4j + l/4.
+            let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            let mut per_lane = [_mm512_setzero_ps(); 4];
+            for (j, lane) in per_lane.iter_mut().enumerate() {
+                *lane = _mm512_permutexvar_ps(
+                    _mm512_add_epi32(idx, _mm512_set1_epi32(4 * j as i32)),
+                    sw,
+                );
+            }
+            for quad in 0..BLOCK_K / 4 {
+                let row = g * BLOCK_K / 4 + quad;
+                let base = src.as_ptr().add(row * 64);
+                let mut words = [_mm256_setzero_si256(); 4];
+                for (j, word) in words.iter_mut().enumerate() {
+                    let bytes = _mm_loadu_si128(base.add(16 * j) as *const __m128i);
+                    let ints = _mm512_sub_epi32(_mm512_cvtepu8_epi32(bytes), bias);
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(ints), per_lane[j]);
+                    *word = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(v));
+                }
+                let lo = _mm512_inserti64x4(_mm512_castsi256_si512(words[0]), words[1], 1);
+                let hi = _mm512_inserti64x4(_mm512_castsi256_si512(words[2]), words[3], 1);
+                let out = dst.as_mut_ptr().add(row * 64) as *mut __m512i;
+                _mm512_storeu_si512(out as *mut _, _mm512_permutex2var_epi32(lo, even, hi));
+                _mm512_storeu_si512(out.add(1) as *mut _, _mm512_permutex2var_epi32(lo, odd, hi));
+            }
+        }
+    }
+}
+
+/// AMX tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// `c[mp × 16·blocks] = a[mp × kp] · w` with AMX: 32 × 32 outputs per step in four
+/// accumulator tiles (tmm0–3), two row tiles of `a` (tmm4–5), two of `w` (tmm6–7).
+/// `mp` and `kp` are multiples of 32, `blocks` is even; `c` has row stride `ldc`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn amx_panel(
+    a: &[u16],
+    mp: usize,
+    kp: usize,
+    w: &[u16],
+    blocks: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(mp % 32 == 0 && kp % 32 == 0 && blocks % 2 == 0);
+    assert!(a.len() >= mp * kp && w.len() >= blocks * BLOCK_N * kp);
+    assert!(c.len() >= (mp - 1) * ldc + blocks * BLOCK_N);
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..8 {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    let a_stride = kp * 2;
+    let c_stride = ldc * 4;
+    // SAFETY: AMX use was permitted for this process (isa::amx_enabled); every tile
+    // load and store stays inside the slices bounded by the asserts above.
+    unsafe {
+        asm!("ldtilecfg [{0}]", in(reg) &cfg as *const TileConfig, options(nostack));
+        for mi in (0..mp).step_by(32) {
+            for bj in (0..blocks).step_by(2) {
+                asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                let a0 = a.as_ptr().add(mi * kp);
+                let a1 = a.as_ptr().add((mi + 16) * kp);
+                let w0 = w.as_ptr().add(bj * BLOCK_N * kp);
+                let w1 = w.as_ptr().add((bj + 1) * BLOCK_N * kp);
+                for kb in 0..kp / 32 {
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{w0} + {sw}*1]",
+                        "tileloadd tmm7, [{w1} + {sw}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0.add(kb * 32),
+                        a1 = in(reg) a1.add(kb * 32),
+                        w0 = in(reg) w0.add(kb * 512),
+                        w1 = in(reg) w1.add(kb * 512),
+                        sa = in(reg) a_stride,
+                        sw = in(reg) 64usize,
+                        options(nostack, readonly),
+                    );
+                }
+                let c0 = c.as_mut_ptr().add(mi * ldc + bj * BLOCK_N);
+                let c1 = c.as_mut_ptr().add((mi + 16) * ldc + bj * BLOCK_N);
+                asm!(
+                    "tilestored [{c0} + {s}*1], tmm0",
+                    "tilestored [{c0b} + {s}*1], tmm1",
+                    "tilestored [{c1} + {s}*1], tmm2",
+                    "tilestored [{c1b} + {s}*1], tmm3",
+                    c0 = in(reg) c0,
+                    c0b = in(reg) c0.add(BLOCK_N),
+                    c1 = in(reg) c1,
+                    c1b = in(reg) c1.add(BLOCK_N),
+                    s = in(reg) c_stride,
+                    options(nostack),
+                );
+            }
+        }
+        asm!("tilerelease", options(nostack, nomem));
+    }
+}
