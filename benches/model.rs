@@ -1,20 +1,28 @@
 //! Full-size Moondream2 benchmark on this machine (run by `scripts/bench-model`).
 //!
 //! Builds a checkpoint with random weights from `tests/fixtures/tensors_full.tsv`
-//! (into `target/bench-model/`, not committed), loads it through the real loader, and
-//! reports for a 1-crop and a 12-crop image: vision encode time, prefill time, decode
-//! ms/token, seconds per short caption, peak RSS, and achieved GFLOP/s against a
-//! measured matmul peak. Prints figures; asserts nothing about time.
+//! (into `target/bench-model/`, not committed). Measures this machine's limits in the
+//! same run (f32 and bf16 matmul peaks, the bf16 instruction peak, memory bandwidth),
+//! then for each weight format (`--dtype f32,bf16,q8,auto`, each in its own process so
+//! that peak RSS is its own) loads the checkpoint through the real loader and reports,
+//! for a 1-crop and a 12-crop image: vision encode, prefill, decode ms/token, seconds
+//! per short caption, load time, RSS after load and peak RSS, each stage as a fraction
+//! of the limit that binds it. `--service` also times `POST /v1/caption` against
+//! `captiond serve` (the path users run). Prints figures; asserts nothing about time.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
 use captiond::vision::image::{DecodeLimits, Tiling};
+use captiond::vision::moondream2::Config;
+use captiond::vision::moondream2::kernels::{self, PackedBf16, PackedWeight};
 use captiond::vision::moondream2::loader::{ModelFiles, process_rss_bytes};
+use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::moondream2::vision::VisionModel;
-use captiond::vision::moondream2::{Config, GenerateOptions};
 use captiond::vision::{CaptionLength, Captioner, Moondream, RunControl, Skill, SkillSettings};
 
 /// Deterministic xorshift generator for weights.
@@ -118,20 +126,6 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Measured f32 matmul throughput of this machine with candle (the "peak").
-fn matmul_peak_gflops() -> f64 {
-    let n = 2048;
-    let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
-    let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
-    let _ = a.matmul(&b).unwrap();
-    let t = Instant::now();
-    let reps = 5;
-    for _ in 0..reps {
-        let _ = a.matmul(&b).unwrap();
-    }
-    2.0 * (n as f64).powi(3) * reps as f64 / t.elapsed().as_secs_f64() / 1e9
-}
-
 /// Analytic FLOPs of the vision encoder for `crops` crops (matmuls only).
 fn vision_flops(cfg: &Config, crops: usize) -> f64 {
     let v = &cfg.vision;
@@ -145,19 +139,348 @@ fn vision_flops(cfg: &Config, crops: usize) -> f64 {
     crops as f64 * (patch + v.enc_n_layers as f64 * layer)
 }
 
-/// CPU (f32) by default; `CAPTIOND_BENCH_DEVICE=cuda` on a `--features cuda` build (bf16).
-fn bench_device() -> (Device, DType) {
-    match std::env::var("CAPTIOND_BENCH_DEVICE").as_deref() {
-        Ok("cuda") => (
-            Device::new_cuda(0).expect("CUDA device (build with --features cuda)"),
-            DType::BF16,
-        ),
-        _ => (Device::Cpu, DType::F32),
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// This machine's limits, measured at the start of the run.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// candle's f32 matmul, 2048³.
+    f32_gemm: f64,
+    /// captiond's bf16 kernel, 2048³.
+    bf16_gemm: f64,
+    /// bf16 multiply-adds with operands in registers.
+    bf16_instr: f64,
+    /// Bytes read per second from a 2 GiB buffer by all threads.
+    bandwidth: f64,
+}
+
+impl Limits {
+    fn measure() -> Self {
+        let n = 2048;
+        let a = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu).unwrap();
+        let flops = 2.0 * (n as f64).powi(3);
+        let f32_gemm = best_rate(flops, || {
+            let _ = a.matmul(&b).unwrap();
+        });
+        let av = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let w = PackedWeight::Bf16(PackedBf16::from_rows(&av, n, n));
+        let mut out = vec![0f32; n * n];
+        let bf16_gemm = best_rate(flops, || kernels::matmul(&av, n, &w, None, &mut out));
+        let bf16_instr =
+            kernels::instruction_peak_gflops(kernels::isa(), std::time::Duration::from_millis(500))
+                .map(|g| g * 1e9)
+                .unwrap_or(0.0);
+        Self {
+            f32_gemm,
+            bf16_gemm,
+            bf16_instr,
+            bandwidth: bandwidth(),
+        }
+    }
+
+    fn to_env(self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.f32_gemm, self.bf16_gemm, self.bf16_instr, self.bandwidth
+        )
+    }
+
+    fn from_env(s: &str) -> Option<Self> {
+        let v: Vec<f64> = s.split(' ').filter_map(|x| x.parse().ok()).collect();
+        let [f32_gemm, bf16_gemm, bf16_instr, bandwidth] = v[..] else {
+            return None;
+        };
+        Some(Self {
+            f32_gemm,
+            bf16_gemm,
+            bf16_instr,
+            bandwidth,
+        })
     }
 }
 
-fn secs(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64()
+/// Best rate of 5 timed runs (after one warm-up), in operations per second.
+fn best_rate(ops: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            ops / secs(t)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Read bandwidth: every thread sums its share of a 2 GiB buffer; best of 3.
+fn bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let buf: Vec<u64> = (0..(2usize << 30) / 8)
+        .into_par_iter()
+        .map(|i| i as u64)
+        .collect();
+    let bytes = (buf.len() * 8) as f64;
+    best_rate(bytes, || {
+        let sum: u64 = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |s, x| s.wrapping_add(*x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+    })
+}
+
+/// Analytic FLOPs of the text prefill of `t` positions (matmuls only).
+fn prefill_flops(cfg: &Config, t: usize) -> f64 {
+    let c = &cfg.text;
+    let (t, d, ff) = (t as f64, c.dim as f64, c.ff_dim as f64);
+    let qkv = ((c.n_heads + 2 * c.n_kv_heads) * 64) as f64;
+    let layer = 2.0 * t * d * (qkv + d + 2.0 * ff) + 4.0 * t * t * d;
+    c.n_layers as f64 * layer
+}
+
+/// Bytes of text weights read per decoded token (the Linear weights and the head).
+fn decode_weight_bytes(cfg: &Config, precision: Precision) -> f64 {
+    let c = &cfg.text;
+    let qkv = (c.n_heads + 2 * c.n_kv_heads) * 64;
+    let per_layer = c.dim * qkv + c.dim * c.dim + 2 * c.dim * c.ff_dim;
+    let params = (c.n_layers * per_layer + c.dim * c.vocab_size) as f64;
+    params
+        * match precision {
+            Precision::F32 => 4.0,
+            Precision::Bf16 => 2.0,
+            _ => 17.0 / 16.0,
+        }
+}
+
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
+const IMAGES: [(&str, u32, u32); 2] = [("378x378", 378, 378), ("1024x768", 1024, 768)];
+const CAPTION_TOKENS: usize = 24;
+const DECODE_STEPS: usize = 16;
+
+/// One weight format, in this process: prints a block and `ROW` lines for the summary.
+fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
+    let device = Device::Cpu;
+    let plan = precision.plan(&device).unwrap();
+    let t = Instant::now();
+    let (moondream, report) = Moondream::from_files(
+        files,
+        &device,
+        &plan,
+        "bench".into(),
+        DecodeLimits::default(),
+    )
+    .unwrap();
+    let load_s = secs(t);
+    let rss_after = process_rss_bytes().unwrap_or(0) as f64;
+    let model = moondream.model();
+    let cfg = model.config();
+    let resolved = plan.precision;
+    let (peak, peak_name) = match resolved {
+        Precision::F32 => (limits.f32_gemm, "f32 GEMM peak"),
+        _ => (limits.bf16_gemm, "bf16 GEMM peak"),
+    };
+    println!(
+        "\n== --dtype {precision} → {resolved}: {} ({})",
+        plan.why,
+        kernels::isa().best()
+    );
+    println!(
+        "load {load_s:.1} s; weights {:.2} GiB; RSS after load {:.2} GiB",
+        gib(report.weight_bytes as f64),
+        gib(rss_after)
+    );
+    println!(
+        "{:<9} {:>5} {:>9} {:>13} {:>10} {:>13} {:>9} {:>17} {:>10}",
+        "image",
+        "crops",
+        "vision s",
+        "% of peak",
+        "prefill s",
+        "% of peak",
+        "ms/token",
+        "% of bandwidth",
+        "caption s"
+    );
+    for (label, w, h) in IMAGES {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])
+        });
+        let crops = model.prepare(&img);
+        let tensor = VisionModel::crops_tensor(&crops, &device, model.dtype()).unwrap();
+        let encoded_crops = if crops.tiling == (Tiling { rows: 1, cols: 1 }) {
+            1
+        } else {
+            crops.n_crops
+        };
+        let t = Instant::now();
+        let emb = model.vision().embed(&tensor, crops.tiling).unwrap();
+        let vision_s = secs(t);
+        let vision_share = vision_flops(cfg, encoded_crops) / vision_s / peak;
+        let t = Instant::now();
+        let enc = model.encode_embeddings(&emb).unwrap();
+        let prefill_s = secs(t);
+        let prefill_share = prefill_flops(cfg, cfg.prefix_len()) / prefill_s / peak;
+        let mut cache = enc.cache();
+        let prompt = &cfg.tokenizer.templates.caption.short;
+        model
+            .text()
+            .feed(
+                &model.text().embed(prompt).unwrap(),
+                &mut cache,
+                cfg.prefix_len(),
+            )
+            .unwrap();
+        let t = Instant::now();
+        for i in 0..DECODE_STEPS {
+            let e = model.text().embed(&[(i as u32 * 7919) % 51_200]).unwrap();
+            model.text().feed(&e, &mut cache, cfg.prefix_len()).unwrap();
+        }
+        let token_s = secs(t) / DECODE_STEPS as f64;
+        let bw_share = decode_weight_bytes(cfg, resolved) / token_s / limits.bandwidth;
+        let mut png = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+        let settings = SkillSettings {
+            max_tokens: CAPTION_TOKENS,
+            ..SkillSettings::default()
+        };
+        let skill = Skill::Caption {
+            length: CaptionLength::Short,
+        };
+        let t = Instant::now();
+        moondream
+            .run(png.get_ref(), &skill, &settings, &RunControl::default())
+            .unwrap();
+        let caption_s = secs(t);
+        println!(
+            "{label:<9} {:>5} {vision_s:>9.2} {:>12.0}% {prefill_s:>10.2} {:>12.0}% {:>9.0} {:>16.0}% {caption_s:>10.1}",
+            crops.n_crops,
+            100.0 * vision_share,
+            100.0 * prefill_share,
+            token_s * 1000.0,
+            100.0 * bw_share,
+        );
+        println!(
+            "ROW\t{precision}\t{resolved}\t{label}\t{}\t{vision_s:.2}\t{:.0}\t{prefill_s:.2}\t{:.0}\t{:.0}\t{:.0}\t{caption_s:.1}\t{load_s:.1}\t{:.2}",
+            crops.n_crops,
+            100.0 * vision_share,
+            100.0 * prefill_share,
+            token_s * 1000.0,
+            100.0 * bw_share,
+            gib(rss_after),
+        );
+    }
+    let peak_rss = peak_rss_mib() / 1024.0;
+    println!("peak RSS {peak_rss:.2} GiB (vision and prefill against the {peak_name})");
+    println!("PEAK\t{precision}\t{peak_rss:.2}");
+}
+
+/// `POST /v1/caption` against `captiond serve` on the checkpoint: one warm-up, then
+/// three timed requests (a 300×200 PNG, short, 20 tokens, greedy, one worker).
+fn run_service(precision: Precision, dir: &Path) {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/captiond");
+    if !bin.is_file() {
+        println!(
+            "service: {} missing (cargo build --release); skipped",
+            bin.display()
+        );
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(&bin)
+        .args(["serve", "--model-dir"])
+        .arg(dir)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args([
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "1",
+            "--dtype",
+            &precision.to_string(),
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let img = image::RgbImage::from_fn(300, 200, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, 77])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    use base64::Engine;
+    let body = serde_json::json!({
+        "image_url": format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png.get_ref())),
+        "length": "short",
+        "settings": {"max_tokens": 20, "temperature": 0},
+    });
+    let times: Vec<f64> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let t = Instant::now();
+        while client
+            .get(format!("{base}/ready"))
+            .send()
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        println!("service ({precision}): ready after {:.1} s", secs(t));
+        let mut out = Vec::new();
+        for i in 0..4 {
+            let t = Instant::now();
+            let r = client
+                .post(format!("{base}/v1/caption"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "caption request failed: {}",
+                r.status()
+            );
+            let _ = r.bytes().await;
+            if i > 0 {
+                out.push(secs(t));
+            }
+        }
+        out
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+    println!(
+        "service ({precision}): POST /v1/caption 300x200 short, 20 tokens: {}; best {best:.1} s",
+        times
+            .iter()
+            .map(|t| format!("{t:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("SERVICE\t{precision}\t{best:.1}");
+}
+
+fn arg_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -184,96 +507,133 @@ fn main() {
         println!("checkpoint ready in {}", dir.display());
         return;
     }
-    let peak = matmul_peak_gflops();
     let files = ModelFiles {
         config: dir.join("config.json"),
         weights: vec![dir.join("model.safetensors")],
         tokenizer: Some(dir.join("tokenizer.json")),
     };
+    if let Some(mode) = arg_value("--child") {
+        let limits = Limits::from_env(&std::env::var("CAPTIOND_BENCH_LIMITS").unwrap_or_default())
+            .expect("CAPTIOND_BENCH_LIMITS from the parent run");
+        run_mode(mode.parse().unwrap(), limits, &files);
+        return;
+    }
+    if std::env::var("CAPTIOND_BENCH_DEVICE").as_deref() == Ok("cuda") {
+        cuda_run(&files);
+        return;
+    }
+    let modes: Vec<Precision> = arg_value("--dtype")
+        .unwrap_or_else(|| "f32,bf16,q8,auto".into())
+        .split(',')
+        .map(|m| m.parse().unwrap())
+        .collect();
+    println!(
+        "captiond model benchmark: full-size Moondream2 (random weights), CPU, {} threads, kernels {:?}",
+        candle_core::utils::get_num_threads(),
+        kernels::isa()
+    );
+    let limits = Limits::measure();
+    println!(
+        "limits of this machine, measured now: f32 matmul {:.0} GFLOP/s (candle, 2048³); \
+         bf16 matmul {:.0} GFLOP/s (captiond kernels, 2048³); bf16 instruction peak {:.0} GFLOP/s \
+         (registers only); read bandwidth {:.1} GB/s",
+        limits.f32_gemm / 1e9,
+        limits.bf16_gemm / 1e9,
+        limits.bf16_instr / 1e9,
+        limits.bandwidth / 1e9
+    );
+    let exe = std::env::current_exe().unwrap();
+    let mut rows = Vec::new();
+    for mode in &modes {
+        let out = Command::new(&exe)
+            .args(["--bench", "--child", &mode.to_string()])
+            .env("CAPTIOND_BENCH_LIMITS", limits.to_env())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        for line in text.lines() {
+            if line.starts_with("ROW\t") || line.starts_with("PEAK\t") {
+                rows.push(line.to_string());
+            } else {
+                println!("{line}");
+            }
+        }
+        if !out.status.success() {
+            println!(
+                "--dtype {mode} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    if std::env::args().any(|a| a == "--service") {
+        for mode in &modes {
+            println!();
+            run_service(*mode, &dir);
+        }
+    }
+    println!("\nsummary (markdown):\n");
+    println!(
+        "| --dtype | image | crops | vision s | % of peak | prefill s | % of peak | decode ms/token | % of bandwidth | short caption s | load s | RSS after load GiB | peak RSS GiB |"
+    );
+    println!(
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for row in rows.iter().filter(|r| r.starts_with("ROW\t")) {
+        let c: Vec<&str> = row.split('\t').collect();
+        let peak = rows
+            .iter()
+            .find(|r| r.starts_with(&format!("PEAK\t{}\t", c[1])))
+            .and_then(|r| r.split('\t').nth(2))
+            .unwrap_or("?");
+        let mode = if c[1] == c[2] {
+            c[1].to_string()
+        } else {
+            format!("{} ({})", c[1], c[2])
+        };
+        println!(
+            "| {mode} | {} | {} | {} | {} % | {} | {} % | {} | {} % | {} | {} | {} | {peak} |",
+            c[3], c[4], c[5], c[6], c[7], c[8], c[9], c[10], c[11], c[12], c[13]
+        );
+    }
+}
+
+/// The earlier single-mode run on CUDA (bf16), for `scripts/gpu-check`.
+fn cuda_run(files: &ModelFiles) {
+    let device = Device::new_cuda(0).expect("CUDA device (build with --features cuda)");
+    let plan = Precision::Auto.plan(&device).unwrap();
     let t = Instant::now();
-    let (device, dtype) = bench_device();
     let (moondream, report) = Moondream::from_files(
-        &files,
+        files,
         &device,
-        dtype,
+        &plan,
         "bench".into(),
         DecodeLimits::default(),
     )
     .unwrap();
-    let model = moondream.model();
     println!(
-        "captiond model benchmark: full-size Moondream2 (random weights), {device:?} {dtype:?}, {} CPU threads",
-        candle_core::utils::get_num_threads()
-    );
-    println!(
-        "load: {:.1} s, {} parameters, weights {:.0} MiB, RSS after load {:.0} MiB",
+        "CUDA {}: load {:.1} s, device memory after load {:?} bytes",
+        plan.precision,
         secs(t),
-        report.parameters,
-        report.weight_bytes as f64 / 1048576.0,
-        process_rss_bytes().unwrap_or(0) as f64 / 1048576.0
+        report.device_used_bytes
     );
-    println!("measured f32 matmul peak (2048³, candle): {peak:.0} GFLOP/s");
-    println!(
-        "{:<10} {:>7} {:>12} {:>10} {:>12} {:>10} {:>14}",
-        "image", "crops", "vision s", "GFLOP/s", "prefill s", "ms/token", "short caption s"
-    );
-    for (label, w, h) in [("378x378", 378u32, 378u32), ("1024x768", 1024, 768)] {
+    let model = moondream.model();
+    for (label, w, h) in IMAGES {
         let img = image::RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, 9])
         });
         let crops = model.prepare(&img);
-        let tensor = VisionModel::crops_tensor(&crops, &device, dtype).unwrap();
-        let encoded_crops = if crops.tiling == (Tiling { rows: 1, cols: 1 }) {
-            1
-        } else {
-            crops.n_crops
-        };
+        let tensor = VisionModel::crops_tensor(&crops, &device, model.dtype()).unwrap();
         let t = Instant::now();
         let emb = model.vision().embed(&tensor, crops.tiling).unwrap();
         device.synchronize().unwrap();
         let vision_s = secs(t);
-        let gflops = vision_flops(model.config(), encoded_crops) / vision_s / 1e9;
         let t = Instant::now();
-        let enc = model.encode_embeddings(&emb).unwrap();
+        let _enc = model.encode_embeddings(&emb).unwrap();
         device.synchronize().unwrap();
-        let prefill_s = secs(t);
-        let n = 16;
-        let opts = GenerateOptions {
-            max_tokens: n,
-            ..GenerateOptions::default()
-        };
-        let prompt = &model.config().tokenizer.templates.caption.short;
-        let t = Instant::now();
-        let g = model.caption_ids(&enc, prompt, &opts, &mut |_| {}).unwrap();
-        let per_token = secs(t) * 1000.0 / g.ids.len().max(1) as f64;
-        let mut png = std::io::Cursor::new(Vec::new());
-        img.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let settings = SkillSettings {
-            max_tokens: 24,
-            ..SkillSettings::default()
-        };
-        let t = Instant::now();
-        moondream
-            .run(
-                png.get_ref(),
-                &Skill::Caption {
-                    length: CaptionLength::Short,
-                },
-                &settings,
-                &RunControl::default(),
-            )
-            .unwrap();
-        let caption_s = secs(t);
         println!(
-            "{label:<10} {:>7} {vision_s:>12.2} {gflops:>10.0} {prefill_s:>12.2} {per_token:>10.0} {caption_s:>14.1}",
-            crops.n_crops
+            "{label}: {} crops, vision {vision_s:.3} s, prefill {:.3} s",
+            crops.n_crops,
+            secs(t)
         );
     }
-    println!(
-        "peak RSS: {:.0} MiB (short caption = 24 tokens, the cap; random weights never emit EOS)",
-        peak_rss_mib()
-    );
-    println!(
-        "vision GFLOP/s as a share of the matmul peak tells how much the attention and glue cost beyond matmuls."
-    );
 }

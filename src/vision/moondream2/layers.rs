@@ -40,16 +40,43 @@ pub struct PackedLinear {
     bias: Option<Arc<Vec<f32>>>,
 }
 
-impl Module for Linear {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+/// A packed Linear as a candle op, optionally followed by GELU (tanh) in place.
+struct PackedOp<'a> {
+    linear: &'a PackedLinear,
+    gelu: bool,
+}
+
+impl Linear {
+    /// Whether the weight is packed for the CPU kernels.
+    pub fn is_packed(&self) -> bool {
+        matches!(self, Self::Packed(_))
+    }
+
+    /// `gelu_tanh(self(x))`, fused into the packed kernels' output pass.
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Candle(l) => l.forward(xs),
-            Self::Packed(p) => xs.contiguous()?.apply_op1_no_bwd(p),
+            Self::Candle(l) => l.forward(xs)?.gelu(),
+            Self::Packed(p) => xs.contiguous()?.apply_op1_no_bwd(&PackedOp {
+                linear: p,
+                gelu: true,
+            }),
         }
     }
 }
 
-impl CustomOp1 for PackedLinear {
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(l) => l.forward(xs),
+            Self::Packed(p) => xs.contiguous()?.apply_op1_no_bwd(&PackedOp {
+                linear: p,
+                gelu: false,
+            }),
+        }
+    }
+}
+
+impl CustomOp1 for PackedOp<'_> {
     fn name(&self) -> &'static str {
         "packed-linear"
     }
@@ -62,20 +89,24 @@ impl CustomOp1 for PackedLinear {
             candle_core::Error::Msg("packed linear needs contiguous input".into())
         })?;
         let dims = layout.dims();
-        let k = self.weight.k();
+        let PackedLinear { weight, bias } = self.linear;
+        let k = weight.k();
         if dims.last() != Some(&k) {
             candle_core::bail!("packed linear: input {dims:?}, weight takes {k} features");
         }
         let m = (end - start) / k;
-        let n = self.weight.n();
+        let n = weight.n();
         let mut out = vec![0f32; m * n];
         kernels::matmul(
             &data[start..end],
             m,
-            &self.weight,
-            self.bias.as_deref().map(|b| &b[..]),
+            weight,
+            bias.as_deref().map(|b| &b[..]),
             &mut out,
         );
+        if self.gelu {
+            kernels::math::gelu_tanh_in_place(&mut out);
+        }
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;
@@ -162,6 +193,6 @@ impl Mlp {
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // candle's `gelu` is the tanh approximation the reference uses.
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu()?)
+        self.fc2.forward(&self.fc1.forward_gelu(xs)?)
     }
 }

@@ -323,6 +323,12 @@ impl Block {
             return self.proj.forward(&self.attend_cached(&q, layer, cache)?);
         }
         let (k, v) = cache.tensors(layer, self.n_kv_heads, q.dtype())?;
+        if at.mask.is_none() && self.qkv.is_packed() {
+            let out = attend_packed(&q, &k, &v, self.n_heads, self.n_kv_heads)?;
+            return self
+                .proj
+                .forward(&out.transpose(1, 2)?.reshape((b, n, dim))?);
+        }
         let rep = self.n_heads / self.n_kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, rep)?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?;
@@ -352,6 +358,29 @@ impl LayerKv {
     fn is_host(&self) -> bool {
         matches!(self, Self::Host(..))
     }
+}
+
+/// Unmasked attention on the bf16 kernels: `q` `[b, heads, n, d]`, `k`/`v`
+/// `[b, kv_heads, m, d]` (f32, CPU) → `[b, heads, n, d]`, one batch entry at a time.
+pub(super) fn attend_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<Tensor> {
+    let (b, _, n, d) = q.dims4()?;
+    let per_entry = (0..b)
+        .map(|i| {
+            let host =
+                |t: &Tensor| -> Result<Vec<f32>> { t.get(i)?.flatten_all()?.to_vec1::<f32>() };
+            let qh = host(q)?;
+            let mut out = vec![0f32; qh.len()];
+            super::kernels::attend_all(&qh, &host(k)?, &host(v)?, heads, kv_heads, d, &mut out);
+            Tensor::from_vec(out, (1, heads, n, d), q.device())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&per_entry, 0)
 }
 
 /// Half-split rotary embedding on the first 32 dims of each head; the rest pass through.

@@ -43,6 +43,10 @@ impl Block {
         };
         let q = (split(0)? * (1.0 / (hd as f64).sqrt()))?;
         let (k, v) = (split(1)?, split(2)?);
+        if self.qkv.is_packed() {
+            let out = super::text::attend_packed(&q, &k, &v, self.n_heads, self.n_heads)?;
+            return self.proj.forward(&out.transpose(1, 2)?.reshape((b, n, d))?);
+        }
         // One crop at a time: the score matrices of all crops at once would be
         // heads × 729² floats per crop (34 MB each at full size).
         let per_crop = (0..b)

@@ -3,7 +3,67 @@
 
 use rayon::prelude::*;
 
-use super::isa;
+use super::math::softmax_rows;
+use super::{PackedBf16, PackedWeight, isa, matmul_serial};
+
+/// Queries per step of [`attend_all`]: bounds the score block to `128 × keys` floats.
+const QUERY_BLOCK: usize = 128;
+
+/// Full (unmasked) attention with bf16 products and f32 softmax: `q` is
+/// `[heads × nq × dim]`, `k` and `v` are `[kv_heads × nk × dim]`, `out` is like `q`.
+/// Each head packs its keys and values once, then takes its queries 128 at a time, so
+/// the score matrix is never whole. `q` is already scaled.
+pub fn attend_all(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    dim: usize,
+    out: &mut [f32],
+) {
+    let nq = q.len() / (heads * dim);
+    let nk = k.len() / (kv_heads * dim);
+    assert!(out.len() == q.len() && v.len() == k.len() && heads % kv_heads == 0);
+    let rep = heads / kv_heads;
+    let wide = isa().avx512bf16 || isa().avx512vnni;
+    out.par_chunks_mut(nq * dim).enumerate().for_each(|(h, o)| {
+        let g = h / rep;
+        let kh = &k[g * nk * dim..(g + 1) * nk * dim];
+        let vh = &v[g * nk * dim..(g + 1) * nk * dim];
+        let qh = &q[h * nq * dim..(h + 1) * nq * dim];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: AVX512-F is present whenever either AVX512 family is.
+            unsafe { attend_head_avx512(qh, kh, vh, dim, o) };
+            return;
+        }
+        let _ = wide;
+        attend_head(qh, kh, vh, dim, o);
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_head_avx512(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
+    attend_head(q, k, v, dim, o)
+}
+
+/// One head of [`attend_all`]: `q` `[nq × dim]`, `k`/`v` `[nk × dim]`.
+#[inline(always)]
+fn attend_head(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
+    let (nq, nk) = (q.len() / dim, k.len() / dim);
+    let keys = PackedWeight::Bf16(PackedBf16::from_rows(k, nk, dim));
+    let values = PackedWeight::Bf16(PackedBf16::from_cols(v, nk, dim));
+    let mut scores = vec![0f32; QUERY_BLOCK.min(nq) * nk];
+    for start in (0..nq).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(nq - start);
+        let s = &mut scores[..rows * nk];
+        matmul_serial(&q[start * dim..(start + rows) * dim], rows, &keys, s);
+        softmax_rows(s, nk);
+        matmul_serial(s, rows, &values, &mut o[start * dim..(start + rows) * dim]);
+    }
+}
 
 /// `out[h] = softmax(q[h]·K[g]ᵀ) · V[g]` for every query head `h` (KV head `g = h / rep`)
 /// over `len` cached positions. `q` and `out` are `[heads × dim]`; `k` and `v` are

@@ -9,14 +9,17 @@
 
 mod attention;
 mod isa;
+pub mod math;
 mod pack;
+mod peak;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::attend_one;
+pub use attention::{attend_all, attend_one};
 pub use isa::{Isa, isa};
 pub use pack::{PackedBf16, PackedQ8, PackedWeight};
+pub use peak::instruction_peak_gflops;
 
 /// Output columns per block.
 pub const BLOCK_N: usize = 16;
@@ -40,6 +43,23 @@ pub fn matmul_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    matmul_on(isa, a, m, w, bias, out, true)
+}
+
+/// [`matmul`] on the calling thread only (for use inside parallel loops).
+pub fn matmul_serial(a: &[f32], m: usize, w: &PackedWeight, out: &mut [f32]) {
+    matmul_on(isa(), a, m, w, None, out, false)
+}
+
+fn matmul_on(
+    isa: &Isa,
+    a: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    parallel: bool,
+) {
     let (n, k) = (w.n(), w.k());
     assert_eq!(a.len(), m * k, "activation is not m × k");
     assert_eq!(out.len(), m * n, "output is not m × n");
@@ -49,13 +69,13 @@ pub fn matmul_with(
     match w {
         PackedWeight::Bf16(w) if m <= SMALL_M => {
             let a = pack::activations_bf16(isa, a, m, k, w.kp, m);
-            run_blocks(w.blocks(), m, n, bias, out, |b0, b1, c| {
+            run_blocks(w.blocks(), m, n, bias, out, parallel, |b0, b1, c| {
                 small_bf16(isa, &a, m, w, b0, b1, c)
             });
         }
         PackedWeight::Q8(w) if m <= SMALL_M => {
             let a = pack::QuantActivations::new(a, m, k, w.kp);
-            run_blocks(w.blocks(), m, n, bias, out, |b0, b1, c| {
+            run_blocks(w.blocks(), m, n, bias, out, parallel, |b0, b1, c| {
                 small_q8(isa, &a, w, b0, b1, c)
             });
         }
@@ -63,7 +83,7 @@ pub fn matmul_with(
             let mp = m.next_multiple_of(32);
             let kp = w.kp();
             let a = pack::activations_bf16(isa, a, m, k, kp, mp);
-            run_blocks(w.blocks(), mp, n, bias, out, |b0, b1, c| {
+            run_blocks(w.blocks(), mp, n, bias, out, parallel, |b0, b1, c| {
                 tiled(isa, &a, mp, kp, w, b0, b1, c)
             });
         }
@@ -78,10 +98,15 @@ fn run_blocks(
     n: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
+    parallel: bool,
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     let m = out.len() / n;
-    let threads = rayon::current_num_threads().clamp(1, blocks / 2);
+    let threads = if parallel {
+        rayon::current_num_threads().clamp(1, blocks / 2)
+    } else {
+        1
+    };
     // Chunks in pairs of blocks, so that the tiled kernels' 32-column steps line up.
     let pairs = blocks / 2;
     let per = pairs.div_ceil(threads);

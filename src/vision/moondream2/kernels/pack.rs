@@ -85,6 +85,21 @@ impl PackedBf16 {
         Self { n, k, kp, data }
     }
 
+    /// Packs the transpose of a row-major f32 matrix `v[k, n]` (`W[j][i] = v[i][j]`).
+    pub fn from_cols(v: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(v.len(), n * k, "matrix is not k × n");
+        let (blocks, kp) = padded(n, k);
+        let mut data = vec![0u16; blocks * BLOCK_N * kp];
+        for (kk, row) in v.chunks_exact(n).enumerate() {
+            for (col, &x) in row.iter().enumerate() {
+                let (b, c) = (col / BLOCK_N, col % BLOCK_N);
+                data[b * BLOCK_N * kp + (kk / 2) * 2 * BLOCK_N + c * 2 + kk % 2] =
+                    bf16::from_f32(x).to_bits();
+            }
+        }
+        Self { n, k, kp, data }
+    }
+
     pub(super) fn blocks(&self) -> usize {
         self.data.len() / (BLOCK_N * self.kp)
     }
