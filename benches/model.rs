@@ -512,6 +512,38 @@ fn main() {
         weights: vec![dir.join("model.safetensors")],
         tokenizer: Some(dir.join("tokenizer.json")),
     };
+    if let Some(steps) = arg_value("--decode-only") {
+        // For profilers: load in the given --dtype, encode one image, decode `steps` tokens.
+        let precision: Precision = arg_value("--dtype")
+            .unwrap_or_else(|| "auto".into())
+            .parse()
+            .unwrap();
+        let plan = precision.plan(&Device::Cpu).unwrap();
+        let (md, _) = Moondream::from_files(
+            &files,
+            &Device::Cpu,
+            &plan,
+            "bench".into(),
+            DecodeLimits::default(),
+        )
+        .unwrap();
+        let m = md.model();
+        let img = image::RgbImage::from_fn(378, 378, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, 3])
+        });
+        let enc = m.encode_image(&img).unwrap();
+        let mut cache = enc.cache();
+        let t = Instant::now();
+        let steps: usize = steps.parse().unwrap();
+        for i in 0..steps {
+            let e = m.text().embed(&[i as u32 % 51_200]).unwrap();
+            m.text()
+                .feed(&e, &mut cache, m.config().prefix_len())
+                .unwrap();
+        }
+        println!("{:.1} ms/token", secs(t) * 1000.0 / steps as f64);
+        return;
+    }
     if let Some(mode) = arg_value("--child") {
         let limits = Limits::from_env(&std::env::var("CAPTIOND_BENCH_LIMITS").unwrap_or_default())
             .expect("CAPTIOND_BENCH_LIMITS from the parent run");

@@ -5,7 +5,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::kernels::attend_one;
+use super::kernels::{KvRows, attend_one};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 /// Head width; the reference hard-codes the rotary layout around 64.
@@ -27,8 +27,62 @@ enum LayerKv {
     Empty,
     /// `[1, kv_heads, len, 64]` device tensors.
     Device(Tensor, Tensor),
-    /// Position-major `[len × kv_heads × 64]` f32 keys and values.
-    Host(Vec<f32>, Vec<f32>),
+    /// Per KV head, `[len × 64]` keys and values (each head's rows contiguous).
+    Host(Vec<HeadRows>, Vec<HeadRows>),
+}
+
+/// One KV head's rows on the host: f32, or bf16 bits (half the bytes per decode step)
+/// when the model runs on the packed kernels.
+#[derive(Debug, Clone)]
+enum HeadRows {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl HeadRows {
+    fn new(compact: bool) -> Self {
+        if compact {
+            Self::Bf16(Vec::new())
+        } else {
+            Self::F32(Vec::new())
+        }
+    }
+
+    fn extend(&mut self, rows: &[f32]) {
+        match self {
+            Self::F32(v) => v.extend_from_slice(rows),
+            Self::Bf16(v) => v.extend(rows.iter().map(|x| half::bf16::from_f32(*x).to_bits())),
+        }
+    }
+
+    fn with_room(&self, extra: usize) -> Self {
+        fn grow<T: Copy>(v: &[T], extra: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(v.len() + extra);
+            out.extend_from_slice(v);
+            out
+        }
+        match self {
+            Self::F32(v) => Self::F32(grow(v, extra)),
+            Self::Bf16(v) => Self::Bf16(grow(v, extra)),
+        }
+    }
+
+    fn rows(&self) -> KvRows<'_> {
+        match self {
+            Self::F32(v) => KvRows::F32(v),
+            Self::Bf16(v) => KvRows::Bf16(v),
+        }
+    }
+
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.clone(),
+            Self::Bf16(v) => v
+                .iter()
+                .map(|b| half::bf16::from_bits(*b).to_f32())
+                .collect(),
+        }
+    }
 }
 
 impl KvCache {
@@ -52,19 +106,17 @@ impl KvCache {
 
     /// A copy that can grow by `extra` positions without reallocating.
     pub fn with_room(&self, extra: usize) -> Self {
+        let grow = |heads: &[HeadRows]| {
+            heads
+                .iter()
+                .map(|h| h.with_room(extra * HEAD_DIM))
+                .collect()
+        };
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
-                LayerKv::Host(k, v) => {
-                    let grow = |x: &Vec<f32>| {
-                        let per = if self.len == 0 { 0 } else { x.len() / self.len };
-                        let mut y = Vec::with_capacity(x.len() + extra * per);
-                        y.extend_from_slice(x);
-                        y
-                    };
-                    LayerKv::Host(grow(k), grow(v))
-                }
+                LayerKv::Host(k, v) => LayerKv::Host(grow(k), grow(v)),
                 other => other.clone(),
             })
             .collect();
@@ -74,22 +126,28 @@ impl KvCache {
         }
     }
 
-    /// Appends `k`, `v` (`[1, kv_heads, n, 64]`) to a layer.
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<()> {
-        let host = |t: &Tensor| -> Result<Vec<f32>> {
-            t.transpose(1, 2)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()
-        };
+    /// Appends `k`, `v` (`[1, kv_heads, n, 64]`) to a layer; host rows are kept in
+    /// bf16 when `compact`.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor, compact: bool) -> Result<()> {
         let slot = &mut self.layers[layer];
+        if matches!(slot, LayerKv::Empty) && k.device().is_cpu() {
+            let heads = k.dim(1)?;
+            *slot = LayerKv::Host(
+                (0..heads).map(|_| HeadRows::new(compact)).collect(),
+                (0..heads).map(|_| HeadRows::new(compact)).collect(),
+            );
+        }
         let next = match slot {
             LayerKv::Host(hk, hv) => {
-                hk.extend(host(&k)?);
-                hv.extend(host(&v)?);
+                for (rows, t) in [(hk, &k), (hv, &v)] {
+                    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let per = data.len() / rows.len().max(1);
+                    for (head, chunk) in rows.iter_mut().zip(data.chunks_exact(per.max(1))) {
+                        head.extend(chunk);
+                    }
+                }
                 return Ok(());
             }
-            LayerKv::Empty if k.device().is_cpu() => LayerKv::Host(host(&k)?, host(&v)?),
             LayerKv::Empty => LayerKv::Device(k, v),
             LayerKv::Device(pk, pv) => {
                 LayerKv::Device(Tensor::cat(&[&*pk, &k], 2)?, Tensor::cat(&[&*pv, &v], 2)?)
@@ -104,11 +162,10 @@ impl KvCache {
         match &self.layers[layer] {
             LayerKv::Device(k, v) => Ok((k.clone(), v.clone())),
             LayerKv::Host(k, v) => {
-                let len = k.len() / (kv_heads * HEAD_DIM);
-                let t = |x: &[f32]| -> Result<Tensor> {
-                    Tensor::from_slice(x, (1, len, kv_heads, HEAD_DIM), &Device::Cpu)?
-                        .transpose(1, 2)?
-                        .contiguous()?
+                let t = |heads: &[HeadRows]| -> Result<Tensor> {
+                    let data: Vec<f32> = heads.iter().flat_map(|h| h.to_f32()).collect();
+                    let len = data.len() / (kv_heads * HEAD_DIM);
+                    Tensor::from_vec(data, (1, kv_heads, len, HEAD_DIM), &Device::Cpu)?
                         .to_dtype(dtype)
                 };
                 Ok((t(k)?, t(v)?))
@@ -318,7 +375,7 @@ impl Block {
             * (1.0 / (HEAD_DIM as f64).sqrt()))?;
         let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &at.cos, &at.sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
-        cache.append(layer, k, v)?;
+        cache.append(layer, k, v, self.qkv.is_packed())?;
         if n == 1 && b == 1 && cache.layers[layer].is_host() {
             return self.proj.forward(&self.attend_cached(&q, layer, cache)?);
         }
@@ -349,7 +406,9 @@ impl Block {
         };
         let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; q.len()];
-        attend_one(&q, k, v, self.n_heads, self.n_kv_heads, HEAD_DIM, &mut out);
+        let k: Vec<KvRows<'_>> = k.iter().map(HeadRows::rows).collect();
+        let v: Vec<KvRows<'_>> = v.iter().map(HeadRows::rows).collect();
+        attend_one(&q, &k, &v, HEAD_DIM, &mut out);
         Tensor::from_vec(out, (1, 1, self.n_heads * HEAD_DIM), &Device::Cpu)
     }
 }

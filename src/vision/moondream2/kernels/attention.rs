@@ -65,76 +65,93 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
     }
 }
 
+/// One KV head's cached keys or values, `[len × dim]`, in f32 or as bf16 bits.
+#[derive(Debug, Clone, Copy)]
+pub enum KvRows<'a> {
+    /// 32-bit floats.
+    F32(&'a [f32]),
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+}
+
+/// An element of a cache row.
+trait Elem: Copy {
+    fn get(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+}
+
 /// `out[h] = softmax(q[h]·K[g]ᵀ) · V[g]` for every query head `h` (KV head `g = h / rep`)
-/// over `len` cached positions. `q` and `out` are `[heads × dim]`; `k` and `v` are
-/// position-major `[len × kv_heads × dim]`. `q` is already scaled.
-pub fn attend_one(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    dim: usize,
-    out: &mut [f32],
-) {
-    let width = kv_heads * dim;
-    let len = k.len() / width;
-    assert!(
-        q.len() == heads * dim
-            && out.len() == heads * dim
-            && v.len() == k.len()
-            && heads % kv_heads == 0
-    );
-    let rep = heads / kv_heads;
+/// over the cached positions; `q` and `out` are `[heads × dim]`, `k[g]` and `v[g]`
+/// `[len × dim]` each. `q` is already scaled.
+pub fn attend_one(q: &[f32], k: &[KvRows<'_>], v: &[KvRows<'_>], dim: usize, out: &mut [f32]) {
+    let heads = q.len() / dim;
+    assert!(out.len() == q.len() && k.len() == v.len() && !k.is_empty() && heads % k.len() == 0);
+    let rep = heads / k.len();
     let wide = isa().avx512bf16 || isa().avx512vnni;
     out.par_chunks_mut(dim).enumerate().for_each(|(h, o)| {
         let qh = &q[h * dim..(h + 1) * dim];
-        let off = (h / rep) * dim;
+        let (kg, vg) = (k[h / rep], v[h / rep]);
         #[cfg(target_arch = "x86_64")]
         if wide {
             // SAFETY: AVX512-F is present whenever either AVX512 family is.
-            unsafe { head_avx512(qh, k, v, off, width, len, o) };
+            unsafe { head_avx512(qh, kg, vg, o) };
             return;
         }
         let _ = wide;
-        head(qh, k, v, off, width, len, o);
+        head_any(qh, kg, vg, o);
     });
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn head_avx512(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    off: usize,
-    width: usize,
-    len: usize,
-    o: &mut [f32],
-) {
-    head(q, k, v, off, width, len, o)
+unsafe fn head_avx512(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, o: &mut [f32]) {
+    head_any(q, k, v, o)
 }
 
 #[inline(always)]
-fn head(q: &[f32], k: &[f32], v: &[f32], off: usize, width: usize, len: usize, o: &mut [f32]) {
+fn head_any(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, o: &mut [f32]) {
+    match (k, v) {
+        (KvRows::F32(k), KvRows::F32(v)) => head(q, k, v, o),
+        (KvRows::Bf16(k), KvRows::Bf16(v)) => head(q, k, v, o),
+        (KvRows::F32(k), KvRows::Bf16(v)) => head(q, k, v, o),
+        (KvRows::Bf16(k), KvRows::F32(v)) => head(q, k, v, o),
+    }
+}
+
+/// One head of [`attend_one`], in plain loops (closures would not inherit the
+/// caller's target features, and did not vectorise).
+#[inline(always)]
+fn head<K: Elem, V: Elem>(q: &[f32], k: &[K], v: &[V], o: &mut [f32]) {
     let dim = q.len();
-    let mut scores: Vec<f32> = (0..len)
-        .map(|j| {
-            let kj = &k[j * width + off..j * width + off + dim];
-            dot(q, kj)
-        })
-        .collect();
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let len = k.len() / dim;
+    let mut scores = vec![0f32; len];
+    let mut max = f32::NEG_INFINITY;
+    for (s, kj) in scores.iter_mut().zip(k.chunks_exact(dim)) {
+        *s = dot(q, kj);
+        max = max.max(*s);
+    }
     let mut total = 0f32;
-    for s in &mut scores {
-        *s = (*s - max).exp();
+    for s in scores.iter_mut() {
+        *s = super::math::exp(*s - max);
         total += *s;
     }
     o.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        let vj = &v[j * width + off..j * width + off + dim];
+    for (p, vj) in scores.iter().zip(v.chunks_exact(dim)) {
         for (x, y) in o.iter_mut().zip(vj) {
-            *x += p * y;
+            *x += p * y.get();
         }
     }
     let inv = 1.0 / total;
@@ -145,19 +162,20 @@ fn head(q: &[f32], k: &[f32], v: &[f32], off: usize, width: usize, len: usize, o
 
 /// Dot product with 16 independent sums, so that it vectorises.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let mut total = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        total += x * y.get();
+    }
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].get();
         }
     }
-    acc.iter().sum::<f32>() + tail
+    for v in acc {
+        total += v;
+    }
+    total
 }
