@@ -24,7 +24,7 @@ pub fn attend_all(
 ) {
     let nq = q.len() / (heads * dim);
     let nk = k.len() / (kv_heads * dim);
-    assert!(out.len() == q.len() && v.len() == k.len() && heads % kv_heads == 0);
+    assert!(out.len() == q.len() && v.len() == k.len() && heads.is_multiple_of(kv_heads));
     let rep = heads / kv_heads;
     let wide = isa().avx512bf16 || isa().avx512vnni;
     out.par_chunks_mut(nq * dim).enumerate().for_each(|(h, o)| {
@@ -98,7 +98,12 @@ impl Elem for u16 {
 /// `[len × dim]` each. `q` is already scaled.
 pub fn attend_one(q: &[f32], k: &[KvRows<'_>], v: &[KvRows<'_>], dim: usize, out: &mut [f32]) {
     let heads = q.len() / dim;
-    assert!(out.len() == q.len() && k.len() == v.len() && !k.is_empty() && heads % k.len() == 0);
+    assert!(
+        out.len() == q.len()
+            && k.len() == v.len()
+            && !k.is_empty()
+            && heads.is_multiple_of(k.len())
+    );
     let rep = heads / k.len();
     let wide = isa().avx512bf16 || isa().avx512vnni;
     out.par_chunks_mut(dim).enumerate().for_each(|(h, o)| {

@@ -147,10 +147,10 @@ unsafe fn q8_tile<const MR: usize>(
             let mut dot = [_mm512_setzero_si512(); MR];
             for quad in 0..BLOCK_K / 4 {
                 let wv = _mm512_loadu_si512(q.add(g * 512 + quad * 64) as *const _);
-                for r in 0..MR {
+                for (r, d) in dot.iter_mut().enumerate() {
                     let four =
                         (aq.add(r * kp + g * BLOCK_K + quad * 4) as *const i32).read_unaligned();
-                    dot[r] = _mm512_dpbusd_epi32(dot[r], wv, _mm512_set1_epi32(four));
+                    *d = _mm512_dpbusd_epi32(*d, wv, _mm512_set1_epi32(four));
                 }
             }
             let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g)));
@@ -233,7 +233,7 @@ pub(super) unsafe fn amx_panel(
     c: &mut [f32],
     ldc: usize,
 ) {
-    assert!(mp % 32 == 0 && kp % 32 == 0 && blocks % 2 == 0);
+    assert!(mp.is_multiple_of(32) && kp.is_multiple_of(32) && blocks.is_multiple_of(2));
     assert!(a.len() >= mp * kp && w.len() >= blocks * BLOCK_N * kp);
     assert!(c.len() >= (mp - 1) * ldc + blocks * BLOCK_N);
     let mut cfg = TileConfig {
