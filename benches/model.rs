@@ -342,6 +342,8 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
         }
         let token_s = secs(t) / DECODE_STEPS as f64;
         let bw_share = decode_weight_bytes(cfg, resolved) / token_s / limits.bandwidth;
+        // Only the caption below should be resident from here (peak RSS = user path).
+        drop((cache, enc, emb, tensor));
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
         let settings = SkillSettings {
@@ -512,6 +514,30 @@ fn main() {
         weights: vec![dir.join("model.safetensors")],
         tokenizer: Some(dir.join("tokenizer.json")),
     };
+    if std::env::args().any(|a| a == "--kernels") {
+        // bf16 kernel throughput on the model's shapes (rows × inputs → outputs).
+        for (m, k, n) in [
+            (2048, 2048, 2048),
+            (730, 2048, 6144),
+            (730, 8192, 2048),
+            (729, 1152, 4304),
+            (9477, 1152, 3456),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+                .collect();
+            let w = PackedWeight::Bf16(PackedBf16::from_rows(&w, n, k));
+            let mut out = vec![0f32; m * n];
+            let rate = best_rate(2.0 * (m * n * k) as f64, || {
+                kernels::matmul(&a, m, &w, None, &mut out)
+            });
+            println!("{m:>5} × {k:>5} → {n:>5}: {:>6.0} GFLOP/s", rate / 1e9);
+        }
+        return;
+    }
     if let Some(steps) = arg_value("--decode-only") {
         // For profilers: load in the given --dtype, encode one image, decode `steps` tokens.
         let precision: Precision = arg_value("--dtype")

@@ -634,7 +634,7 @@ fn release_freed_memory() {
 }
 
 /// Makes glibc serve the model's large per-call buffers (up to 256 MiB) from the heap
-/// and keep up to 1 GiB of freed heap: by default every block over its threshold is a
+/// and keep up to 256 MiB of freed heap: by default every block over its threshold is a
 /// fresh mapping, so each layer's outputs paid page faults and zeroing again (a fifth
 /// of CPU time in a profile of the packed path).
 fn keep_large_buffers() {
@@ -642,7 +642,7 @@ fn keep_large_buffers() {
     // SAFETY: mallopt only changes allocator parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
     }
 }
 
