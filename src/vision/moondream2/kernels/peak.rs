@@ -50,30 +50,13 @@ mod x86 {
     use std::arch::asm;
     use std::arch::x86_64::*;
 
-    const STEPS: usize = 100_000;
+    use super::super::x86::TileConfig;
 
-    #[repr(C, align(64))]
-    struct TileConfig {
-        palette: u8,
-        start_row: u8,
-        reserved: [u8; 14],
-        colsb: [u16; 16],
-        rows: [u8; 16],
-    }
+    const STEPS: usize = 100_000;
 
     /// `STEPS` × 4 `tdpbf16ps` on tiles loaded once.
     pub(super) unsafe fn amx_burst() -> f64 {
-        let mut cfg = TileConfig {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
-        for t in 0..8 {
-            cfg.colsb[t] = 64;
-            cfg.rows[t] = 16;
-        }
+        let cfg = TileConfig::full();
         let data = vec![0x3f80u16; 16 * 32];
         // SAFETY: AMX is enabled; the tile loads read `data` (16 rows of 64 bytes).
         unsafe {

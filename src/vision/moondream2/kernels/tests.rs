@@ -79,22 +79,27 @@ fn worst(
 const SHAPES: &[(usize, usize)] = &[(16, 32), (37, 50), (100, 588), (64, 256), (33, 1000)];
 const ROWS: &[usize] = &[1, 2, 3, 8, 9, 31, 45, 70];
 
-#[test]
-fn bf16_products_match_within_bf16_rounding_on_every_path() {
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+/// Every shape, row count and path of `pack` stays within `tolerance` (relative to
+/// Σ|a·w|) of the f64 product.
+fn check_format(
+    seed: u64,
+    name: &str,
+    tolerance: f64,
+    pack: impl Fn(&[f32], usize, usize) -> PackedWeight,
+) {
+    let mut rng = Rng(seed);
     for &(n, k) in SHAPES {
         let w = rng.vec(n * k);
         let bias = rng.vec(n);
-        let packed = PackedWeight::Bf16(PackedBf16::from_rows(&w, n, k));
+        let packed = pack(&w, n, k);
         for &m in ROWS {
             let a = rng.vec(m * k);
             let want = reference(&a, &w, &bias, m, n, k);
             for isa in paths() {
                 let err = worst(&isa, &packed, &a, &bias, m, &want);
-                // Two bf16 roundings (8-bit mantissa) per product: |δ| ≤ 2·2⁻⁹.
                 assert!(
-                    err < 8e-3,
-                    "bf16 {isa:?} m={m} n={n} k={k}: relative error {err}"
+                    err < tolerance,
+                    "{name} {isa:?} m={m} n={n} k={k}: relative error {err}"
                 );
             }
         }
@@ -102,26 +107,20 @@ fn bf16_products_match_within_bf16_rounding_on_every_path() {
 }
 
 #[test]
+fn bf16_products_match_within_bf16_rounding_on_every_path() {
+    // Two bf16 roundings (8-bit mantissa) per product: |δ| ≤ 2·2⁻⁹.
+    check_format(0x1234_5678_9abc_def1, "bf16", 8e-3, |w, n, k| {
+        PackedWeight::Bf16(PackedBf16::from_rows(w, n, k))
+    });
+}
+
+#[test]
 fn q8_products_match_within_quantization_error_on_every_path() {
-    let mut rng = Rng(0x0fed_cba9_8765_4321);
-    for &(n, k) in SHAPES {
-        let w = rng.vec(n * k);
-        let bias = rng.vec(n);
-        let packed = PackedWeight::Q8(PackedQ8::from_rows(&w, n, k));
-        for &m in ROWS {
-            let a = rng.vec(m * k);
-            let want = reference(&a, &w, &bias, m, n, k);
-            for isa in paths() {
-                let err = worst(&isa, &packed, &a, &bias, m, &want);
-                // Half a step of 1/127 of the group maximum on each side, plus bf16
-                // rounding on the many-row path.
-                assert!(
-                    err < 2.5e-2,
-                    "q8 {isa:?} m={m} n={n} k={k}: relative error {err}"
-                );
-            }
-        }
-    }
+    // Half a step of 1/127 of the group maximum on each side, plus bf16 rounding on
+    // the many-row path.
+    check_format(0x0fed_cba9_8765_4321, "q8", 2.5e-2, |w, n, k| {
+        PackedWeight::Q8(PackedQ8::from_rows(w, n, k))
+    });
 }
 
 #[test]

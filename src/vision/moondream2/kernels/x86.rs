@@ -210,14 +210,32 @@ pub(super) unsafe fn widen_q8_block(src: &[u8], scales: &[f16], kp: usize, dst: 
     }
 }
 
-/// AMX tile configuration: palette 1, eight tiles of 16 rows × 64 bytes.
+/// AMX tile configuration (the `ldtilecfg` operand).
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
     colsb: [u16; 16],
     rows: [u8; 16],
+}
+
+impl TileConfig {
+    /// Palette 1 with all eight tiles 16 rows × 64 bytes.
+    pub(super) fn full() -> Self {
+        let mut cfg = Self {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..8 {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        cfg
+    }
 }
 
 /// `c[mp × 16·blocks] = a[mp × kp] · w` with AMX: 32 × 32 outputs per step in four
@@ -236,17 +254,7 @@ pub(super) unsafe fn amx_panel(
     assert!(mp.is_multiple_of(32) && kp.is_multiple_of(32) && blocks.is_multiple_of(2));
     assert!(a.len() >= mp * kp && w.len() >= blocks * BLOCK_N * kp);
     assert!(c.len() >= (mp - 1) * ldc + blocks * BLOCK_N);
-    let mut cfg = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [0; 16],
-        rows: [0; 16],
-    };
-    for t in 0..8 {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
+    let cfg = TileConfig::full();
     let a_stride = kp * 2;
     let c_stride = ldc * 4;
     // SAFETY: AMX use was permitted for this process (isa::amx_enabled); every tile
