@@ -291,6 +291,57 @@ async fn jobs_hit_by_out_of_memory_complete_later_with_their_attempt_unchanged()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_batch() {
+    let model = watched(vec![]);
+    let app = start_with(
+        TestOptions {
+            workers: 2,
+            adaptive: false,
+            ..TestOptions::default()
+        },
+        model.clone(),
+        Box::new(ScriptedProbe::new(vec![gib(0.5)], true)),
+    )
+    .await;
+    let images: Vec<Vec<u8>> = (0..2).map(|i| png(40, 30, 120 + i)).collect();
+    let mut ids = Vec::new();
+    for img in &images {
+        let (_, job) = app.enqueue(img, json!({"max_tokens": 1500})).await;
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    // Once both captions decode in one batch, the next batched step fails as a GPU
+    // out of memory would.
+    let engine = model.inner.engine();
+    let mut batched = false;
+    for _ in 0..2000 {
+        if engine.stats().largest_batch >= 2 {
+            engine.fail_next_step(
+                "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)",
+            );
+            batched = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        batched,
+        "two running captions never shared a batch: {:?}",
+        engine.stats()
+    );
+    for id in &ids {
+        let j = app.wait_job(id).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(
+            j["oom_count"], 1,
+            "both jobs of the failed batch were requeued: {j}"
+        );
+        assert_eq!(j["attempt"], 1, "without consuming an attempt: {j}");
+    }
+    let stats = app.get("/v1/stats").await.1;
+    assert_eq!(stats["workers"]["out_of_memory"], 2, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_out_of_memory_at_one_blocks_claiming_then_resumes_by_itself() {
     let image = png(40, 30, 200);
     let model = watched(vec![]);

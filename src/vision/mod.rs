@@ -1,6 +1,7 @@
 //! The model side of captiond: image input, the Moondream2 port, and [`Moondream`],
 //! which runs the skills on text and images. Knows nothing of the queue.
 
+pub mod engine;
 pub mod image;
 pub mod moondream2;
 
@@ -13,6 +14,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use self::engine::{DecodeEngine, EngineStats};
 use self::image::{DecodeLimits, ImageInputError, decode_rgb};
 use self::moondream2::generate::{BoundingBox, Point};
 use self::moondream2::loader::{
@@ -265,9 +267,11 @@ pub struct ModelOptions {
     pub limits: DecodeLimits,
 }
 
-/// Moondream2 with its tokenizer: the skills on text and images.
+/// Moondream2 with its tokenizer: the skills on text and images. Answer generations
+/// (captions, queries) of concurrent callers decode together in one batch.
 pub struct Moondream {
-    model: Moondream2,
+    model: Arc<Moondream2>,
+    engine: DecodeEngine,
     tokenizer: Tokenizer,
     limits: DecodeLimits,
     id: String,
@@ -339,20 +343,41 @@ impl Moondream {
             seconds = format!("{:.2}", report.load_seconds),
             "model loaded; load buffers released"
         );
-        Ok((
-            Self {
-                model,
-                tokenizer,
-                limits,
-                id,
-            },
-            report,
-        ))
+        Ok((Self::new(model, tokenizer, limits, id)?, report))
+    }
+
+    /// Wraps a loaded model and its tokenizer, starting the decode engine.
+    pub fn new(
+        model: Moondream2,
+        tokenizer: Tokenizer,
+        limits: DecodeLimits,
+        id: String,
+    ) -> Result<Self, LoadError> {
+        let model = Arc::new(model);
+        let max_batch = max_batch(model.device());
+        let engine = DecodeEngine::start(model.clone(), max_batch).map_err(LoadError::Thread)?;
+        Ok(Self {
+            model,
+            engine,
+            tokenizer,
+            limits,
+            id,
+        })
     }
 
     /// The id-level model.
     pub fn model(&self) -> &Moondream2 {
         &self.model
+    }
+
+    /// The decode engine that batches concurrent answer generations.
+    pub fn engine(&self) -> &DecodeEngine {
+        &self.engine
+    }
+
+    /// What the decode engine has done so far.
+    pub fn engine_stats(&self) -> EngineStats {
+        self.engine.stats()
     }
 
     /// The tokenizer.
@@ -475,9 +500,10 @@ impl Moondream {
                     CaptionLength::Normal => &t.normal,
                     CaptionLength::Long => &t.long,
                 };
-                let g = self
-                    .model
-                    .caption_ids(&encoded, template, &opts, &mut on_token)
+                let prompt = self.model.text().embed(template);
+                let g = prompt
+                    .and_then(|p| self.model.begin_answer(&encoded, &p, &opts))
+                    .and_then(|seq| self.engine.decode(seq, &mut on_token))
                     .map_err(SkillError::from_candle)?;
                 let caption = self.decode(&g.ids)?.trim().to_string();
                 (
@@ -512,9 +538,12 @@ impl Moondream {
                         stop,
                     )
                 } else {
+                    let (ids, coords, sizes) = self.model.query_prompt(&q, &[], false);
                     let g = self
                         .model
-                        .query_ids(Some(&encoded), &q, &[], &opts, &mut on_token)
+                        .prompt_embeddings(&ids, &coords, &sizes)
+                        .and_then(|p| self.model.begin_answer(&encoded, &p, &opts))
+                        .and_then(|seq| self.engine.decode(seq, &mut on_token))
                         .map_err(SkillError::from_candle)?;
                     let answer = self.decode(&g.ids)?.trim().to_string();
                     (
@@ -570,6 +599,12 @@ impl Moondream {
             truncated: stop == StopReason::MaxTokens,
         })
     }
+}
+
+/// Most sequences one batched decode pass takes: on the CPU, 8 (the row count up to
+/// which the vector kernels read each weight once for all rows); on a GPU, 32.
+fn max_batch(device: &Device) -> usize {
+    if device.is_cpu() { 8 } else { 32 }
 }
 
 fn box_out(b: &BoundingBox) -> BoxOut {

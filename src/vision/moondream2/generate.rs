@@ -118,6 +118,17 @@ struct Chooser {
     processor: Option<LogitsProcessor>,
 }
 
+impl std::fmt::Debug for Chooser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.processor.is_some() {
+            "sampling"
+        } else {
+            "greedy"
+        };
+        f.write_str(kind)
+    }
+}
+
 impl Chooser {
     fn new(sampling: Sampling) -> Self {
         let processor = match sampling {
@@ -156,6 +167,87 @@ impl Chooser {
                 mask(&mut v);
                 Ok(argmax(&v) as u32)
             }
+        }
+    }
+}
+
+/// What an [`AnswerSequence`] does at its next token boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Advance {
+    /// It emits `token`; unless `last`, it needs one more decode step.
+    Emit {
+        /// The emitted id.
+        token: u32,
+        /// The token cap (or the context) is reached with this token.
+        last: bool,
+    },
+    /// It stops without emitting anything more.
+    Stop(StopReason),
+}
+
+/// One answer generation between decode steps (the reference `_generate_answer`):
+/// its own KV cache, token chooser, limits and cancel flag. The same state machine
+/// runs alone or in a batch, so a sequence's tokens do not depend on its neighbours.
+#[derive(Debug)]
+pub struct AnswerSequence {
+    pub(super) cache: KvCache,
+    chooser: Chooser,
+    next: u32,
+    ids: Vec<u32>,
+    max_tokens: usize,
+    max_context: usize,
+    eos_id: u32,
+    answer_id: u32,
+    cancel: Option<Arc<AtomicBool>>,
+    prompt_tokens: usize,
+}
+
+impl AnswerSequence {
+    /// Takes the chosen token: stop (EOS, cap or cancelled) or emit it.
+    pub fn advance(&mut self) -> Advance {
+        if self.next == self.eos_id {
+            return Advance::Stop(StopReason::Eos);
+        }
+        if self.ids.len() >= self.max_tokens {
+            return Advance::Stop(StopReason::MaxTokens);
+        }
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+        {
+            return Advance::Stop(StopReason::Cancelled);
+        }
+        self.ids.push(self.next);
+        let last = self.ids.len() >= self.max_tokens || self.cache.len() >= self.max_context;
+        Advance::Emit {
+            token: self.next,
+            last,
+        }
+    }
+
+    /// The id to feed in the next decode step (the one just emitted).
+    pub fn input(&self) -> u32 {
+        self.next
+    }
+
+    /// Chooses the next token from the step's logits (the answer token masked).
+    pub fn accept(&mut self, logits: &Tensor) -> Result<()> {
+        self.next = self.chooser.choose(logits, &[self.answer_id])?;
+        Ok(())
+    }
+
+    /// Tokens emitted so far.
+    pub fn emitted(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The finished generation.
+    pub fn finish(self, stop: StopReason) -> Generation {
+        Generation {
+            ids: self.ids,
+            stop,
+            prompt_tokens: self.prompt_tokens,
         }
     }
 }
@@ -228,41 +320,64 @@ impl Moondream2 {
 
     fn answer_loop(
         &self,
-        mut cache: KvCache,
+        cache: KvCache,
         prompt: &Tensor,
         prefix: usize,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        let prompt_tokens = prompt.dim(0)?;
-        let tok = &self.cfg.tokenizer;
-        let mut chooser = Chooser::new(opts.sampling);
-        let step = self.text.feed(prompt, &mut cache, prefix)?;
-        let mut next = chooser.choose(&step.logits, &[])?;
-        let mut ids = Vec::new();
-        let stop = loop {
-            if next == tok.eos_id {
-                break StopReason::Eos;
-            }
-            if ids.len() >= opts.max_tokens {
-                break StopReason::MaxTokens;
-            }
-            if cancelled(opts) {
-                break StopReason::Cancelled;
-            }
-            ids.push(next);
-            on_token(next);
-            if ids.len() >= opts.max_tokens || cache.len() >= self.cfg.text.max_context {
-                break StopReason::MaxTokens;
+        let mut seq = self.begin_answer_at(cache, prompt, prefix, opts)?;
+        loop {
+            match seq.advance() {
+                Advance::Stop(stop) => return Ok(seq.finish(stop)),
+                Advance::Emit { token, last } => {
+                    on_token(token);
+                    if last {
+                        return Ok(seq.finish(StopReason::MaxTokens));
+                    }
+                }
             }
             let step = self
                 .text
-                .feed(&self.text.embed(&[next])?, &mut cache, prefix)?;
-            next = chooser.choose(&step.logits, &[tok.answer_id])?;
-        };
-        Ok(Generation {
-            ids,
-            stop,
+                .feed(&self.text.embed(&[seq.input()])?, &mut seq.cache, prefix)?;
+            seq.accept(&step.logits)?;
+        }
+    }
+
+    /// Prefills an answer prompt after an encoded image and chooses its first token:
+    /// a sequence ready to decode, alone ([`Self::generate_answer`] does this) or in
+    /// a [`super::batch::DecodeBatch`] with others.
+    pub fn begin_answer(
+        &self,
+        image: &EncodedImage,
+        prompt: &Tensor,
+        opts: &GenerateOptions,
+    ) -> Result<AnswerSequence> {
+        self.begin_answer_at(image.cache(), prompt, self.prefix(), opts)
+    }
+
+    fn begin_answer_at(
+        &self,
+        mut cache: KvCache,
+        prompt: &Tensor,
+        prefix: usize,
+        opts: &GenerateOptions,
+    ) -> Result<AnswerSequence> {
+        let prompt_tokens = prompt.dim(0)?;
+        let mut chooser = Chooser::new(opts.sampling);
+        let step = self.text.feed(prompt, &mut cache, prefix)?;
+        let next = chooser.choose(&step.logits, &[])?;
+        let tok = &self.cfg.tokenizer;
+        Ok(AnswerSequence {
+            cache,
+            chooser,
+            next,
+            ids: Vec::new(),
+            max_tokens: opts.max_tokens,
+            max_context: self.cfg.text.max_context,
+            eos_id: tok.eos_id,
+            answer_id: tok.answer_id,
+            cancel: opts.cancel.clone(),
             prompt_tokens,
         })
     }

@@ -110,6 +110,9 @@ pub enum LoadError {
     /// The device cannot run the asked-for weight format.
     #[error("{0}")]
     Unsupported(String),
+    /// The decode engine's thread could not be started.
+    #[error("cannot start the decode thread: {0}")]
+    Thread(std::io::Error),
     /// Building the tensors failed.
     #[error("loading weights: {0}")]
     Candle(#[from] candle_core::Error),

@@ -3,6 +3,7 @@
 //!
 //! Works on token ids; [`crate::vision::Moondream`] adds the tokenizer and text.
 
+pub mod batch;
 pub mod config;
 pub mod generate;
 pub mod kernels;
@@ -17,8 +18,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
+pub use batch::{BatchEvent, DecodeBatch};
 pub use config::Config;
-pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
+pub use generate::{AnswerSequence, GenerateOptions, Generation, Sampling, StopReason};
 pub use layers::LinearFormat;
 use region::RegionModel;
 use text::{KvCache, TextModel};

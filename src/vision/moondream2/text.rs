@@ -317,6 +317,57 @@ impl TextModel {
         Ok(x)
     }
 
+    /// Feeds one token embedding to each of several sequences in one pass: `xs` is
+    /// `[batch, dim]`, row `i` going to `caches[i]` at that cache's next position. The
+    /// Linear layers read their weights once for the whole batch; attention runs per
+    /// sequence over its own cache. Each row's result equals [`Self::feed`] of that row
+    /// alone (the kernels compute every row the same way whatever the batch).
+    pub fn feed_batch(&self, xs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Vec<Step>> {
+        let (b, _) = xs.dims2()?;
+        if b != caches.len() {
+            candle_core::bail!("feed_batch: {b} rows for {} caches", caches.len());
+        }
+        if b == 0 {
+            return Ok(Vec::new());
+        }
+        let mut positions = Vec::with_capacity(b);
+        for c in caches.iter() {
+            if c.len + 1 > self.cfg.max_context {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the model's context of {}",
+                    c.len + 1,
+                    self.cfg.max_context
+                );
+            }
+            positions.push(c.len as u32);
+        }
+        let positions = Tensor::new(positions.as_slice(), self.cos.device())?;
+        // The batch rides the sequence axis: row i is "position" i with its own rotary.
+        let at = Positions {
+            mask: None,
+            cos: self.cos.index_select(&positions, 0)?,
+            sin: self.sin.index_select(&positions, 0)?,
+        };
+        let mut x = xs.unsqueeze(0)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward_batch(&x, i, caches, &at)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let hidden = x.get(0)?;
+        let h = self.post_ln.forward(&x)?;
+        let logits = self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)?;
+        (0..b)
+            .map(|i| {
+                Ok(Step {
+                    hidden: hidden.get(i)?,
+                    logits: logits.get(i)?,
+                })
+            })
+            .collect()
+    }
+
     /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = self.post_ln.forward(&hidden.unsqueeze(0)?)?;
@@ -354,14 +405,32 @@ impl Block {
         (x + attn)? + mlp
     }
 
-    fn attention(
+    /// [`Self::forward`] for one new position of each of several sequences: `x` is
+    /// `[1, batch, dim]`, row `i` belonging to `caches[i]`.
+    fn forward_batch(
         &self,
-        h: &Tensor,
+        x: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         at: &Positions,
     ) -> Result<Tensor> {
-        let (b, n, dim) = h.dims3()?;
+        let h = self.ln.forward(x)?;
+        let (q, k, v) = self.qkv_heads(&h, at)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let row = |t: &Tensor| t.narrow(2, i, 1);
+            cache.append(layer, row(&k)?, row(&v)?, self.qkv.is_packed())?;
+            outs.push(self.attend_last(&row(&q)?.contiguous()?, layer, cache)?);
+        }
+        let attn = self.proj.forward(&Tensor::cat(&outs, 1)?)?;
+        let mlp = self.mlp.forward(&h)?;
+        (x + attn)? + mlp
+    }
+
+    /// Queries (rotated and scaled), keys (rotated) and values of `h` `[b, n, dim]`,
+    /// each `[b, heads, n, 64]`.
+    fn qkv_heads(&self, h: &Tensor, at: &Positions) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, n, _) = h.dims3()?;
         let qkv = self.qkv.forward(h)?;
         let q_w = self.n_heads * HEAD_DIM;
         let kv_w = self.n_kv_heads * HEAD_DIM;
@@ -375,9 +444,55 @@ impl Block {
             * (1.0 / (HEAD_DIM as f64).sqrt()))?;
         let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &at.cos, &at.sin)?;
         let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
+        Ok((q, k, v))
+    }
+
+    /// The newest position's query `[1, heads, 1, 64]` over every position of the
+    /// layer's cache (which already holds it) → `[1, 1, heads·64]`.
+    fn attend_last(&self, q: &Tensor, layer: usize, cache: &KvCache) -> Result<Tensor> {
+        if cache.layers[layer].is_host() {
+            return self.attend_cached(q, layer, cache);
+        }
+        let (k, v) = cache.tensors(layer, self.n_kv_heads, q.dtype())?;
+        self.attend_candle(q, k, v, None)
+    }
+
+    /// Attention with candle's ops: `q` `[b, heads, n, 64]` over `k`/`v`
+    /// `[b, kv_heads, m, 64]` with an optional additive mask → `[b, n, heads·64]`.
+    fn attend_candle(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, _, n, _) = q.dims4()?;
+        let rep = self.n_heads / self.n_kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, n, self.n_heads * HEAD_DIM))
+    }
+
+    fn attention(
+        &self,
+        h: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        at: &Positions,
+    ) -> Result<Tensor> {
+        let (b, n, dim) = h.dims3()?;
+        let (q, k, v) = self.qkv_heads(h, at)?;
         cache.append(layer, k, v, self.qkv.is_packed())?;
-        if n == 1 && b == 1 && cache.layers[layer].is_host() {
-            return self.proj.forward(&self.attend_cached(&q, layer, cache)?);
+        if n == 1 && b == 1 {
+            return self.proj.forward(&self.attend_last(&q, layer, cache)?);
         }
         let (k, v) = cache.tensors(layer, self.n_kv_heads, q.dtype())?;
         if at.mask.is_none() && self.qkv.is_packed() {
@@ -386,16 +501,8 @@ impl Block {
                 .proj
                 .forward(&out.transpose(1, 2)?.reshape((b, n, dim))?);
         }
-        let rep = self.n_heads / self.n_kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if let Some(mask) = &at.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, dim))?;
-        self.proj.forward(&out)
+        self.proj
+            .forward(&self.attend_candle(&q, k, v, at.mask.as_ref())?)
     }
 
     /// One query position `[1, heads, 1, 64]` over the host cache of `layer` (which
