@@ -418,9 +418,54 @@ async fn hostile_requests_get_4xx_json_errors_and_the_server_stays_up_and_small(
             .push(format!("idempotency race made {} jobs", ids.len()));
     }
 
+    // Uploads refused while the client is still sending (a declared length over the
+    // limit is refused at once; a chunked body once the limit is crossed): the answer
+    // must survive the unread rest of the body (no reset before the client reads it).
+    let addr = server.base.trim_start_matches("http://").to_string();
+    for (i, chunked) in [false, true, false, true].into_iter().enumerate() {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let framing = if chunked {
+            "Transfer-Encoding: chunked"
+        } else {
+            "Content-Length: 104857600"
+        };
+        s.write_all(
+            format!("POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut chunk = Vec::new();
+        if chunked {
+            chunk.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        }
+        chunk.resize(chunk.len() + (1 << 20), b'a');
+        if chunked {
+            chunk.extend_from_slice(b"\r\n");
+        }
+        // Past the 32 MiB limit, a pause for the server to answer, then more body.
+        for _ in 0..34 {
+            let _ = s.write_all(&chunk);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for _ in 0..4 {
+            let _ = s.write_all(&chunk);
+        }
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let head = match s.read(&mut buf) {
+            Ok(n) => String::from_utf8_lossy(&buf[..n]).to_string(),
+            Err(e) => format!("read failed: {e}"),
+        };
+        c.cases += 1;
+        if !head.starts_with("HTTP/1.1 413") {
+            c.failures
+                .push(format!("refused upload still sending {i}: {head:?}"));
+            break;
+        }
+    }
+
     // Slow-loris: bodies trickled a byte at a time get 408 after the deadline, and the
     // server keeps answering others meanwhile.
-    let addr = server.base.trim_start_matches("http://").to_string();
     let mut slow = Vec::new();
     for _ in 0..scale(40, 200) {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();

@@ -154,6 +154,22 @@ async fn read_body(
 ) -> axum::response::Response {
     let (parts, body) = req.into_parts();
     let shape = openapi::error_shape(parts.uri.path());
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is larger than {} MiB", limit >> 20),
+        )
+    };
+    // A declared length over the limit is refused before reading any of it.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return openapi::shaped_error(shape, too_large());
+    }
     let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let bytes = match read {
         Err(_) => {
@@ -170,14 +186,10 @@ async fn read_body(
             );
         }
         Ok(Err(e)) => {
-            let too_large = format!("{e:?}").contains("LengthLimitError")
+            let over = format!("{e:?}").contains("LengthLimitError")
                 || e.to_string().contains("length limit");
-            let e = if too_large {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    format!("the request body is larger than {} MiB", limit >> 20),
-                )
+            let e = if over {
+                too_large()
             } else {
                 ApiError::bad_request("invalid_body", format!("cannot read the request body: {e}"))
             };
