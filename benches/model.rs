@@ -8,7 +8,9 @@
 //! for a 1-crop and a 12-crop image: vision encode, prefill, decode ms/token, seconds
 //! per short caption, load time, RSS after load and peak RSS, each stage as a fraction
 //! of the limit that binds it. `--service` also times `POST /v1/caption` against
-//! `captiond serve` (the path users run). Prints figures; asserts nothing about time.
+//! `captiond serve` (the path users run). `--batch 1,2,4,8` instead sweeps batched
+//! decoding (tokens/s and images/s per batch size, beside batch 1), on the CPU or, with
+//! `CAPTIOND_BENCH_DEVICE=cuda`, the GPU. Prints figures; asserts nothing about time.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -18,12 +20,14 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use captiond::vision::image::{DecodeLimits, Tiling};
-use captiond::vision::moondream2::Config;
+use captiond::vision::moondream2::batch::decode_together;
 use captiond::vision::moondream2::kernels::{self, PackedBf16, PackedWeight};
 use captiond::vision::moondream2::loader::{ModelFiles, process_rss_bytes};
 use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::moondream2::vision::VisionModel;
+use captiond::vision::moondream2::{Config, GenerateOptions};
 use captiond::vision::{CaptionLength, Captioner, Moondream, RunControl, Skill, SkillSettings};
+use captiond::workers::vram::{NvmlProbe, VramProbe};
 
 /// Deterministic xorshift generator for weights.
 struct Rng(u64);
@@ -381,6 +385,147 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
     println!("PEAK\t{precision}\t{peak_rss:.2}");
 }
 
+/// A 1-crop test photo, different for each `seed`.
+fn one_crop_png(seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(378, 378, |x, y| {
+        image::Rgb([
+            (x % 251) as u8,
+            (y % 241) as u8,
+            ((x * seed + y) % 239) as u8,
+        ])
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    png.into_inner()
+}
+
+/// Batched decoding at each size in `sizes`, beside batch 1: (a) the model path, one
+/// 1-crop image encoded once and `b` short-caption sequences decoded together (decode
+/// ms/step, tokens/s); (b) the path users run, `b` threads each captioning its own
+/// 1-crop PNG through `Captioner::run`, their answers batched by the decode engine
+/// (images/s). On CUDA, also the device memory in use at each size (NVML).
+fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes: &[usize]) {
+    let plan = precision.plan(device).unwrap();
+    let (moondream, _) = Moondream::from_files(
+        files,
+        device,
+        &plan,
+        "bench".into(),
+        DecodeLimits::default(),
+    )
+    .unwrap();
+    let nvml = if device.is_cuda() {
+        NvmlProbe::new(0).ok()
+    } else {
+        None
+    };
+    let vram_mib = || {
+        nvml.as_ref()
+            .and_then(|p| p.read())
+            .map(|r| format!("{}", r.used >> 20))
+            .unwrap_or_else(|| "-".into())
+    };
+    let model = moondream.model();
+    let cfg = model.config();
+    println!(
+        "== batched decoding, --dtype {precision} → {} on {device:?} ({}); short caption of {CAPTION_TOKENS} tokens on 1-crop 378×378 images; device memory after load {} MiB",
+        plan.precision,
+        plan.why,
+        vram_mib()
+    );
+    let img = image::load_from_memory(&one_crop_png(0)).unwrap().to_rgb8();
+    let t = Instant::now();
+    let enc = model.encode_image(&img).unwrap();
+    let _ = device.synchronize();
+    let encode_s = secs(t);
+    let prompt = model
+        .text()
+        .embed(&cfg.tokenizer.templates.caption.short)
+        .unwrap();
+    let opts = GenerateOptions {
+        max_tokens: CAPTION_TOKENS,
+        ..GenerateOptions::default()
+    };
+    println!("vision + prefix prefill of one image: {encode_s:.2} s");
+    println!(
+        "{:>5} {:>12} {:>10} {:>9} {:>16} {:>11} {:>9} {:>9}",
+        "batch", "ms/step", "tokens/s", "× b=1", "e2e images/s", "× b=1", "e2e s", "MiB used"
+    );
+    let (mut base_tps, mut base_ips) = (0.0, 0.0);
+    let mut rows = Vec::new();
+    for &b in sizes {
+        let seqs: Vec<_> = (0..b)
+            .map(|_| model.begin_answer(&enc, &prompt, &opts).unwrap())
+            .collect();
+        let t = Instant::now();
+        let gens = decode_together(model, seqs).unwrap();
+        let _ = device.synchronize();
+        let decode_s = secs(t);
+        let tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
+        // The last token of each caption is emitted without a further forward pass.
+        let steps = gens.iter().map(|g| g.ids.len()).max().unwrap_or(1).max(2) - 1;
+        let tps = tokens as f64 / decode_s;
+        // End to end: b callers at once, each its own image, as b workers would.
+        let pngs: Vec<Vec<u8>> = (0..b as u32).map(|i| one_crop_png(i + 1)).collect();
+        let settings = SkillSettings {
+            max_tokens: CAPTION_TOKENS,
+            ..SkillSettings::default()
+        };
+        let skill = Skill::Caption {
+            length: CaptionLength::Short,
+        };
+        let t = Instant::now();
+        let peak_used = std::thread::scope(|s| {
+            let runs: Vec<_> = pngs
+                .iter()
+                .map(|png| {
+                    let (m, skill, settings) = (&moondream, &skill, &settings);
+                    s.spawn(move || m.run(png, skill, settings, &RunControl::default()).unwrap())
+                })
+                .collect();
+            let mut peak = 0u64;
+            while !runs.iter().all(|h| h.is_finished()) {
+                if let Some(r) = nvml.as_ref().and_then(|p| p.read()) {
+                    peak = peak.max(r.used);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            peak
+        });
+        let e2e_s = secs(t);
+        let ips = b as f64 / e2e_s;
+        if b == 1 || base_tps == 0.0 {
+            (base_tps, base_ips) = (tps, ips);
+        }
+        let peak = if nvml.is_some() {
+            format!("{}", peak_used >> 20)
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{b:>5} {:>12.1} {tps:>10.1} {:>8.2}× {ips:>16.3} {:>10.2}× {e2e_s:>9.1} {peak:>9}",
+            decode_s * 1000.0 / steps as f64,
+            tps / base_tps,
+            ips / base_ips,
+        );
+        rows.push(format!(
+            "| {b} | {:.1} | {tps:.1} | {:.2}× | {ips:.3} | {:.2}× | {peak} |",
+            decode_s * 1000.0 / steps as f64,
+            tps / base_tps,
+            ips / base_ips
+        ));
+    }
+    println!("engine: {:?}", moondream.engine_stats());
+    println!("\nsummary (markdown):\n");
+    println!(
+        "| batch | decode ms/step | decode tokens/s | × batch 1 | images/s (end to end) | × batch 1 | device MiB |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        println!("{r}");
+    }
+}
+
 /// `POST /v1/caption` against `captiond serve` on the checkpoint: one warm-up, then
 /// three timed requests (a 300×200 PNG, short, 20 tokens, greedy, one worker).
 fn run_service(precision: Precision, dir: &Path) {
@@ -539,11 +684,15 @@ fn main() {
         return;
     }
     if let Some(steps) = arg_value("--decode-only") {
-        // For profilers: load in the given --dtype, encode one image, decode `steps` tokens.
+        // For profilers: load in the given --dtype, encode one image, decode `steps`
+        // tokens for `--batch B` sequences together (default 1).
         let precision: Precision = arg_value("--dtype")
             .unwrap_or_else(|| "auto".into())
             .parse()
             .unwrap();
+        let batch: usize = arg_value("--batch")
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(1);
         let plan = precision.plan(&Device::Cpu).unwrap();
         let (md, _) = Moondream::from_files(
             &files,
@@ -558,16 +707,36 @@ fn main() {
             image::Rgb([(x % 251) as u8, (y % 241) as u8, 3])
         });
         let enc = m.encode_image(&img).unwrap();
-        let mut cache = enc.cache();
-        let t = Instant::now();
         let steps: usize = steps.parse().unwrap();
-        for i in 0..steps {
-            let e = m.text().embed(&[i as u32 % 51_200]).unwrap();
-            m.text()
-                .feed(&e, &mut cache, m.config().prefix_len())
-                .unwrap();
-        }
-        println!("{:.1} ms/token", secs(t) * 1000.0 / steps as f64);
+        let prompt = m.text().embed(&[1]).unwrap();
+        let opts = GenerateOptions {
+            max_tokens: steps + 1,
+            ..GenerateOptions::default()
+        };
+        let seqs = (0..batch)
+            .map(|_| m.begin_answer(&enc, &prompt, &opts).unwrap())
+            .collect();
+        let t = Instant::now();
+        decode_together(m, seqs).unwrap();
+        println!(
+            "{:.1} ms/step for {batch} sequences",
+            secs(t) * 1000.0 / steps as f64
+        );
+        return;
+    }
+    if let Some(list) = arg_value("--batch") {
+        let sizes: Vec<usize> = list.split(',').map(|b| b.parse().unwrap()).collect();
+        let cuda = std::env::var("CAPTIOND_BENCH_DEVICE").as_deref() == Ok("cuda");
+        let device = if cuda {
+            Device::new_cuda(0).expect("CUDA device (build with --features cuda)")
+        } else {
+            Device::Cpu
+        };
+        let precision: Precision = arg_value("--dtype")
+            .unwrap_or_else(|| "auto".into())
+            .parse()
+            .unwrap();
+        run_batches(&files, &device, precision, &sizes);
         return;
     }
     if let Some(mode) = arg_value("--child") {

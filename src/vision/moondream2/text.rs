@@ -5,7 +5,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::kernels::{KvRows, attend_one};
+use super::kernels::{KvRows, attend_each, attend_one};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 /// Head width; the reference hard-codes the rotary layout around 64.
@@ -138,14 +138,9 @@ impl KvCache {
             );
         }
         let next = match slot {
-            LayerKv::Host(hk, hv) => {
-                for (rows, t) in [(hk, &k), (hv, &v)] {
-                    let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let per = data.len() / rows.len().max(1);
-                    for (head, chunk) in rows.iter_mut().zip(data.chunks_exact(per.max(1))) {
-                        head.extend(chunk);
-                    }
-                }
+            LayerKv::Host(..) => {
+                let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                self.append_host(layer, &host(&k)?, &host(&v)?, compact);
                 return Ok(());
             }
             LayerKv::Empty => LayerKv::Device(k, v),
@@ -155,6 +150,27 @@ impl KvCache {
         };
         *slot = next;
         Ok(())
+    }
+
+    /// Appends host keys and values `[kv_heads × n × 64]` (head-major) to a layer that
+    /// lives on the host (created, with bf16 rows when `compact`, if still empty).
+    fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32], compact: bool) {
+        let slot = &mut self.layers[layer];
+        if matches!(slot, LayerKv::Empty) {
+            let heads = k.len() / HEAD_DIM;
+            *slot = LayerKv::Host(
+                (0..heads).map(|_| HeadRows::new(compact)).collect(),
+                (0..heads).map(|_| HeadRows::new(compact)).collect(),
+            );
+        }
+        if let LayerKv::Host(hk, hv) = slot {
+            for (rows, data) in [(hk, k), (hv, v)] {
+                let per = data.len() / rows.len().max(1);
+                for (head, chunk) in rows.iter_mut().zip(data.chunks_exact(per.max(1))) {
+                    head.extend(chunk);
+                }
+            }
+        }
     }
 
     /// The layer's keys and values as `[1, kv_heads, len, 64]` tensors in `dtype`.
@@ -416,6 +432,12 @@ impl Block {
     ) -> Result<Tensor> {
         let h = self.ln.forward(x)?;
         let (q, k, v) = self.qkv_heads(&h, at)?;
+        if k.device().is_cpu() {
+            let attn = self.attend_batch_host(&q, &k, &v, layer, caches)?;
+            let attn = self.proj.forward(&attn)?;
+            let mlp = self.mlp.forward(&h)?;
+            return (x + attn)? + mlp;
+        }
         let mut outs = Vec::with_capacity(caches.len());
         for (i, cache) in caches.iter_mut().enumerate() {
             let row = |t: &Tensor| t.narrow(2, i, 1);
@@ -425,6 +447,52 @@ impl Block {
         let attn = self.proj.forward(&Tensor::cat(&outs, 1)?)?;
         let mlp = self.mlp.forward(&h)?;
         (x + attn)? + mlp
+    }
+
+    /// The host path of [`Self::forward_batch`]'s attention: `q` `[1, heads, b, 64]`,
+    /// `k`/`v` `[1, kv_heads, b, 64]` (row `i` of sequence `i`) are brought to the host
+    /// once, appended to each cache, and every (sequence, head) pair attends in one
+    /// parallel pass → `[1, b, heads·64]`.
+    fn attend_batch_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let b = caches.len();
+        // Sequence-major: [b, heads, 64], so that sequence i's rows are contiguous.
+        let host = |t: &Tensor| {
+            t.transpose(1, 2)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()
+        };
+        let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+        let kv = k.len() / b;
+        for (i, cache) in caches.iter_mut().enumerate() {
+            // One position: head-major and sequence-major rows are the same layout.
+            let rows = i * kv..(i + 1) * kv;
+            cache.append_host(layer, &k[rows.clone()], &v[rows], self.qkv.is_packed());
+        }
+        let rows: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = caches
+            .iter()
+            .map(|c| match &c.layers[layer] {
+                LayerKv::Host(k, v) => Ok((
+                    k.iter().map(HeadRows::rows).collect(),
+                    v.iter().map(HeadRows::rows).collect(),
+                )),
+                _ => Err(candle_core::Error::Msg(
+                    "batched decode needs host caches".into(),
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
+            rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let mut out = vec![0f32; q.len()];
+        attend_each(&q, &pairs, HEAD_DIM, &mut out);
+        Tensor::from_vec(out, (1, b, self.n_heads * HEAD_DIM), &Device::Cpu)
     }
 
     /// Queries (rotated and scaled), keys (rotated) and values of `h` `[b, n, dim]`,

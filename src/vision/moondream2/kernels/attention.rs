@@ -97,20 +97,38 @@ impl Elem for u16 {
 /// over the cached positions; `q` and `out` are `[heads × dim]`, `k[g]` and `v[g]`
 /// `[len × dim]` each. `q` is already scaled.
 pub fn attend_one(q: &[f32], k: &[KvRows<'_>], v: &[KvRows<'_>], dim: usize, out: &mut [f32]) {
-    let heads = q.len() / dim;
-    assert!(
-        out.len() == q.len()
-            && k.len() == v.len()
-            && !k.is_empty()
-            && heads.is_multiple_of(k.len())
-    );
-    let rep = heads / k.len();
+    attend_each(q, &[(k, v)], dim, out)
+}
+
+/// [`attend_one`] for several sequences of a decode batch in one parallel pass: `q`
+/// and `out` are `[seqs × heads × dim]`, `caches[s]` holds sequence `s`'s keys and
+/// values per KV head. Each (sequence, head) pair is computed exactly as alone.
+pub fn attend_each(
+    q: &[f32],
+    caches: &[(&[KvRows<'_>], &[KvRows<'_>])],
+    dim: usize,
+    out: &mut [f32],
+) {
+    let seqs = caches.len();
+    assert!(seqs > 0 && out.len() == q.len() && q.len().is_multiple_of(seqs * dim));
+    let heads = q.len() / (seqs * dim);
+    for (k, v) in caches {
+        assert!(k.len() == v.len() && !k.is_empty() && heads.is_multiple_of(k.len()));
+    }
     let wide = isa().avx512bf16 || isa().avx512vnni;
-    out.par_chunks_mut(dim).enumerate().for_each(|(h, o)| {
-        let qh = &q[h * dim..(h + 1) * dim];
+    out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
+        let (k, v) = caches[i / heads];
+        let h = i % heads;
+        let rep = heads / k.len();
+        let qh = &q[i * dim..(i + 1) * dim];
         let (kg, vg) = (k[h / rep], v[h / rep]);
         #[cfg(target_arch = "x86_64")]
         if wide {
+            if let (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) = (kg, vg, dim) {
+                // SAFETY: AVX512-F and FMA are present whenever either AVX512 family is.
+                unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, o) };
+                return;
+            }
             // SAFETY: AVX512-F is present whenever either AVX512 family is.
             unsafe { head_avx512(qh, kg, vg, o) };
             return;

@@ -164,3 +164,98 @@ fn packed_sizes_are_those_of_the_format() {
         64 * 128 * 17 / 16
     );
 }
+
+/// `softmax(q·Kᵀ)·V` in f64 for one head.
+fn attention_reference(q: &[f32], k: &[f32], v: &[f32], dim: usize) -> Vec<f64> {
+    let len = k.len() / dim;
+    let scores: Vec<f64> = (0..len)
+        .map(|j| {
+            (0..dim)
+                .map(|d| f64::from(q[d]) * f64::from(k[j * dim + d]))
+                .sum()
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let p: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let total: f64 = p.iter().sum();
+    (0..dim)
+        .map(|d| {
+            (0..len)
+                .map(|j| p[j] * f64::from(v[j * dim + d]))
+                .sum::<f64>()
+                / total
+        })
+        .collect()
+}
+
+#[test]
+fn decode_attention_over_bf16_and_f32_rows_matches_f64_and_batches_exactly() {
+    let mut rng = Rng(0x5EED);
+    let (heads, kv_heads, dim) = (4, 2, 64);
+    let bf16 = |x: &[f32]| -> Vec<u16> {
+        x.iter()
+            .map(|v| half::bf16::from_f32(*v).to_bits())
+            .collect()
+    };
+    let widen = |x: &[u16]| -> Vec<f32> {
+        x.iter()
+            .map(|b| half::bf16::from_bits(*b).to_f32())
+            .collect()
+    };
+    // Lengths around the kernel's steps of 4 and 2 keys, and a prefix-sized one.
+    let lens = [1usize, 2, 3, 5, 8, 731];
+    let mut seqs = Vec::new();
+    for &len in &lens {
+        let q: Vec<f32> = rng.vec(heads * dim).iter().map(|x| x * 0.5).collect();
+        let k: Vec<Vec<u16>> = (0..kv_heads).map(|_| bf16(&rng.vec(len * dim))).collect();
+        let v: Vec<Vec<u16>> = (0..kv_heads).map(|_| bf16(&rng.vec(len * dim))).collect();
+        seqs.push((q, k, v));
+    }
+    let mut alone = Vec::new();
+    for (q, k, v) in &seqs {
+        for as_f32 in [false, true] {
+            let kf: Vec<Vec<f32>> = k.iter().map(|h| widen(h)).collect();
+            let vf: Vec<Vec<f32>> = v.iter().map(|h| widen(h)).collect();
+            fn rows<'a>(b: &'a [Vec<u16>], f: &'a [Vec<f32>], as_f32: bool) -> Vec<KvRows<'a>> {
+                if as_f32 {
+                    f.iter().map(|h| KvRows::F32(h)).collect()
+                } else {
+                    b.iter().map(|h| KvRows::Bf16(h)).collect()
+                }
+            }
+            let (kr, vr) = (rows(k, &kf, as_f32), rows(v, &vf, as_f32));
+            let mut out = vec![0f32; heads * dim];
+            attend_one(q, &kr, &vr, dim, &mut out);
+            for h in 0..heads {
+                let g = h / (heads / kv_heads);
+                let want = attention_reference(&q[h * dim..(h + 1) * dim], &kf[g], &vf[g], dim);
+                for (got, want) in out[h * dim..(h + 1) * dim].iter().zip(&want) {
+                    assert!(
+                        (f64::from(*got) - want).abs() < 1e-5,
+                        "len {} f32 rows {as_f32}: {got} vs {want}",
+                        k[0].len() / dim
+                    );
+                }
+            }
+            if !as_f32 {
+                alone.push(out);
+            }
+        }
+    }
+    // All sequences in one pass give each exactly what it gets alone.
+    let q_all: Vec<f32> = seqs.iter().flat_map(|(q, ..)| q.clone()).collect();
+    let rows: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = seqs
+        .iter()
+        .map(|(_, k, v)| {
+            (
+                k.iter().map(|h| KvRows::Bf16(h)).collect(),
+                v.iter().map(|h| KvRows::Bf16(h)).collect(),
+            )
+        })
+        .collect();
+    let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
+        rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let mut out = vec![0f32; q_all.len()];
+    attend_each(&q_all, &pairs, dim, &mut out);
+    assert_eq!(out, alone.concat());
+}

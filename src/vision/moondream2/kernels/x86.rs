@@ -312,3 +312,87 @@ pub(super) unsafe fn amx_panel(
         asm!("tilerelease", options(nostack, nomem));
     }
 }
+
+/// One head of the decode attention over bf16 cache rows of width 64: `q` `[64]`
+/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`. Four keys' dot products are
+/// in flight at once and the weighted sum of values stays in registers, so the step
+/// is bound by reading the cache rather than by add latency.
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mut [f32]) {
+    const D: usize = 64;
+    assert!(q.len() == D && o.len() == D && k.len() == v.len() && k.len().is_multiple_of(D));
+    let len = k.len() / D;
+    // SAFETY: every load below is within q (64), k and v (len × 64) as asserted.
+    unsafe {
+        let widen = |p: *const u16| -> __m512 {
+            _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
+                16,
+            ))
+        };
+        let qv = [
+            _mm512_loadu_ps(q.as_ptr()),
+            _mm512_loadu_ps(q.as_ptr().add(16)),
+            _mm512_loadu_ps(q.as_ptr().add(32)),
+            _mm512_loadu_ps(q.as_ptr().add(48)),
+        ];
+        let dot = |row: *const u16| -> __m512 {
+            let a = _mm512_mul_ps(qv[0], widen(row));
+            let b = _mm512_mul_ps(qv[1], widen(row.add(16)));
+            let a = _mm512_fmadd_ps(qv[2], widen(row.add(32)), a);
+            let b = _mm512_fmadd_ps(qv[3], widen(row.add(48)), b);
+            _mm512_add_ps(a, b)
+        };
+        let mut scores = vec![0f32; len];
+        let kp = k.as_ptr();
+        let mut j = 0;
+        while j + 4 <= len {
+            let s = [
+                dot(kp.add(j * D)),
+                dot(kp.add((j + 1) * D)),
+                dot(kp.add((j + 2) * D)),
+                dot(kp.add((j + 3) * D)),
+            ];
+            for (i, x) in s.iter().enumerate() {
+                scores[j + i] = _mm512_reduce_add_ps(*x);
+            }
+            j += 4;
+        }
+        while j < len {
+            scores[j] = _mm512_reduce_add_ps(dot(kp.add(j * D)));
+            j += 1;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+        let mut total = 0f32;
+        for s in scores.iter_mut() {
+            *s = super::math::exp(*s - max);
+            total += *s;
+        }
+        // Two sets of accumulators (even and odd keys) halve the dependency chains.
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let vp = v.as_ptr();
+        let mut j = 0;
+        while j + 2 <= len {
+            for (half, key) in [(0, j), (4, j + 1)] {
+                let p = _mm512_set1_ps(scores[key]);
+                let row = vp.add(key * D);
+                for c in 0..4 {
+                    acc[half + c] = _mm512_fmadd_ps(p, widen(row.add(16 * c)), acc[half + c]);
+                }
+            }
+            j += 2;
+        }
+        if j < len {
+            let p = _mm512_set1_ps(scores[j]);
+            let row = vp.add(j * D);
+            for (c, a) in acc.iter_mut().take(4).enumerate() {
+                *a = _mm512_fmadd_ps(p, widen(row.add(16 * c)), *a);
+            }
+        }
+        let inv = _mm512_set1_ps(1.0 / total);
+        for c in 0..4 {
+            let sum = _mm512_add_ps(acc[c], acc[4 + c]);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_mul_ps(sum, inv));
+        }
+    }
+}
