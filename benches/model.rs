@@ -455,7 +455,7 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
     let mut rows = Vec::new();
     for &b in sizes {
         let seqs: Vec<_> = (0..b)
-            .map(|_| model.begin_answer(&enc, &prompt, &opts).unwrap())
+            .map(|_| model.begin_answer(enc.cache(), &prompt, &opts).unwrap())
             .collect();
         let t = Instant::now();
         let gens = decode_together(model, seqs).unwrap();
@@ -714,7 +714,7 @@ fn main() {
             ..GenerateOptions::default()
         };
         let seqs = (0..batch)
-            .map(|_| m.begin_answer(&enc, &prompt, &opts).unwrap())
+            .map(|_| m.begin_answer(enc.cache(), &prompt, &opts).unwrap())
             .collect();
         let t = Instant::now();
         decode_together(m, seqs).unwrap();

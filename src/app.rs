@@ -237,6 +237,7 @@ impl App {
             events: JobEvents::default(),
             blobs: blobs.clone(),
             pool: Arc::new(OnceLock::new()),
+            captioner: Arc::new(OnceLock::new()),
             governor: Arc::new(OnceLock::new()),
             ready: Arc::new(AtomicBool::new(false)),
             roots: Arc::new(roots),
@@ -303,6 +304,9 @@ impl App {
             let Some((handler, captioner)) = loaded else {
                 return;
             };
+            if let Some(c) = &captioner {
+                let _ = state.captioner.set(c.clone());
+            }
             let adaptive = if workers.adaptive {
                 let probe = probe.unwrap_or_else(|| detect_probe(workers.gpu_index));
                 let calibrated = tokio::select! {

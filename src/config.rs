@@ -159,8 +159,8 @@ impl ModelSettings {
 /// Queue and worker behaviour.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerSettings {
-    /// Most captions generated at once.
-    #[arg(long, env = "CAPTIOND_WORKERS", default_value_t = 1)]
+    /// Most captions generated at once; their tokens decode together in one batch (one weight read per token for all). With --adaptive the controller scales between 1 and this.
+    #[arg(long, env = "CAPTIOND_WORKERS", default_value_t = 4)]
     pub workers: usize,
 
     /// Lease of a running job in seconds; a crashed worker's job runs again after this.

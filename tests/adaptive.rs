@@ -77,6 +77,10 @@ impl Captioner for Watched {
     fn model_id(&self) -> String {
         self.inner.model_id()
     }
+
+    fn decode_stats(&self) -> Option<captiond::vision::engine::EngineStats> {
+        self.inner.decode_stats()
+    }
 }
 
 fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
@@ -339,6 +343,15 @@ async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_bat
     }
     let stats = app.get("/v1/stats").await.1;
     assert_eq!(stats["workers"]["out_of_memory"], 2, "{stats}");
+    assert!(
+        stats["decode"]["largest_batch"].as_u64() >= Some(2),
+        "/v1/stats shows the batching: {stats}"
+    );
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("captiond_decode_batch_largest"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,7 +96,7 @@ impl Fixture {
     fn begin(&self, c: &Case) -> AnswerSequence {
         let prompt = self.model.text().embed(&c.prompt).unwrap();
         self.model
-            .begin_answer(&self.images[c.image], &prompt, &c.opts)
+            .begin_answer(self.images[c.image].cache(), &prompt, &c.opts)
             .unwrap()
     }
 

@@ -44,6 +44,8 @@ pub struct AppState {
     pub blobs: BlobStore,
     /// The worker pool, once the model is loaded.
     pub pool: Arc<OnceLock<WorkerPool>>,
+    /// The loaded model, for its decode-batching figures.
+    pub captioner: Arc<OnceLock<Arc<dyn crate::vision::Captioner>>>,
     /// The adaptive concurrency controller, when enabled.
     pub governor: Arc<OnceLock<Governor>>,
     /// Whether the model is loaded.
@@ -263,6 +265,8 @@ pub struct Stats {
     pub ready: bool,
     /// The adaptive controller (absent when disabled or loading).
     pub concurrency: Option<GovernorSnapshot>,
+    /// Batched decoding: passes, sequences per pass (absent while loading).
+    pub decode: Option<crate::vision::engine::EngineStats>,
     /// Seconds since start.
     pub uptime_seconds: f64,
     /// The model and revision results are produced with.
@@ -280,6 +284,7 @@ async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
         paused: state.store.is_paused().await?,
         ready: state.ready.load(Ordering::SeqCst),
         concurrency: state.governor.get().map(|g| g.snapshot()),
+        decode: state.captioner.get().and_then(|c| c.decode_stats()),
         uptime_seconds: uptime,
         model: state.model.clone(),
     })
@@ -328,6 +333,24 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
         "1 when claiming is paused.",
         f64::from(u8::from(s.paused)),
     );
+    if let Some(d) = &s.decode {
+        let _ = writeln!(
+            out,
+            "# HELP captiond_decode_steps_total Batched decode passes run.\n# TYPE captiond_decode_steps_total counter\ncaptiond_decode_steps_total {}",
+            d.steps
+        );
+        let _ = writeln!(
+            out,
+            "# HELP captiond_decode_sequence_steps_total Sequence-steps in them (tokens decoded).\n# TYPE captiond_decode_sequence_steps_total counter\ncaptiond_decode_sequence_steps_total {}",
+            d.sequence_steps
+        );
+        gauge(
+            &mut out,
+            "captiond_decode_batch_largest",
+            "Most sequences decoded in one pass so far.",
+            d.largest_batch as f64,
+        );
+    }
     if let Some(w) = &s.workers {
         gauge(
             &mut out,

@@ -34,7 +34,7 @@ struct Counters {
 }
 
 /// What the engine has done so far.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct EngineStats {
     /// Batched forward passes run.
     pub steps: u64,

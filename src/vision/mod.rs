@@ -237,6 +237,10 @@ pub trait Captioner: Send + Sync + 'static {
     ) -> Result<SkillResult, SkillError>;
     /// Model id and revision, recorded with every result.
     fn model_id(&self) -> String;
+    /// What batched decoding has done, where the captioner batches.
+    fn decode_stats(&self) -> Option<EngineStats> {
+        None
+    }
 }
 
 /// Where to run the model.
@@ -461,6 +465,10 @@ impl Captioner for Moondream {
     fn model_id(&self) -> String {
         self.id.clone()
     }
+
+    fn decode_stats(&self) -> Option<EngineStats> {
+        Some(self.engine.stats())
+    }
 }
 
 impl Moondream {
@@ -502,7 +510,7 @@ impl Moondream {
                 };
                 let prompt = self.model.text().embed(template);
                 let g = prompt
-                    .and_then(|p| self.model.begin_answer(&encoded, &p, &opts))
+                    .and_then(|p| self.model.begin_answer(encoded.into_cache(), &p, &opts))
                     .and_then(|seq| self.engine.decode(seq, &mut on_token))
                     .map_err(SkillError::from_candle)?;
                 let caption = self.decode(&g.ids)?.trim().to_string();
@@ -542,7 +550,7 @@ impl Moondream {
                     let g = self
                         .model
                         .prompt_embeddings(&ids, &coords, &sizes)
-                        .and_then(|p| self.model.begin_answer(&encoded, &p, &opts))
+                        .and_then(|p| self.model.begin_answer(encoded.into_cache(), &p, &opts))
                         .and_then(|seq| self.engine.decode(seq, &mut on_token))
                         .map_err(SkillError::from_candle)?;
                     let answer = self.decode(&g.ids)?.trim().to_string();

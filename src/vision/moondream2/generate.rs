@@ -344,16 +344,17 @@ impl Moondream2 {
         }
     }
 
-    /// Prefills an answer prompt after an encoded image and chooses its first token:
-    /// a sequence ready to decode, alone ([`Self::generate_answer`] does this) or in
-    /// a [`super::batch::DecodeBatch`] with others.
+    /// Prefills an answer prompt after an encoded image's prefix (`image.cache()` for
+    /// a copy, `image.into_cache()` to hand it over) and chooses the first token: a
+    /// sequence ready to decode, alone ([`Self::generate_answer`] does this) or in a
+    /// [`super::batch::DecodeBatch`] with others.
     pub fn begin_answer(
         &self,
-        image: &EncodedImage,
+        image_prefix: KvCache,
         prompt: &Tensor,
         opts: &GenerateOptions,
     ) -> Result<AnswerSequence> {
-        self.begin_answer_at(image.cache(), prompt, self.prefix(), opts)
+        self.begin_answer_at(image_prefix, prompt, self.prefix(), opts)
     }
 
     fn begin_answer_at(

@@ -68,6 +68,14 @@ impl EncodedImage {
     pub fn cache(&self) -> KvCache {
         self.cache.with_room(256)
     }
+
+    /// The prefix cache itself, for the one generation that uses this image (no copy;
+    /// room for 256 more positions is reserved).
+    pub fn into_cache(self) -> KvCache {
+        let mut cache = self.cache;
+        cache.reserve(256);
+        cache
+    }
 }
 
 impl Moondream2 {

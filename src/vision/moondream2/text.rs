@@ -55,6 +55,13 @@ impl HeadRows {
         }
     }
 
+    fn reserve(&mut self, extra: usize) {
+        match self {
+            Self::F32(v) => v.reserve(extra),
+            Self::Bf16(v) => v.reserve(extra),
+        }
+    }
+
     fn with_room(&self, extra: usize) -> Self {
         fn grow<T: Copy>(v: &[T], extra: usize) -> Vec<T> {
             let mut out = Vec::with_capacity(v.len() + extra);
@@ -123,6 +130,17 @@ impl KvCache {
         Self {
             layers,
             len: self.len,
+        }
+    }
+
+    /// Reserves room for `extra` more positions in the host buffers.
+    pub fn reserve(&mut self, extra: usize) {
+        for layer in &mut self.layers {
+            if let LayerKv::Host(k, v) = layer {
+                for head in k.iter_mut().chain(v.iter_mut()) {
+                    head.reserve(extra * HEAD_DIM);
+                }
+            }
         }
     }
 
