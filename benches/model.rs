@@ -329,7 +329,7 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
         let enc = model.encode_embeddings(&emb).unwrap();
         let prefill_s = secs(t);
         let prefill_share = prefill_flops(cfg, cfg.prefix_len()) / prefill_s / peak;
-        let mut cache = enc.cache();
+        let mut cache = enc.into_cache();
         let prompt = &cfg.tokenizer.templates.caption.short;
         model
             .text()
@@ -346,8 +346,9 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
         }
         let token_s = secs(t) / DECODE_STEPS as f64;
         let bw_share = decode_weight_bytes(cfg, resolved) / token_s / limits.bandwidth;
-        // Only the caption below should be resident from here (peak RSS = user path).
-        drop((cache, enc, emb, tensor));
+        // Only the caption below should be resident from here (peak RSS = user path,
+        // which also hands the image prefix to its one generation instead of copying it).
+        drop((cache, emb, tensor));
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
         let settings = SkillSettings {

@@ -2,29 +2,19 @@
 //! the batch it decodes in. Every comparison is token for token against the same
 //! generation run alone, in f32 and in the packed formats (bf16, q8).
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::Device;
 use captiond::vision::image::{DecodeLimits, decode_rgb};
 use captiond::vision::moondream2::batch::decode_together;
-use captiond::vision::moondream2::loader::{files_in_dir, load_model_with};
 use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::moondream2::{
     AnswerSequence, BatchEvent, DecodeBatch, EncodedImage, GenerateOptions, Generation, Moondream2,
     Sampling, StopReason,
 };
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn load(name: &str, precision: Precision) -> Moondream2 {
-    let files = files_in_dir(&fixtures().join(name)).unwrap();
-    let plan = precision.plan(&Device::Cpu).unwrap();
-    load_model_with(&files, &Device::Cpu, &plan).unwrap().0
-}
+use common::{fixtures, load_tiny as load};
 
 fn encode(m: &Moondream2, name: &str) -> EncodedImage {
     let bytes = std::fs::read(fixtures().join("tiny").join(name)).unwrap();

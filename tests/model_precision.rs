@@ -7,25 +7,15 @@
 //! 0.007 logits in `golden.json`): a quantised model may take another token sooner than
 //! a trained one would. The agreement lengths below are what was measured, not hoped.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use candle_core::{Device, Tensor};
 use captiond::vision::image::{DecodeLimits, decode_rgb};
+use captiond::vision::moondream2::GenerateOptions;
 use captiond::vision::moondream2::generate::{BoundingBox, Point};
-use captiond::vision::moondream2::loader::{files_in_dir, load_model_with};
 use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::moondream2::vision::VisionModel;
-use captiond::vision::moondream2::{GenerateOptions, Moondream2};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn load(name: &str, precision: Precision) -> Moondream2 {
-    let files = files_in_dir(&fixtures().join(name)).unwrap();
-    let plan = precision.plan(&Device::Cpu).unwrap();
-    load_model_with(&files, &Device::Cpu, &plan).unwrap().0
-}
+use common::{fixtures, load_tiny as load};
 
 fn image(name: &str) -> image::RgbImage {
     let bytes = std::fs::read(fixtures().join("tiny").join(name)).unwrap();

@@ -18,6 +18,20 @@ pub fn tiny_model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
 }
 
+/// The folder of the tiny checkpoints and their golden outputs.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A tiny checkpoint (`tiny`, `tiny_gqa`) loaded on the CPU in `precision`.
+pub fn load_tiny(name: &str, precision: Precision) -> captiond::vision::moondream2::Moondream2 {
+    use captiond::vision::moondream2::loader::{files_in_dir, load_model_with};
+    let files = files_in_dir(&fixtures().join(name)).unwrap();
+    let device = candle_core::Device::Cpu;
+    let plan = precision.plan(&device).unwrap();
+    load_model_with(&files, &device, &plan).unwrap().0
+}
+
 /// Settings for a test instance.
 pub struct TestOptions {
     /// Bearer token to require.
