@@ -516,7 +516,7 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
             ips / base_ips
         ));
     }
-    println!("engine: {:?}", moondream.engine_stats());
+    println!("engine: {:?}", moondream.engine().stats());
     println!("\nsummary (markdown):\n");
     println!(
         "| batch | decode ms/step | decode tokens/s | × batch 1 | images/s (end to end) | × batch 1 | device MiB |"

@@ -379,11 +379,6 @@ impl Moondream {
         &self.engine
     }
 
-    /// What the decode engine has done so far.
-    pub fn engine_stats(&self) -> EngineStats {
-        self.engine.stats()
-    }
-
     /// The tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer

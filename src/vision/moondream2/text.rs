@@ -148,34 +148,27 @@ impl KvCache {
     /// bf16 when `compact`.
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor, compact: bool) -> Result<()> {
         let slot = &mut self.layers[layer];
-        if matches!(slot, LayerKv::Empty) && k.device().is_cpu() {
-            let heads = k.dim(1)?;
-            *slot = LayerKv::Host(
-                (0..heads).map(|_| HeadRows::new(compact)).collect(),
-                (0..heads).map(|_| HeadRows::new(compact)).collect(),
-            );
+        if k.device().is_cpu() && !matches!(slot, LayerKv::Device(..)) {
+            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            self.append_host(layer, k.dim(1)?, &host(&k)?, &host(&v)?, compact);
+            return Ok(());
         }
         let next = match slot {
-            LayerKv::Host(..) => {
-                let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-                self.append_host(layer, &host(&k)?, &host(&v)?, compact);
-                return Ok(());
-            }
-            LayerKv::Empty => LayerKv::Device(k, v),
             LayerKv::Device(pk, pv) => {
                 LayerKv::Device(Tensor::cat(&[&*pk, &k], 2)?, Tensor::cat(&[&*pv, &v], 2)?)
             }
+            _ => LayerKv::Device(k, v),
         };
         *slot = next;
         Ok(())
     }
 
-    /// Appends host keys and values `[kv_heads × n × 64]` (head-major) to a layer that
-    /// lives on the host (created, with bf16 rows when `compact`, if still empty).
-    fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32], compact: bool) {
+    /// Appends host keys and values `[heads × n × 64]` (head-major) to a layer that
+    /// lives on the host (created with `heads` KV heads, bf16 rows when `compact`, if
+    /// still empty).
+    fn append_host(&mut self, layer: usize, heads: usize, k: &[f32], v: &[f32], compact: bool) {
         let slot = &mut self.layers[layer];
         if matches!(slot, LayerKv::Empty) {
-            let heads = k.len() / HEAD_DIM;
             *slot = LayerKv::Host(
                 (0..heads).map(|_| HeadRows::new(compact)).collect(),
                 (0..heads).map(|_| HeadRows::new(compact)).collect(),
@@ -492,7 +485,13 @@ impl Block {
         for (i, cache) in caches.iter_mut().enumerate() {
             // One position: head-major and sequence-major rows are the same layout.
             let rows = i * kv..(i + 1) * kv;
-            cache.append_host(layer, &k[rows.clone()], &v[rows], self.qkv.is_packed());
+            cache.append_host(
+                layer,
+                self.n_kv_heads,
+                &k[rows.clone()],
+                &v[rows],
+                self.qkv.is_packed(),
+            );
         }
         let rows: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = caches
             .iter()
