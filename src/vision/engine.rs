@@ -140,15 +140,19 @@ fn run(model: &Moondream2, queue: &Receiver<Admission>, counters: &Counters, max
         let injected = counters.fault.lock().ok().and_then(|mut f| f.take());
         let result = match injected {
             Some(msg) => Err(Error::Msg(msg)),
-            None => batch.step(model, &mut |(key, tx), event| {
-                let event = match event {
-                    BatchEvent::Token(t) => Event::Token(t),
-                    BatchEvent::Done(g) => Event::Done(g),
-                };
-                if tx.send(event).is_err() {
-                    gone.push(*key);
-                }
-            }),
+            // A panic inside a step fails that step's sequences instead of the engine.
+            None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                batch.step(model, &mut |(key, tx), event| {
+                    let event = match event {
+                        BatchEvent::Token(t) => Event::Token(t),
+                        BatchEvent::Done(g) => Event::Done(g),
+                    };
+                    if tx.send(event).is_err() {
+                        gone.push(*key);
+                    }
+                })
+            }))
+            .unwrap_or_else(|_| Err(Error::Msg("a batched decode step panicked".into()))),
         };
         counters.steps.fetch_add(1, Ordering::Relaxed);
         counters
