@@ -351,13 +351,7 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
         drop((cache, emb, tensor));
         let mut png = std::io::Cursor::new(Vec::new());
         img.write_to(&mut png, image::ImageFormat::Png).unwrap();
-        let settings = SkillSettings {
-            max_tokens: CAPTION_TOKENS,
-            ..SkillSettings::default()
-        };
-        let skill = Skill::Caption {
-            length: CaptionLength::Short,
-        };
+        let (skill, settings) = short_caption();
         let t = Instant::now();
         moondream
             .run(png.get_ref(), &skill, &settings, &RunControl::default())
@@ -384,6 +378,19 @@ fn run_mode(precision: Precision, limits: Limits, files: &ModelFiles) {
     let peak_rss = peak_rss_mib() / 1024.0;
     println!("peak RSS {peak_rss:.2} GiB (vision and prefill against the {peak_name})");
     println!("PEAK\t{precision}\t{peak_rss:.2}");
+}
+
+/// The short caption of `CAPTION_TOKENS` tokens every caption figure is timed on.
+fn short_caption() -> (Skill, SkillSettings) {
+    (
+        Skill::Caption {
+            length: CaptionLength::Short,
+        },
+        SkillSettings {
+            max_tokens: CAPTION_TOKENS,
+            ..SkillSettings::default()
+        },
+    )
 }
 
 /// A 1-crop test photo, different for each `seed`.
@@ -468,13 +475,7 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
         let tps = tokens as f64 / decode_s;
         // End to end: b callers at once, each its own image, as b workers would.
         let pngs: Vec<Vec<u8>> = (0..b as u32).map(|i| one_crop_png(i + 1)).collect();
-        let settings = SkillSettings {
-            max_tokens: CAPTION_TOKENS,
-            ..SkillSettings::default()
-        };
-        let skill = Skill::Caption {
-            length: CaptionLength::Short,
-        };
+        let (skill, settings) = short_caption();
         let t = Instant::now();
         let peak_used = std::thread::scope(|s| {
             let runs: Vec<_> = pngs

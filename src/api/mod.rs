@@ -334,15 +334,23 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
         f64::from(u8::from(s.paused)),
     );
     if let Some(d) = &s.decode {
-        let _ = writeln!(
-            out,
-            "# HELP captiond_decode_steps_total Batched decode passes run.\n# TYPE captiond_decode_steps_total counter\ncaptiond_decode_steps_total {}",
-            d.steps
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            &mut out,
+            "captiond_decode_steps_total",
+            "Batched decode passes run.",
+            d.steps,
         );
-        let _ = writeln!(
-            out,
-            "# HELP captiond_decode_sequence_steps_total Sequence-steps in them (tokens decoded).\n# TYPE captiond_decode_sequence_steps_total counter\ncaptiond_decode_sequence_steps_total {}",
-            d.sequence_steps
+        counter(
+            &mut out,
+            "captiond_decode_sequence_steps_total",
+            "Sequence-steps in them (tokens decoded).",
+            d.sequence_steps,
         );
         gauge(
             &mut out,

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Result, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling as CandleSampling};
 
+use super::batch::{BatchEvent, DecodeBatch};
 use super::text::KvCache;
 use super::{EncodedImage, Moondream2};
 
@@ -237,11 +238,6 @@ impl AnswerSequence {
         Ok(())
     }
 
-    /// Tokens emitted so far.
-    pub fn emitted(&self) -> &[u32] {
-        &self.ids
-    }
-
     /// The finished generation.
     pub fn finish(self, stop: StopReason) -> Generation {
         Generation {
@@ -326,22 +322,18 @@ impl Moondream2 {
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(u32),
     ) -> Result<Generation> {
-        let mut seq = self.begin_answer_at(cache, prompt, prefix, opts)?;
-        loop {
-            match seq.advance() {
-                Advance::Stop(stop) => return Ok(seq.finish(stop)),
-                Advance::Emit { token, last } => {
-                    on_token(token);
-                    if last {
-                        return Ok(seq.finish(StopReason::MaxTokens));
-                    }
-                }
-            }
-            let step = self
-                .text
-                .feed(&self.text.embed(&[seq.input()])?, &mut seq.cache, prefix)?;
-            seq.accept(&step.logits)?;
+        // Alone is a batch of one: the same steps as in any batch, so a sequence's
+        // tokens cannot depend on whether it was batched.
+        let mut batch = DecodeBatch::new();
+        batch.admit((), self.begin_answer_at(cache, prompt, prefix, opts)?);
+        let mut done = None;
+        while !batch.is_empty() {
+            batch.step(self, &mut |_, event| match event {
+                BatchEvent::Token(t) => on_token(t),
+                BatchEvent::Done(g) => done = Some(g),
+            })?;
         }
+        done.ok_or_else(|| candle_core::Error::Msg("a generation left without finishing".into()))
     }
 
     /// Prefills an answer prompt after an encoded image's prefix (`image.cache()` for

@@ -184,6 +184,17 @@ impl KvCache {
         }
     }
 
+    /// A host layer's keys and values per KV head, as the decode kernels read them.
+    fn host_rows(&self, layer: usize) -> Result<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> {
+        let LayerKv::Host(k, v) = &self.layers[layer] else {
+            candle_core::bail!("decode attention needs a host cache for layer {layer}");
+        };
+        Ok((
+            k.iter().map(HeadRows::rows).collect(),
+            v.iter().map(HeadRows::rows).collect(),
+        ))
+    }
+
     /// The layer's keys and values as `[1, kv_heads, len, 64]` tensors in `dtype`.
     fn tensors(&self, layer: usize, kv_heads: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         match &self.layers[layer] {
@@ -443,19 +454,18 @@ impl Block {
     ) -> Result<Tensor> {
         let h = self.ln.forward(x)?;
         let (q, k, v) = self.qkv_heads(&h, at)?;
-        if k.device().is_cpu() {
-            let attn = self.attend_batch_host(&q, &k, &v, layer, caches)?;
-            let attn = self.proj.forward(&attn)?;
-            let mlp = self.mlp.forward(&h)?;
-            return (x + attn)? + mlp;
-        }
-        let mut outs = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let row = |t: &Tensor| t.narrow(2, i, 1);
-            cache.append(layer, row(&k)?, row(&v)?, self.qkv.is_packed())?;
-            outs.push(self.attend_last(&row(&q)?.contiguous()?, layer, cache)?);
-        }
-        let attn = self.proj.forward(&Tensor::cat(&outs, 1)?)?;
+        let attn = if k.device().is_cpu() {
+            self.attend_batch_host(&q, &k, &v, layer, caches)?
+        } else {
+            let mut outs = Vec::with_capacity(caches.len());
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let row = |t: &Tensor| t.narrow(2, i, 1);
+                cache.append(layer, row(&k)?, row(&v)?, self.qkv.is_packed())?;
+                outs.push(self.attend_last(&row(&q)?.contiguous()?, layer, cache)?);
+            }
+            Tensor::cat(&outs, 1)?
+        };
+        let attn = self.proj.forward(&attn)?;
         let mlp = self.mlp.forward(&h)?;
         (x + attn)? + mlp
     }
@@ -493,18 +503,10 @@ impl Block {
                 self.qkv.is_packed(),
             );
         }
-        let rows: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = caches
+        let rows = caches
             .iter()
-            .map(|c| match &c.layers[layer] {
-                LayerKv::Host(k, v) => Ok((
-                    k.iter().map(HeadRows::rows).collect(),
-                    v.iter().map(HeadRows::rows).collect(),
-                )),
-                _ => Err(candle_core::Error::Msg(
-                    "batched decode needs host caches".into(),
-                )),
-            })
-            .collect::<Result<_>>()?;
+            .map(|c| c.host_rows(layer))
+            .collect::<Result<Vec<_>>>()?;
         let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
             rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
         let mut out = vec![0f32; q.len()];
@@ -593,13 +595,9 @@ impl Block {
     /// One query position `[1, heads, 1, 64]` over the host cache of `layer` (which
     /// already holds it) → `[1, 1, heads·64]`.
     fn attend_cached(&self, q: &Tensor, layer: usize, cache: &KvCache) -> Result<Tensor> {
-        let LayerKv::Host(k, v) = &cache.layers[layer] else {
-            candle_core::bail!("attend_cached needs a host cache");
-        };
+        let (k, v) = cache.host_rows(layer)?;
         let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; q.len()];
-        let k: Vec<KvRows<'_>> = k.iter().map(HeadRows::rows).collect();
-        let v: Vec<KvRows<'_>> = v.iter().map(HeadRows::rows).collect();
         attend_one(&q, &k, &v, HEAD_DIM, &mut out);
         Tensor::from_vec(out, (1, 1, self.n_heads * HEAD_DIM), &Device::Cpu)
     }
