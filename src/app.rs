@@ -231,6 +231,7 @@ impl App {
             addr: settings.server.bind,
             source,
         })?;
+        let server_stop = CancellationToken::new();
         let state = AppState {
             store: store.clone(),
             wakeup: Wakeup::default(),
@@ -254,13 +255,14 @@ impl App {
             model: crate::library::ModelIdentity::from_settings(&settings.model),
             request_timeout: Duration::from_secs(settings.server.request_timeout_secs.max(1)),
             started_unix_ms: crate::queue::now_ms(),
+            hub: api::events::EventHub::new(server_stop.clone()),
+            thumbs: Arc::default(),
         };
         let router = api::router(
             state.clone(),
             settings.server.body_limit_mib.max(1) * 1024 * 1024,
             Duration::from_secs(settings.server.body_timeout_secs.max(1)),
         );
-        let server_stop = CancellationToken::new();
         let stop = server_stop.clone();
         let header_timeout = Duration::from_secs(settings.server.header_timeout_secs.max(1));
         let server = tokio::spawn(api::serve::serve(listener, router, header_timeout, stop));

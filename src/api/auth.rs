@@ -1,4 +1,5 @@
-//! Bearer-token authentication for every route except `/health`.
+//! Bearer-token authentication for every route except `/health` and the dashboard's
+//! page and assets (the page asks for the token and sends it with each API call).
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -27,7 +28,7 @@ pub async fn require_token(
     let Some(token) = state.api_token.as_deref() else {
         return Ok(next.run(req).await);
     };
-    if req.uri().path() == "/health" {
+    if super::dashboard::is_public(req.uri().path()) {
         return Ok(next.run(req).await);
     }
     let given = req

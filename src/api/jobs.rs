@@ -69,7 +69,12 @@ async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
     } else {
         None
     };
-    Ok(JobView {
+    Ok(view_with(job, result))
+}
+
+/// The API's view of a job whose result (if any) is already read.
+pub fn view_with(job: Job, result: Option<crate::queue::JobResult>) -> JobView {
+    JobView {
         id: job.id,
         task: job.task.as_str().into(),
         params: job.params,
@@ -91,7 +96,7 @@ async fn view(state: &AppState, job: Job) -> Result<JobView, ApiError> {
         run_at: rfc3339(job.run_at),
         idempotency_key: job.idempotency_key,
         batch_id: job.batch_id,
-    })
+    }
 }
 
 /// Parses an id path segment.

@@ -2,7 +2,9 @@
 //! Handlers stay thin: parse the request, call the queue, map the result.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
+pub mod events;
 pub mod input;
 pub mod interactive;
 pub mod jobs;
@@ -68,6 +70,10 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     /// Process start, Unix milliseconds.
     pub started_unix_ms: i64,
+    /// The dashboard's live feed (`/v1/events`).
+    pub hub: events::EventHub,
+    /// Thumbnails made for the dashboard.
+    pub thumbs: Arc<dashboard::Thumbnails>,
 }
 
 /// Builds the router with auth, body-size limits and a deadline for receiving a body.
@@ -271,7 +277,12 @@ pub struct Stats {
     pub uptime_seconds: f64,
     /// The model and revision results are produced with.
     pub model: ModelIdentity,
+    /// The dashboard feed's own work: streams open, ticks, queries.
+    pub feed: events::FeedStats,
 }
+
+/// Database queries one `collect_stats` runs.
+pub const STATS_QUERIES: u64 = 3;
 
 async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
     let jobs = state.store.counts(None).await?;
@@ -287,6 +298,7 @@ async fn collect_stats(state: &AppState) -> Result<Stats, ApiError> {
         decode: state.captioner.get().and_then(|c| c.decode_stats()),
         uptime_seconds: uptime,
         model: state.model.clone(),
+        feed: state.hub.stats(),
     })
 }
 

@@ -8,7 +8,7 @@ use axum::routing::{MethodRouter, get, post};
 use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::{JsonSchema, Schema};
 
-use super::{AppState, jobs, openai, station};
+use super::{AppState, dashboard, events, jobs, openai, station};
 
 /// Builds the schema of a type, registering its definitions.
 pub type SchemaFn = fn(&mut SchemaGenerator) -> Schema;
@@ -93,7 +93,7 @@ impl RouteDoc {
     }
     /// Whether the route needs the bearer token when one is configured.
     pub fn needs_token(&self) -> bool {
-        self.path != "/health"
+        !super::dashboard::is_public(self.path)
     }
 }
 
@@ -122,6 +122,19 @@ pub fn table() -> Vec<(RouteDoc, MethodRouter<AppState>)> {
             .response(schema::<jobs::BatchView>), get(jobs::get_batch)),
         (R::new("post", "/v1/queue/pause", "pauseQueue", "queue", "Stop claiming jobs (persisted across restarts)."), post(jobs::pause_queue)),
         (R::new("post", "/v1/queue/resume", "resumeQueue", "queue", "Claim jobs again."), post(jobs::resume_queue)),
+        (R::new("get", "/v1/events", "events", "dashboard", "Server-Sent Events: `hello`, then a `tick` a second (counts, rates, workers, memory, controller, batches) and `jobs` (finished jobs with results).")
+            .streams(), get(events::events)),
+        (R::new("get", "/v1/jobs/recent", "recentJobs", "dashboard", "Finished jobs, newest first, with results (`state`, `batch`, `before`, `limit`).")
+            .query(schema::<dashboard::RecentQuery>), get(dashboard::recent)),
+        (R::new("get", "/v1/jobs/{id}/thumbnail", "jobThumbnail", "dashboard", "A JPEG thumbnail of the job's image (EXIF orientation applied), `size` 32–1024 px.")
+            .query(schema::<dashboard::ThumbQuery>), get(dashboard::thumbnail)),
+        (R::new("get", "/v1/batches", "listBatches", "batches", "The newest batches with their counts per state.")
+            .query(schema::<dashboard::BatchesQuery>), get(dashboard::list_batches)),
+        (R::new("post", "/v1/batches/{id}/retry", "retryBatch", "batches", "Queue every failed job of a batch again → {retried}."), post(dashboard::retry_batch)),
+        (R::new("get", "/", "dashboard", "dashboard", "The web dashboard (HTML; served without the token, which the page asks for)."), get(dashboard::index)),
+        (R::new("get", "/dashboard/app.js", "dashboardScript", "dashboard", "The dashboard's script."), get(dashboard::app_js)),
+        (R::new("get", "/dashboard/app.css", "dashboardStyle", "dashboard", "The dashboard's style sheet."), get(dashboard::app_css)),
+        (R::new("get", "/favicon.svg", "favicon", "dashboard", "The dashboard's icon."), get(dashboard::icon)),
         (R::new("post", "/v1/caption", "caption", "station", "Moondream Station: caption an image → {caption, request_id, _stats}.")
             .body(schema::<station::SkillRequest>).streams().errors("station"), post(station::caption)),
         (R::new("post", "/v1/query", "query", "station", "Moondream Station: answer a question → {answer, request_id, _stats}.")

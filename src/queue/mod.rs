@@ -13,8 +13,8 @@ use uuid::Uuid;
 pub use job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
 pub use retry::RetryPolicy;
 pub use store::{
-    Calibration, CancelOutcome, Durability, Finish, FinishOp, FinishOutcome, Heartbeat,
-    LibraryFile, ListQuery, RetryOutcome, StateCounts, Store, StoreError, StoreOptions,
+    BatchSummary, Calibration, CancelOutcome, Durability, Finish, FinishOp, FinishOutcome,
+    Heartbeat, LibraryFile, ListQuery, RetryOutcome, StateCounts, Store, StoreError, StoreOptions,
 };
 
 /// Wakes the dispatcher right after a commit that makes work claimable (insert,

@@ -253,6 +253,19 @@ pub struct ListQuery {
     pub limit: i64,
 }
 
+/// A batch with its jobs counted per state (the dashboard's batch list).
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSummary {
+    /// Batch id.
+    pub id: Uuid,
+    /// Creation time, Unix milliseconds.
+    pub created_at: i64,
+    /// Jobs in it.
+    pub total: i64,
+    /// Jobs per state.
+    pub counts: StateCounts,
+}
+
 /// Store settings.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -417,6 +430,32 @@ const SQL_BATCH_COUNTS: &str =
 const SQL_BATCH: &str = "SELECT created_at, total FROM batches WHERE id = ?1";
 const SQL_INSERT_BATCH: &str = "INSERT INTO batches (id, created_at, total) VALUES (?1, ?2, ?3)";
 const SQL_FINISHED_SINCE: &str = "SELECT COUNT(*) FROM jobs WHERE finished_at >= ?1 AND state = 'succeeded' AND (?2 IS NULL OR batch_id = ?2)";
+/// Jobs finished at or after a time, with their result, oldest first (keyset on
+/// `finished_at, id`); the dashboard's event feed pages through it.
+const SQL_FINISHED_PAGE: &str = concat!(
+    "SELECT j.*, r.attempt AS r_attempt, r.model AS r_model, r.output AS r_output, r.created_at AS r_created_at ",
+    "FROM (SELECT ",
+    job_columns!(),
+    " FROM jobs INDEXED BY jobs_finished ",
+    "WHERE finished_at IS NOT NULL AND (finished_at > ?1 OR (finished_at = ?1 AND id > ?2)) ",
+    "ORDER BY finished_at, id LIMIT ?3) j LEFT JOIN results r ON r.job_id = j.id ORDER BY j.finished_at, j.id"
+);
+/// The newest finished jobs first, optionally of one state and batch, before a time.
+const SQL_RECENT: &str = concat!(
+    "SELECT j.*, r.attempt AS r_attempt, r.model AS r_model, r.output AS r_output, r.created_at AS r_created_at ",
+    "FROM (SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1 AND (?2 IS NULL OR state = ?2) ",
+    "AND (?3 IS NULL OR batch_id = ?3) ORDER BY finished_at DESC, id DESC LIMIT ?4) j ",
+    "LEFT JOIN results r ON r.job_id = j.id ORDER BY j.finished_at DESC, j.id DESC"
+);
+const SQL_RETRY_BATCH: &str = "UPDATE jobs SET state = 'queued', attempt = 0, oom_count = 0, run_at = ?2, finished_at = NULL, error_code = NULL, error_message = NULL, cancel_requested = 0 WHERE batch_id = ?1 AND state = 'failed'";
+/// The newest batches with their jobs counted per state (one row per batch and state).
+const SQL_RECENT_BATCHES: &str = concat!(
+    "SELECT b.id, b.created_at, b.total, j.state, COUNT(j.id) ",
+    "FROM (SELECT id, created_at, total FROM batches ORDER BY created_at DESC, id DESC LIMIT ?1) b ",
+    "LEFT JOIN jobs j ON j.batch_id = b.id GROUP BY b.id, j.state ORDER BY b.created_at DESC, b.id DESC"
+);
 const SQL_RESULT: &str = "SELECT attempt, model, output, created_at FROM results WHERE job_id = ?1";
 const SQL_SET_SETTING: &str = "INSERT INTO queue_settings (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value";
 const SQL_GET_SETTING: &str = "SELECT value FROM queue_settings WHERE key = ?1";
@@ -788,6 +827,81 @@ impl Store {
             .await?)
     }
 
+    /// Jobs that finished after `(since_ms, after_id)` in `(finished_at, id)` order,
+    /// each with its result when it succeeded: a page of at most `limit`.
+    pub async fn finished_after(
+        &self,
+        since_ms: i64,
+        after_id: Option<Uuid>,
+        limit: i64,
+    ) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+        let rows = sqlx::query(SQL_FINISHED_PAGE)
+            .bind(since_ms)
+            .bind(after_id.map(|a| a.to_string()).unwrap_or_default())
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(job_with_result).collect()
+    }
+
+    /// The newest finished jobs first (optionally of one state and batch), finished
+    /// before `before_ms`: at most `limit`.
+    pub async fn recently_finished(
+        &self,
+        state: Option<JobState>,
+        batch: Option<Uuid>,
+        before_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+        let rows = sqlx::query(SQL_RECENT)
+            .bind(before_ms)
+            .bind(state.map(|s| s.as_str()))
+            .bind(batch.map(|b| b.to_string()))
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        rows.iter().map(job_with_result).collect()
+    }
+
+    /// Queues every failed job of a batch again (attempts reset); returns how many.
+    pub async fn retry_failed_in_batch(&self, batch: Uuid) -> StoreResult<u64> {
+        let done = sqlx::query(SQL_RETRY_BATCH)
+            .bind(batch.to_string())
+            .bind(now_ms())
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// The newest `limit` batches with their counts per state.
+    pub async fn recent_batches(&self, limit: i64) -> StoreResult<Vec<BatchSummary>> {
+        let rows = sqlx::query(SQL_RECENT_BATCHES)
+            .bind(limit)
+            .fetch_all(&self.read)
+            .await?;
+        let mut out: Vec<BatchSummary> = Vec::new();
+        for r in rows {
+            let id: String = r.try_get(0)?;
+            let id = parse_uuid(&id)?;
+            if out.last().is_none_or(|b| b.id != id) {
+                out.push(BatchSummary {
+                    id,
+                    created_at: r.try_get(1)?,
+                    total: r.try_get(2)?,
+                    counts: StateCounts::default(),
+                });
+            }
+            let state: Option<String> = r.try_get(3)?;
+            let n: i64 = r.try_get(4)?;
+            if let (Some(state), Some(b)) = (state, out.last_mut()) {
+                let st = JobState::parse(&state)
+                    .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
+                b.counts.add(st, n);
+            }
+        }
+        Ok(out)
+    }
+
     /// Persists the queue pause switch.
     pub async fn set_paused(&self, paused: bool) -> StoreResult<()> {
         sqlx::query(SQL_SET_SETTING)
@@ -1112,6 +1226,23 @@ fn claimed_in_order<'a>(rows: impl IntoIterator<Item = &'a SqliteRow>) -> StoreR
 
 fn parse_uuid(s: &str) -> StoreResult<Uuid> {
     Uuid::parse_str(s).map_err(|e| StoreError::InvalidRow(format!("id {s}: {e}")))
+}
+
+/// A job row joined with its (optional) result columns `r_*`.
+fn job_with_result(r: &SqliteRow) -> StoreResult<(Job, Option<JobResult>)> {
+    let job = job_from_row(r)?;
+    let output: Option<String> = r.try_get("r_output")?;
+    let result = match output {
+        None => None,
+        Some(output) => Some(JobResult {
+            attempt: r.try_get("r_attempt")?,
+            model: r.try_get("r_model")?,
+            output: serde_json::from_str(&output)
+                .map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+            created_at: r.try_get("r_created_at")?,
+        }),
+    };
+    Ok((job, result))
 }
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
