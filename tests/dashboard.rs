@@ -822,3 +822,92 @@ async fn retrying_a_batch_requeues_only_its_failed_jobs() {
         .await;
     assert_eq!(r["retried"], 0, "nothing left to retry");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_concurrency_view_charts_vram_and_lists_the_controllers_decisions_with_reasons() {
+    use captiond::workers::concurrency::Reading;
+    use captiond::workers::vram::ScriptedProbe;
+    let Some(b) = Browser::launch().await else {
+        return;
+    };
+    // A simulated GPU (no NVIDIA device here): calm at 40 % of 24 GiB, so a backlog
+    // makes the controller grow the target step by step.
+    let total = 24u64 << 30;
+    let calm = Reading {
+        total,
+        used: total * 4 / 10,
+        free: total * 6 / 10,
+        own: None,
+    };
+    let opts = TestOptions {
+        workers: 3,
+        adaptive: true,
+        ..TestOptions::default()
+    };
+    let (tmp, data, lib) = TestApp::folders(&opts);
+    let app = TestApp::spawn_custom(
+        tmp,
+        data,
+        lib,
+        opts,
+        captiond::Engine::LoadModel,
+        Some(Box::new(ScriptedProbe::new(vec![calm], true))),
+    )
+    .await;
+    b.goto(&format!("{}/#memory", app.base)).await;
+    b.wait_for(
+        "document.querySelector('#conn').textContent === 'live'",
+        "the live feed",
+    )
+    .await;
+    let mut jobs = Vec::new();
+    for i in 0..30u32 {
+        let p = app.library.join(format!("c{i}.png"));
+        std::fs::write(&p, png(40, 30, i as u8)).unwrap();
+        jobs.push(
+            json!({"task": "caption", "max_tokens": 4, "image": {"path": p.to_str().unwrap()}}),
+        );
+    }
+    let (status, _) = app.post("/v1/batches", &json!({"jobs": jobs})).await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let decisions = loop {
+        let (_, stats) = app.get("/v1/stats").await;
+        let d = stats["concurrency"]["decisions"]
+            .as_array()
+            .unwrap()
+            .clone();
+        if !d.is_empty() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no controller decision: {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reason = decisions[0]["reason"].as_str().unwrap().to_string();
+    b.wait_for(
+        &format!(
+            "document.querySelector('#decisions tbody').textContent.includes({})",
+            serde_json::to_string(&reason).unwrap()
+        ),
+        "the decision's reason in the table",
+    )
+    .await;
+    assert_eq!(
+        b.eval("document.querySelector('#mem-title').textContent")
+            .await,
+        "GPU memory (VRAM)"
+    );
+    let now = b
+        .eval("document.querySelector('#mem-now').textContent")
+        .await;
+    assert!(
+        now.as_str().unwrap().contains("9.6 GiB of 24.0 GiB"),
+        "the latest reading, formatted: {now}"
+    );
+    b.wait_for(
+        "document.querySelector('#conc-chart polyline.l-target').getAttribute('points').split(' ').length >= 3",
+        "the concurrency chart",
+    )
+    .await;
+    b.screenshot("memory-gpu").await;
+}

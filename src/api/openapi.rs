@@ -40,6 +40,9 @@ pub struct RouteDoc {
     pub status: u16,
     /// May answer `text/event-stream` (with `"stream": true`).
     pub streams: bool,
+    /// The success body's only media type, for routes that answer no JSON (pages,
+    /// images, the event stream).
+    pub media: Option<&'static str>,
     /// Error body shape: `api` (`{"error": {"code","message"}}`), `station`
     /// (`{"error": "..."}`) or `openai`.
     pub errors: &'static str,
@@ -64,6 +67,7 @@ impl RouteDoc {
             response: None,
             status: 200,
             streams: false,
+            media: None,
             errors: "api",
         }
     }
@@ -85,6 +89,10 @@ impl RouteDoc {
     }
     fn streams(mut self) -> Self {
         self.streams = true;
+        self
+    }
+    fn media(mut self, m: &'static str) -> Self {
+        self.media = Some(m);
         self
     }
     fn errors(mut self, e: &'static str) -> Self {
@@ -123,18 +131,18 @@ pub fn table() -> Vec<(RouteDoc, MethodRouter<AppState>)> {
         (R::new("post", "/v1/queue/pause", "pauseQueue", "queue", "Stop claiming jobs (persisted across restarts)."), post(jobs::pause_queue)),
         (R::new("post", "/v1/queue/resume", "resumeQueue", "queue", "Claim jobs again."), post(jobs::resume_queue)),
         (R::new("get", "/v1/events", "events", "dashboard", "Server-Sent Events: `hello`, then a `tick` a second (counts, rates, workers, memory, controller, batches) and `jobs` (finished jobs with results).")
-            .streams(), get(events::events)),
+            .media("text/event-stream"), get(events::events)),
         (R::new("get", "/v1/jobs/recent", "recentJobs", "dashboard", "Finished jobs, newest first, with results (`state`, `batch`, `before`, `limit`).")
             .query(schema::<dashboard::RecentQuery>), get(dashboard::recent)),
         (R::new("get", "/v1/jobs/{id}/thumbnail", "jobThumbnail", "dashboard", "A JPEG thumbnail of the job's image (EXIF orientation applied), `size` 32–1024 px.")
-            .query(schema::<dashboard::ThumbQuery>), get(dashboard::thumbnail)),
+            .query(schema::<dashboard::ThumbQuery>).media("image/jpeg"), get(dashboard::thumbnail)),
         (R::new("get", "/v1/batches", "listBatches", "batches", "The newest batches with their counts per state.")
             .query(schema::<dashboard::BatchesQuery>), get(dashboard::list_batches)),
         (R::new("post", "/v1/batches/{id}/retry", "retryBatch", "batches", "Queue every failed job of a batch again → {retried}."), post(dashboard::retry_batch)),
-        (R::new("get", "/", "dashboard", "dashboard", "The web dashboard (HTML; served without the token, which the page asks for)."), get(dashboard::index)),
-        (R::new("get", "/dashboard/app.js", "dashboardScript", "dashboard", "The dashboard's script."), get(dashboard::app_js)),
-        (R::new("get", "/dashboard/app.css", "dashboardStyle", "dashboard", "The dashboard's style sheet."), get(dashboard::app_css)),
-        (R::new("get", "/favicon.svg", "favicon", "dashboard", "The dashboard's icon."), get(dashboard::icon)),
+        (R::new("get", "/", "dashboard", "dashboard", "The web dashboard (HTML; served without the token, which the page asks for).").media("text/html"), get(dashboard::index)),
+        (R::new("get", "/dashboard/app.js", "dashboardScript", "dashboard", "The dashboard's script.").media("text/javascript"), get(dashboard::app_js)),
+        (R::new("get", "/dashboard/app.css", "dashboardStyle", "dashboard", "The dashboard's style sheet.").media("text/css"), get(dashboard::app_css)),
+        (R::new("get", "/favicon.svg", "favicon", "dashboard", "The dashboard's icon.").media("image/svg+xml"), get(dashboard::icon)),
         (R::new("post", "/v1/caption", "caption", "station", "Moondream Station: caption an image → {caption, request_id, _stats}.")
             .body(schema::<station::SkillRequest>).streams().errors("station"), post(station::caption)),
         (R::new("post", "/v1/query", "query", "station", "Moondream Station: answer a question → {answer, request_id, _stats}.")
@@ -250,6 +258,9 @@ pub fn document() -> serde_json::Value {
         }
         if doc.path == "/metrics" {
             content = serde_json::json!({"text/plain": {"schema": {"type": "string"}}});
+        }
+        if let Some(m) = doc.media {
+            content = serde_json::json!({ m: {"schema": {"type": "string"}} });
         }
         let err = serde_json::json!({"description": "error", "content": {"application/json": {"schema": error_schema(doc.errors)}}});
         let mut responses = serde_json::Map::new();

@@ -247,7 +247,7 @@ function renderDecisions(conc) {
   if (!conc || !conc.decisions.length) return;
   const rows = conc.decisions.slice().reverse().slice(0, 50).map((d) =>
     el("tr", {},
-      el("td", { class: "n", text: `${nf0.format(d.at_seconds)} s` }),
+      el("td", { class: "n", text: `${fmtDuration(Math.max(d.at_seconds, 1))} after start` }),
       el("td", { class: "n", text: `${d.from} → ${d.to}` }),
       el("td", { text: d.reason })));
   body.replaceChildren(...rows);
