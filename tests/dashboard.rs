@@ -242,6 +242,15 @@ async fn the_dashboard_enqueues_shows_results_retries_failures_and_pauses_in_a_r
     .await;
     b.screenshot("enqueue").await;
 
+    // Drag and drop from outside the page: two more images.
+    let dropped = write_pngs(files.path(), 2, 70);
+    b.drop_files("#drop", &dropped).await;
+    b.wait_for(
+        "[...document.querySelectorAll('#uploads [data-state=succeeded] .meta')].filter(m => m.textContent.includes('photo-70-')).length === 2",
+        "the two dropped images to succeed",
+    )
+    .await;
+
     // Detect: the boxes the job found are drawn over its image.
     b.click("input[name=task][value=detect]").await;
     b.wait_for(
@@ -273,8 +282,8 @@ async fn the_dashboard_enqueues_shows_results_retries_failures_and_pauses_in_a_r
     // The results grid: newest first, thumbnails and captions, live.
     b.click("#tab-results").await;
     b.wait_for(
-        "document.querySelectorAll('#grid [data-job]').length >= 4 && [...document.querySelectorAll('#grid img')].every(i => i.dataset.loaded === '1')",
-        "four results with thumbnails in the grid",
+        "document.querySelectorAll('#grid [data-job]').length >= 6 && [...document.querySelectorAll('#grid img')].every(i => i.dataset.loaded === '1')",
+        "six results with thumbnails in the grid",
     )
     .await;
     let grid_ids: Vec<String> = serde_json::from_value(

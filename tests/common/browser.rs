@@ -284,6 +284,27 @@ impl Browser {
         .await;
     }
 
+    /// Drags `files` from outside the page and drops them on the element matching
+    /// `selector`, as a file manager does (dragEnter, dragOver, drop at its centre).
+    pub async fn drop_files(&self, selector: &str, files: &[PathBuf]) {
+        let sel = serde_json::to_string(selector).unwrap();
+        let at = self
+            .eval(&format!(
+                "(() => {{ const e = document.querySelector({sel}); e.scrollIntoView(); const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
+            ))
+            .await;
+        let (x, y) = (at[0].as_f64().unwrap(), at[1].as_f64().unwrap());
+        let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        let data = json!({"items": [], "files": files, "dragOperationsMask": 1});
+        for kind in ["dragEnter", "dragOver", "drop"] {
+            self.call(
+                "Input.dispatchDragEvent",
+                json!({"type": kind, "x": x, "y": y, "data": data}),
+            )
+            .await;
+        }
+    }
+
     /// Clicks the element matching `selector` (through the DOM, as a user's click does).
     pub async fn click(&self, selector: &str) {
         let sel = serde_json::to_string(selector).unwrap();
