@@ -402,6 +402,44 @@ async fn the_dashboard_enqueues_shows_results_retries_failures_and_pauses_in_a_r
     )
     .await;
 
+    // A batch with two failures: one button on the Failures view retries both.
+    app.post("/v1/queue/pause", &json!({})).await;
+    let mut jobs = Vec::new();
+    for i in 0..2 {
+        let p = app.library.join(format!("batch-{i}.png"));
+        std::fs::write(&p, png(30, 20, 200 + i)).unwrap();
+        jobs.push(json!({"task": "caption", "image": {"path": p.to_str().unwrap()}}));
+    }
+    let (_, batch) = app.post("/v1/batches", &json!({"jobs": jobs})).await;
+    let bid = batch["batch_id"].as_str().unwrap().to_string();
+    let bids: Vec<String> = serde_json::from_value(batch["job_ids"].clone()).unwrap();
+    for i in 0..2 {
+        std::fs::remove_file(app.library.join(format!("batch-{i}.png"))).unwrap();
+    }
+    app.post("/v1/queue/resume", &json!({})).await;
+    for id in &bids {
+        wait_state(&app, id, "failed").await;
+    }
+    b.click("#tab-failures").await;
+    let button = format!("#batch-retries [data-retry-batch=\"{bid}\"]");
+    b.wait_for(
+        &format!("document.querySelector('{button}')?.textContent.includes('(2)')"),
+        "the batch's retry button",
+    )
+    .await;
+    b.screenshot("failures-batch").await;
+    for i in 0..2 {
+        std::fs::write(
+            app.library.join(format!("batch-{i}.png")),
+            png(30, 20, 200 + i),
+        )
+        .unwrap();
+    }
+    b.click(&button).await;
+    for id in &bids {
+        wait_state(&app, id, "succeeded").await;
+    }
+
     // Overview and controller views agree with /v1/stats.
     b.click("#tab-overview").await;
     wait_counts_match(&b, &app).await;
@@ -574,6 +612,12 @@ async fn the_events_stream_sends_each_of_200_jobs_once_and_its_cost_does_not_gro
         )
         .await;
     }
+    // Where the overview's figures sit: they must not move while the numbers change.
+    let layout = "JSON.stringify([...document.querySelectorAll('.card, .tabs a, #pause')].map(e => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }))";
+    let layout_before = match &browser {
+        Some(b) => b.eval(layout).await,
+        None => Value::Null,
+    };
     let a = Feed::open(&app).await;
     let c = Feed::open(&app).await;
     // Wait until both streams have had a tick (the hub is running for them).
@@ -604,10 +648,19 @@ async fn the_events_stream_sends_each_of_200_jobs_once_and_its_cost_does_not_gro
     let ids: Vec<String> = serde_json::from_value(batch["job_ids"].clone()).unwrap();
     let batch_id = batch["batch_id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut layout_checks = 0;
     loop {
         let (_, b) = app.get(&format!("/v1/batches/{batch_id}")).await;
         if b["done"] == true {
             break;
+        }
+        if let Some(page) = &browser {
+            assert_eq!(
+                page.eval(layout).await,
+                layout_before,
+                "the overview's layout moved while it updated"
+            );
+            layout_checks += 1;
         }
         assert!(Instant::now() < deadline, "batch not done in 300 s: {b}");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -649,6 +702,8 @@ async fn the_events_stream_sends_each_of_200_jobs_once_and_its_cost_does_not_gro
             .eval("document.querySelector('[data-count=succeeded]').textContent")
             .await;
         assert_eq!(page_count(&text), 200);
+        assert!(layout_checks > 3, "the layout was checked during the run");
+        assert_eq!(b.eval(layout).await, layout_before);
         b.wait_for(
             &format!("document.querySelector('#batches [data-batch=\"{batch_id}\"]')?.textContent.includes('200 / 200')"),
             "the batch row at 200 / 200",
@@ -919,4 +974,29 @@ async fn the_concurrency_view_charts_vram_and_lists_the_controllers_decisions_wi
     )
     .await;
     b.screenshot("memory-gpu").await;
+}
+
+#[tokio::test]
+async fn an_open_event_stream_does_not_hold_up_shutdown() {
+    let mut app = TestApp::spawn(TestOptions::default()).await;
+    let feed = Feed::open(&app).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while feed.of("tick").is_empty() {
+        assert!(Instant::now() < deadline, "no tick");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t = Instant::now();
+    app.stop().await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "shutdown waited {took:?} for the event stream"
+    );
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !feed.task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stream ended at shutdown");
 }
