@@ -204,15 +204,13 @@ impl App {
     ) -> Result<App, StartError> {
         let data_dir = settings.data.data_dir();
         let lock = lock_data_dir(&data_dir)?;
-        let store = Store::open(
-            &settings.data.database_path(),
-            &settings.data.store_options(),
-        )
-        .await?;
-        let blobs = BlobStore::new(data_dir.join("blobs")).map_err(|e| StartError::DataDir {
-            path: data_dir.clone(),
-            message: format!("cannot create blobs folder: {e}"),
-        })?;
+        let store = settings.data.open_store().await?;
+        let blobs = BlobStore::new(data_dir.join("blobs"))
+            .map_err(|e| StartError::DataDir {
+                path: data_dir.clone(),
+                message: format!("cannot create blobs folder: {e}"),
+            })?
+            .with_database(&store);
         let mut roots = Vec::new();
         for r in &settings.server.library_roots {
             let c = std::fs::canonicalize(r).map_err(|e| StartError::LibraryRoot {
@@ -232,9 +230,15 @@ impl App {
             source,
         })?;
         let server_stop = CancellationToken::new();
+        let wakeup = Wakeup::default();
+        if let Some(pg) = store.postgres() {
+            // Jobs inserted or freed on any host wake this one's idle workers.
+            pg.spawn_listener(wakeup.clone(), server_stop.clone());
+            info!("queue on PostgreSQL: listening for work from every host");
+        }
         let state = AppState {
             store: store.clone(),
-            wakeup: Wakeup::default(),
+            wakeup,
             events: JobEvents::default(),
             blobs: blobs.clone(),
             pool: Arc::new(OnceLock::new()),
@@ -296,7 +300,16 @@ impl App {
         let state = self.state.clone();
         let stop_tx = self.stop_tx.clone();
         let model = settings.model.clone();
-        let pool_cfg = settings.workers.pool_config();
+        let mut pool_cfg = settings.workers.pool_config();
+        // Leases are named by this instance (host and data folder) and process, so a
+        // restart rescues exactly its own earlier leases, never another host's.
+        let instance = instance_id(&settings.data.data_dir());
+        pool_cfg.owner = format!(
+            "{instance}{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        );
+        pool_cfg.own_prefix = Some(instance);
         let workers = settings.workers.clone();
         tokio::spawn(async move {
             let loaded = tokio::select! {
@@ -488,4 +501,17 @@ impl App {
         self.state.store.close().await;
         info!("stopped");
     }
+}
+
+/// This instance's name in lease owners: `captiond@HOST:DIGEST/`, the digest of the
+/// canonical data folder (one live process per folder, enforced by its lock file).
+fn instance_id(data_dir: &std::path::Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = blake3::hash(dir.to_string_lossy().as_bytes()).to_hex();
+    format!("captiond@{host}:{}/", &digest[..12])
 }

@@ -1,13 +1,17 @@
 //! Uploaded images stored content-addressed under the data dir, so a job that refers
-//! to them survives restarts. Writes are atomic (temp file, fsync, rename).
+//! to them survives restarts. Writes are atomic (temp file, fsync, rename). With a
+//! PostgreSQL queue the bytes also go into the database, so every host can read every
+//! upload; the local folder is then a cache.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A folder of blobs named by their BLAKE3 hex digest.
+/// A folder of blobs named by their BLAKE3 hex digest (and, with a PostgreSQL queue,
+/// the database's `blobs` table behind it).
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     root: PathBuf,
+    shared: Option<(crate::queue::Store, tokio::runtime::Handle)>,
 }
 
 /// Blob store errors.
@@ -22,6 +26,14 @@ pub enum BlobError {
     /// The disk is full.
     #[error("no space left to store the upload")]
     DiskFull,
+    /// The shared database could not store or return the bytes.
+    #[error("uploaded image {id}: database: {message}")]
+    Database {
+        /// Digest.
+        id: String,
+        /// Cause.
+        message: String,
+    },
     /// Another I/O error.
     #[error("blob I/O on {path}: {source}")]
     Io {
@@ -37,7 +49,19 @@ impl BlobStore {
     pub fn new(root: impl Into<PathBuf>) -> std::io::Result<Self> {
         let root = root.into();
         std::fs::create_dir_all(&root)?;
-        Ok(Self { root })
+        Ok(Self { root, shared: None })
+    }
+
+    /// Keeps uploads in `store` too when it is PostgreSQL (several hosts); `handle`
+    /// runs its queries. `put` and `get` must then be called off the async runtime
+    /// (from blocking threads), as all callers do.
+    pub fn with_database(mut self, store: &crate::queue::Store) -> Self {
+        if store.postgres().is_some()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            self.shared = Some((store.clone(), handle));
+        }
+        self
     }
 
     fn path_of(&self, id: &str) -> Result<PathBuf, BlobError> {
@@ -54,9 +78,24 @@ impl BlobStore {
     /// Stores bytes (once per content) and returns their digest.
     pub fn put(&self, bytes: &[u8]) -> Result<String, BlobError> {
         let id = blake3::hash(bytes).to_hex().to_string();
-        let path = self.path_of(&id)?;
+        if let Some((store, handle)) = &self.shared
+            && let Some(pg) = store.postgres()
+        {
+            handle
+                .block_on(pg.put_blob(&id, bytes))
+                .map_err(|e| BlobError::Database {
+                    id: id.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        self.put_local(&id, bytes)?;
+        Ok(id)
+    }
+
+    fn put_local(&self, id: &str, bytes: &[u8]) -> Result<(), BlobError> {
+        let path = self.path_of(id)?;
         if path.is_file() {
-            return Ok(id);
+            return Ok(());
         }
         let io = |path: &Path, source: std::io::Error| {
             // tempfile wraps errors (adding the path), so the raw errno can be gone:
@@ -81,18 +120,33 @@ impl BlobStore {
         tmp.write_all(bytes).map_err(|e| io(&path, e))?;
         tmp.as_file().sync_all().map_err(|e| io(&path, e))?;
         tmp.persist(&path).map_err(|e| io(&path, e.error))?;
-        Ok(id)
+        Ok(())
     }
 
     /// Reads a blob.
     pub fn get(&self, id: &str) -> Result<Vec<u8>, BlobError> {
         let path = self.path_of(id)?;
-        std::fs::read(&path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                BlobError::Missing(id.to_string())
-            } else {
-                BlobError::Io { path, source }
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(bytes),
+            Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+                // Another host's upload: fetch it from the database and cache it here.
+                if let Some((store, handle)) = &self.shared
+                    && let Some(pg) = store.postgres()
+                {
+                    let found = handle
+                        .block_on(pg.get_blob(id))
+                        .map_err(|e| BlobError::Database {
+                            id: id.to_string(),
+                            message: e.to_string(),
+                        })?;
+                    if let Some(bytes) = found {
+                        let _ = self.put_local(id, &bytes);
+                        return Ok(bytes);
+                    }
+                }
+                Err(BlobError::Missing(id.to_string()))
             }
-        })
+            Err(source) => Err(BlobError::Io { path, source }),
+        }
     }
 }

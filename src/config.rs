@@ -32,6 +32,10 @@ pub struct DataSettings {
         value_name = "full|normal"
     )]
     pub durability: Durability,
+
+    /// Queue database: a `sqlite:PATH`, or a `postgres://user:pass@host/db` URL so several hosts share one queue [default: the SQLite file in the data folder].
+    #[arg(long = "database", env = "CAPTIOND_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 impl DataSettings {
@@ -47,6 +51,23 @@ impl DataSettings {
     /// Path of the SQLite database.
     pub fn database_path(&self) -> PathBuf {
         self.data_dir().join("captiond.db")
+    }
+
+    /// Opens the queue database the settings name (the data folder's SQLite file by default).
+    pub async fn open_store(&self) -> Result<crate::queue::Store, crate::queue::StoreError> {
+        crate::queue::Store::open_url(
+            self.database_url.as_deref(),
+            &self.database_path(),
+            &self.store_options(),
+        )
+        .await
+    }
+
+    /// Whether the queue lives in a PostgreSQL database.
+    pub fn uses_postgres(&self) -> bool {
+        self.database_url
+            .as_deref()
+            .is_some_and(crate::queue::Store::is_postgres_url)
     }
 
     /// Store options.

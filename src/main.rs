@@ -313,6 +313,9 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
 
 /// Opens the data dir's database for reading reports; refuses to create one.
 async fn open_existing(data: &DataSettings) -> Result<Store> {
+    if data.uses_postgres() {
+        return Ok(data.open_store().await?);
+    }
     let path = data.database_path();
     if !path.exists() {
         anyhow::bail!(
@@ -320,7 +323,7 @@ async fn open_existing(data: &DataSettings) -> Result<Store> {
             path.display()
         );
     }
-    Ok(Store::open(&path, &data.store_options()).await?)
+    Ok(data.open_store().await?)
 }
 
 async fn status(

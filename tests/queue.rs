@@ -1,5 +1,9 @@
-//! The queue's state machine on a real SQLite file: guarded transitions, leases,
+//! The queue's state machine on both backends — a real SQLite file and a throwaway
+//! PostgreSQL cluster — one suite run against each: guarded transitions, leases,
 //! heartbeats, retries, out-of-memory requeues, and the worker pool driving them.
+
+#[path = "common/pg.rs"]
+mod pg;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,12 +17,57 @@ use captiond::workers::{
     HandlerOutput, JobControl, JobFailure, JobHandler, PoolConfig, WorkerPool,
 };
 
-async fn store() -> (tempfile::TempDir, Store) {
+/// A store under test with what keeps it alive, and raw access for test shortcuts.
+struct Db {
+    store: Store,
+    raw: Raw,
+}
+
+/// How to reach the database behind the store; the first field keeps it alive.
+enum Raw {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir, std::path::PathBuf),
+    Postgres(#[allow(dead_code)] pg::PgCluster, String),
+}
+
+async fn sqlite() -> Db {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db"), &StoreOptions::default())
+    let path = dir.path().join("q.db");
+    let store = Store::open(&path, &StoreOptions::default()).await.unwrap();
+    Db {
+        store,
+        raw: Raw::Sqlite(dir, path),
+    }
+}
+
+async fn postgres() -> Option<Db> {
+    let cluster = pg::PgCluster::start()?;
+    let url = cluster.fresh_database("queue").await;
+    let store = Store::connect_postgres(&url, &StoreOptions::default())
         .await
         .unwrap();
-    (dir, store)
+    Some(Db {
+        store,
+        raw: Raw::Postgres(cluster, url),
+    })
+}
+
+/// Runs one test body against SQLite and against PostgreSQL (two tests).
+macro_rules! on_both_backends {
+    ($(#[$attr:meta])* $name:ident) => {
+        mod $name {
+            $(#[$attr])*
+            async fn sqlite() {
+                let db = super::sqlite().await;
+                super::$name(&db).await;
+            }
+            $(#[$attr])*
+            async fn postgres() {
+                let Some(db) = super::postgres().await else { return };
+                super::$name(&db).await;
+                db.store.close().await;
+            }
+        }
+    };
 }
 
 fn new_job(i: usize) -> NewJob {
@@ -51,9 +100,10 @@ fn op(job: &Job, owner: &str, finish: Finish) -> FinishOp {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test] a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt);
+
+async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt(db: &Db) {
+    let store = &db.store;
     let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
     let first = store.claim("A", 1, LEASE).await.unwrap().remove(0);
     assert_eq!((first.state, first.attempt), (JobState::Running, 1));
@@ -98,9 +148,10 @@ async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt() {
     );
 }
 
-#[tokio::test]
-async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test] transient_failures_back_off_and_fail_when_attempts_run_out);
+
+async fn transient_failures_back_off_and_fail_when_attempts_run_out(db: &Db) {
+    let store = &db.store;
     let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
     for attempt in 1..=3 {
         let claimed = store.claim("A", 1, LEASE).await.unwrap();
@@ -125,7 +176,7 @@ async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
                 "not due before run_at"
             );
             assert_eq!(store.next_run_at().await.unwrap(), Some(later));
-            make_due(&store, &j).await;
+            make_due(db, &j).await;
         } else {
             assert_eq!(j.state, JobState::Failed);
             assert_eq!(j.error.unwrap().code, "flaky");
@@ -134,21 +185,35 @@ async fn transient_failures_back_off_and_fail_when_attempts_run_out() {
 }
 
 /// Makes a scheduled job due now (a test shortcut for waiting out its backoff).
-async fn make_due(store: &Store, job: &Job) {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", store.path().display()))
-        .await
-        .unwrap();
-    sqlx::query("UPDATE jobs SET run_at = 0 WHERE id = ?1")
-        .bind(job.id.to_string())
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+async fn make_due(db: &Db, job: &Job) {
+    match &db.raw {
+        Raw::Sqlite(_, path) => {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+                .await
+                .unwrap();
+            sqlx::query("UPDATE jobs SET run_at = 0 WHERE id = ?1")
+                .bind(job.id.to_string())
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        Raw::Postgres(_, url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            sqlx::query("UPDATE jobs SET run_at = 0 WHERE id = $1")
+                .bind(job.id.to_string())
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+    }
 }
 
-#[tokio::test]
-async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test] out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap);
+
+async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap(db: &Db) {
+    let store = &db.store;
     let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
     for n in 1..=3 {
         let c = store.claim("A", 1, LEASE).await.unwrap().remove(0);
@@ -170,7 +235,7 @@ async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap()
             j.run_at >= captiond::queue::now_ms() + 500,
             "requeued after a short pause, not in a hot loop"
         );
-        make_due(&store, &j).await;
+        make_due(db, &j).await;
         assert_eq!(
             j.state,
             if n < 3 {
@@ -182,9 +247,10 @@ async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap()
     }
 }
 
-#[tokio::test]
-async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test] cancelling_a_running_job_reaches_its_worker_through_the_heartbeat);
+
+async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat(db: &Db) {
+    let store = &db.store;
     let (job, _) = store.insert_job(&new_job(1)).await.unwrap();
     let c = store.claim("A", 1, LEASE).await.unwrap().remove(0);
     assert!(matches!(
@@ -204,9 +270,10 @@ async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat() {
     ));
 }
 
-#[tokio::test]
-async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test] a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims);
+
+async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims(db: &Db) {
+    let store = &db.store;
     let (low, _) = store.insert_job(&new_job(1)).await.unwrap();
     let (high, _) = store
         .insert_job(&NewJob {
@@ -227,12 +294,13 @@ async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_c
     );
 }
 
+on_both_backends!(#[tokio::test] one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner);
+
 /// Every kind of outcome, a stale one, and claims for two owners arrive together and are
 /// written in one group commit (a current-thread runtime queues them all before the
 /// finisher runs); each is applied, or refused, as if it had been written alone.
-#[tokio::test]
-async fn one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner() {
-    let (_d, store) = store().await;
+async fn one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner(db: &Db) {
+    let store = &db.store;
     for i in 0..8 {
         store.insert_job(&new_job(i)).await.unwrap();
     }
@@ -369,9 +437,10 @@ impl JobHandler for Flaky {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target() {
-    let (_d, store) = store().await;
+on_both_backends!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target);
+
+async fn the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target(db: &Db) {
+    let store = &db.store;
     for i in 0..6 {
         store.insert_job(&new_job(i)).await.unwrap();
     }

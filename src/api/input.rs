@@ -264,6 +264,11 @@ pub fn store_upload(state: &AppState, bytes: &[u8]) -> Result<ImageSource, ApiEr
         crate::blobs::BlobError::DiskFull => {
             ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", e.to_string())
         }
+        crate::blobs::BlobError::Database { .. } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database_unavailable",
+            e.to_string(),
+        ),
         other => {
             tracing::error!(error = %other, "storing an upload failed");
             ApiError::new(

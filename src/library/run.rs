@@ -553,7 +553,7 @@ pub async fn run_remote(
     std::fs::create_dir_all(data.data_dir()).map_err(|e| {
         RunError::Invalid(format!("cannot create {}: {e}", data.data_dir().display()))
     })?;
-    let store = Store::open(&data.database_path(), &data.store_options()).await?;
+    let store = data.open_store().await?;
     let progress = Progress::new(opts.show_progress);
     let planned = scan_and_plan(&store, walked, &stats.model, &opts.spec, &progress).await;
     store.close().await;

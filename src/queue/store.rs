@@ -2,6 +2,7 @@
 //! statement per state transition. Writes go through one connection; reads use a pool.
 //! Workers' finishing writes are grouped into shared commits by a finisher task.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -59,6 +60,9 @@ pub enum StoreError {
     /// A stored row could not be interpreted.
     #[error("invalid stored row: {0}")]
     InvalidRow(String),
+    /// The database server cannot be reached (PostgreSQL restarting, network down).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
     /// Any other database error.
     #[error("database error: {0}")]
     Database(sqlx::Error),
@@ -72,8 +76,24 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        if matches!(
+            e,
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+        ) {
+            return StoreError::Unavailable(e.to_string());
+        }
         if let Some(db) = e.as_database_error() {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // PostgreSQL SQLSTATEs: disk full; serialization failure, deadlock; the
+            // server shutting down or not yet accepting connections.
+            match code.as_str() {
+                "53100" => return StoreError::DiskFull,
+                "40001" | "40P01" => return StoreError::Locked,
+                "57P01" | "57P02" | "57P03" | "08006" | "08003" | "08001" => {
+                    return StoreError::Unavailable(db.message().to_string());
+                }
+                _ => {}
+            }
             let msg = db.message().to_ascii_lowercase();
             // SQLITE_FULL = 13; extended codes keep the primary code in the low byte.
             let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
@@ -295,6 +315,7 @@ macro_rules! job_columns {
 }
 
 mod library;
+pub(crate) mod postgres;
 pub use library::LibraryFile;
 
 const SQL_INSERT_JOB: &str = concat!(
@@ -469,16 +490,322 @@ const SQL_PUT_CALIBRATION: &str = concat!(
 const SQL_CHECKPOINT: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
 const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
 
-/// The queue's SQLite database.
+/// The queue's database: SQLite (the embedded default) or PostgreSQL (several hosts on
+/// one queue). Each backend keeps its own SQL and migrations; callers see one interface.
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct Store(Backend);
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+/// Calls the same method on whichever backend is in use.
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &$self.0 {
+            Backend::Sqlite($s) => $e,
+            Backend::Postgres($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Opens (creating if missing) the SQLite database at `path`, applies pragmas on
+    /// every connection and runs migrations. An existing file that is not a SQLite
+    /// database is an error, never silently replaced.
+    pub async fn open(path: &Path, opts: &StoreOptions) -> StoreResult<Self> {
+        Ok(Self(Backend::Sqlite(SqliteStore::open(path, opts).await?)))
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://…`) and runs its
+    /// migrations under an advisory lock, so several hosts may start at once.
+    pub async fn connect_postgres(url: &str, opts: &StoreOptions) -> StoreResult<Self> {
+        Ok(Self(Backend::Postgres(
+            postgres::PgStore::connect(url, opts).await?,
+        )))
+    }
+
+    /// Opens the database `url` names: `postgres://…`/`postgresql://…`, `sqlite:PATH`,
+    /// or (none or empty) the SQLite file at `default_path`.
+    pub async fn open_url(
+        url: Option<&str>,
+        default_path: &Path,
+        opts: &StoreOptions,
+    ) -> StoreResult<Self> {
+        match url.map(str::trim).filter(|u| !u.is_empty()) {
+            None => Self::open(default_path, opts).await,
+            Some(u) if Self::is_postgres_url(u) => Self::connect_postgres(u, opts).await,
+            Some(u) => match u
+                .strip_prefix("sqlite://")
+                .or_else(|| u.strip_prefix("sqlite:"))
+            {
+                Some(path) if !path.is_empty() => Self::open(Path::new(path), opts).await,
+                _ => Err(StoreError::Unavailable(format!(
+                    "unsupported database URL {u:?}: use sqlite:PATH or postgres://user:password@host/database"
+                ))),
+            },
+        }
+    }
+
+    /// Whether `url` names a PostgreSQL database.
+    pub fn is_postgres_url(url: &str) -> bool {
+        let u = url.trim();
+        u.starts_with("postgres://") || u.starts_with("postgresql://")
+    }
+
+    /// At start: returns the jobs this instance's previous process held to the queue.
+    /// On SQLite (one host) that is every running job; on PostgreSQL only the leases
+    /// whose owner starts with `own_prefix` (this host's earlier runs) and expired ones,
+    /// never another live host's.
+    pub async fn rescue_on_start(&self, own_prefix: Option<&str>) -> StoreResult<u64> {
+        match &self.0 {
+            Backend::Sqlite(s) => s.rescue(true).await,
+            Backend::Postgres(s) => s.rescue_owned(false, own_prefix).await,
+        }
+    }
+
+    /// The PostgreSQL store, when that is the backend (for `LISTEN` and uploads).
+    pub(crate) fn postgres(&self) -> Option<&postgres::PgStore> {
+        match &self.0 {
+            Backend::Postgres(s) => Some(s),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// Which backend this is: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match &self.0 {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Path of the SQLite database file (none on PostgreSQL).
+    pub fn path(&self) -> Option<&Path> {
+        match &self.0 {
+            Backend::Sqlite(s) => Some(s.path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// Checkpoints and truncates SQLite's WAL so it cannot grow without bound (nothing
+    /// to do on PostgreSQL).
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        match &self.0 {
+            Backend::Sqlite(s) => s.checkpoint().await,
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// SQLite's `PRAGMA integrity_check` ("ok" when the file is sound); "ok" on
+    /// PostgreSQL, which checks itself.
+    pub async fn integrity_check(&self) -> StoreResult<String> {
+        match &self.0 {
+            Backend::Sqlite(s) => s.integrity_check().await,
+            Backend::Postgres(_) => Ok("ok".into()),
+        }
+    }
+
+    /// Closes the connections after pending writes.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+
+    /// Inserts one job (in a batch when `batch` is set). With an idempotency key that
+    /// already exists, returns the existing job and `false`.
+    pub async fn insert_job(&self, new: &NewJob) -> StoreResult<(Job, bool)> {
+        dispatch!(self, s => s.insert_job(new).await)
+    }
+
+    /// `insert_job` under an id chosen by the caller (a UUIDv7), so that a
+    /// stream can be subscribed to before any worker can claim the job.
+    pub async fn insert_job_as(&self, id: Uuid, new: &NewJob) -> StoreResult<(Job, bool)> {
+        dispatch!(self, s => s.insert_job_as(id, new).await)
+    }
+
+    /// Inserts many jobs and their batch in one transaction and one statement. Jobs
+    /// whose idempotency key exists already are not inserted again; their existing ids
+    /// are returned in their place. Returns the batch id and the job ids in order.
+    pub async fn insert_batch(&self, jobs: &[NewJob]) -> StoreResult<(Uuid, Vec<Uuid>)> {
+        dispatch!(self, s => s.insert_batch(jobs).await)
+    }
+
+    /// One job by id.
+    pub async fn get_job(&self, id: Uuid) -> StoreResult<Option<Job>> {
+        dispatch!(self, s => s.get_job(id).await)
+    }
+
+    /// The stored result of a succeeded job.
+    pub async fn get_result(&self, id: Uuid) -> StoreResult<Option<JobResult>> {
+        dispatch!(self, s => s.get_result(id).await)
+    }
+
+    /// A page of jobs ordered by id.
+    pub async fn list_jobs(&self, q: &ListQuery) -> StoreResult<Vec<Job>> {
+        dispatch!(self, s => s.list_jobs(q).await)
+    }
+
+    /// Claims up to `n` due jobs for `owner` in one statement, highest priority first.
+    pub async fn claim(&self, owner: &str, n: usize, lease: Duration) -> StoreResult<Vec<Job>> {
+        dispatch!(self, s => s.claim(owner, n, lease).await)
+    }
+
+    /// Extends every lease `owner` holds, in one statement; returns the jobs still
+    /// held (id, attempt, cancel requested). A running job missing from the answer
+    /// has lost its lease.
+    pub async fn heartbeat(&self, owner: &str, lease: Duration) -> StoreResult<Vec<Heartbeat>> {
+        dispatch!(self, s => s.heartbeat(owner, lease).await)
+    }
+
+    /// Finishes an attempt through the group-committing finisher (and claims the next
+    /// job when asked); `applied` is false when the lease was no longer held.
+    pub async fn finish(&self, op: FinishOp) -> StoreResult<FinishOutcome> {
+        dispatch!(self, s => s.finish(op).await)
+    }
+
+    /// Cancels a waiting job at once, or flags a running one.
+    pub async fn cancel(&self, id: Uuid) -> StoreResult<Option<CancelOutcome>> {
+        dispatch!(self, s => s.cancel(id).await)
+    }
+
+    /// Queues a failed or cancelled job again with fresh attempts.
+    pub async fn retry(&self, id: Uuid) -> StoreResult<Option<RetryOutcome>> {
+        dispatch!(self, s => s.retry(id).await)
+    }
+
+    /// Returns running jobs to the queue: those whose lease expired, or (`all`) every
+    /// running job, as at start-up after a crash. Counts the attempt.
+    pub async fn rescue(&self, all: bool) -> StoreResult<u64> {
+        dispatch!(self, s => s.rescue(all).await)
+    }
+
+    /// Earliest `run_at` of a waiting job.
+    pub async fn next_run_at(&self) -> StoreResult<Option<i64>> {
+        dispatch!(self, s => s.next_run_at().await)
+    }
+
+    /// Jobs waiting that are due now (the backlog the concurrency controller sees).
+    pub async fn due_count(&self) -> StoreResult<i64> {
+        dispatch!(self, s => s.due_count().await)
+    }
+
+    /// Jobs per state, over everything or one batch.
+    pub async fn counts(&self, batch: Option<Uuid>) -> StoreResult<StateCounts> {
+        dispatch!(self, s => s.counts(batch).await)
+    }
+
+    /// A batch's creation time and size.
+    pub async fn batch(&self, id: Uuid) -> StoreResult<Option<(i64, i64)>> {
+        dispatch!(self, s => s.batch(id).await)
+    }
+
+    /// Jobs that succeeded since `since_ms` (optionally in one batch).
+    pub async fn succeeded_since(&self, since_ms: i64, batch: Option<Uuid>) -> StoreResult<i64> {
+        dispatch!(self, s => s.succeeded_since(since_ms, batch).await)
+    }
+
+    /// Jobs that finished after `(since_ms, after_id)` in `(finished_at, id)` order,
+    /// each with its result when it succeeded: a page of at most `limit`.
+    pub async fn finished_after(&self, since_ms: i64, after_id: Option<Uuid>, limit: i64) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+        dispatch!(self, s => s.finished_after(since_ms, after_id, limit).await)
+    }
+
+    /// The newest finished jobs first (optionally of one state and batch), finished
+    /// before `before_ms`: at most `limit`.
+    pub async fn recently_finished(&self, state: Option<JobState>, batch: Option<Uuid>, before_ms: i64, limit: i64) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+        dispatch!(self, s => s.recently_finished(state, batch, before_ms, limit).await)
+    }
+
+    /// Queues every failed job of a batch again (attempts reset); returns how many.
+    pub async fn retry_failed_in_batch(&self, batch: Uuid) -> StoreResult<u64> {
+        dispatch!(self, s => s.retry_failed_in_batch(batch).await)
+    }
+
+    /// The newest `limit` batches with their counts per state.
+    pub async fn recent_batches(&self, limit: i64) -> StoreResult<Vec<BatchSummary>> {
+        dispatch!(self, s => s.recent_batches(limit).await)
+    }
+
+    /// Persists the queue pause switch.
+    pub async fn set_paused(&self, paused: bool) -> StoreResult<()> {
+        dispatch!(self, s => s.set_paused(paused).await)
+    }
+
+    /// Reads the queue pause switch.
+    pub async fn is_paused(&self) -> StoreResult<bool> {
+        dispatch!(self, s => s.is_paused().await)
+    }
+
+    /// The stored calibration of `model` on `device`.
+    pub async fn calibration(&self, device: &str, model: &str) -> StoreResult<Option<Calibration>> {
+        dispatch!(self, s => s.calibration(device, model).await)
+    }
+
+    /// Stores (replacing) a calibration.
+    pub async fn put_calibration(&self, c: &Calibration) -> StoreResult<()> {
+        dispatch!(self, s => s.put_calibration(c).await)
+    }
+
+    /// Recorded files whose canonical path starts with `prefix` (a folder path ending
+    /// in a separator, or one file's path).
+    pub async fn library_files_under(&self, prefix: &str) -> StoreResult<Vec<LibraryFile>> {
+        dispatch!(self, s => s.library_files_under(prefix).await)
+    }
+
+    /// Records (or updates) what the walk learnt about these files.
+    pub async fn put_library_files(&self, files: &[LibraryFile]) -> StoreResult<()> {
+        dispatch!(self, s => s.put_library_files(files).await)
+    }
+
+    /// Forgets files the walk no longer finds (deleted or moved away).
+    pub async fn forget_library_files(&self, paths: &[String]) -> StoreResult<()> {
+        dispatch!(self, s => s.forget_library_files(paths).await)
+    }
+
+    /// The jobs holding these idempotency keys, by key.
+    pub async fn jobs_by_keys(&self, keys: &[String]) -> StoreResult<HashMap<String, Job>> {
+        dispatch!(self, s => s.jobs_by_keys(keys).await)
+    }
+
+    /// Current states of these jobs (missing ids are left out).
+    pub async fn job_states(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, JobState>> {
+        dispatch!(self, s => s.job_states(ids).await)
+    }
+
+    /// Frees these idempotency keys from jobs in one of `states` (the key gets the
+    /// job id appended), so new jobs can take them; the old jobs and results stay.
+    pub async fn supersede_keys(&self, keys: &[String], states: &[JobState]) -> StoreResult<u64> {
+        dispatch!(self, s => s.supersede_keys(keys, states).await)
+    }
+
+    /// Stored results of these jobs, by job id.
+    pub async fn results_of(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, JobResult>> {
+        dispatch!(self, s => s.results_of(ids).await)
+    }
+
+    /// BLAKE3 of what `captiond export` last wrote to `path`, if it wrote there.
+    pub async fn export_record(&self, path: &str) -> StoreResult<Option<String>> {
+        dispatch!(self, s => s.export_record(path).await)
+    }
+
+    /// Remembers what `captiond export` wrote to `path`.
+    pub async fn put_export_record(&self, path: &str, content_hash: &str) -> StoreResult<()> {
+        dispatch!(self, s => s.put_export_record(path, content_hash).await)
+    }
+}
+
+/// The queue's SQLite database (the embedded default backend).
+#[derive(Debug, Clone)]
+struct SqliteStore {
     write: SqlitePool,
     read: SqlitePool,
     finisher: mpsc::Sender<(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)>,
     path: PathBuf,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if missing) the database at `path`, applies pragmas on every
     /// connection and runs migrations. An existing file that is not a SQLite database
     /// is an error, never silently replaced.
@@ -541,7 +868,7 @@ impl Store {
         self.insert_job_as(Uuid::now_v7(), new).await
     }
 
-    /// [`Store::insert_job`] under an id chosen by the caller (a UUIDv7), so that a
+    /// `insert_job` under an id chosen by the caller (a UUIDv7), so that a
     /// stream can be subscribed to before any worker can claim the job.
     pub async fn insert_job_as(&self, id: Uuid, new: &NewJob) -> StoreResult<(Job, bool)> {
         let inserted = bind_insert(sqlx::query(SQL_INSERT_JOB), id, new, now_ms())
@@ -1023,23 +1350,31 @@ async fn run_finisher(
     let mut pending = Vec::with_capacity(256);
     while rx.recv_many(&mut pending, 256).await > 0 {
         let outcome = apply_finishes(&pool, &pending).await;
-        match outcome {
-            Ok(outcomes) => {
-                for ((_, reply), outcome) in pending.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
+        reply_all(&mut pending, outcome);
+    }
+}
+
+/// Answers every op of a group with its outcome, or all of them with the group's error.
+fn reply_all(
+    pending: &mut Vec<(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)>,
+    outcome: StoreResult<Vec<FinishOutcome>>,
+) {
+    match outcome {
+        Ok(outcomes) => {
+            for ((_, reply), outcome) in pending.drain(..).zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
             }
-            Err(e) => {
-                let msg = e.to_string();
-                let disk_full = matches!(e, StoreError::DiskFull);
-                for (_, reply) in pending.drain(..) {
-                    let err = if disk_full {
-                        StoreError::DiskFull
-                    } else {
-                        StoreError::InvalidRow(msg.clone())
-                    };
-                    let _ = reply.send(Err(err));
-                }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for (_, reply) in pending.drain(..) {
+                let err = match &e {
+                    StoreError::DiskFull => StoreError::DiskFull,
+                    StoreError::Locked => StoreError::Locked,
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    _ => StoreError::InvalidRow(msg.clone()),
+                };
+                let _ = reply.send(Err(err));
             }
         }
     }
@@ -1051,15 +1386,7 @@ async fn apply_finishes(
 ) -> StoreResult<Vec<FinishOutcome>> {
     let now = now_ms();
     let kinds = by_kind(ops);
-    // Slots asking for their next job, grouped by (owner, lease); one pool asks as one.
-    let mut claims: Vec<(&str, Duration, Vec<usize>)> = Vec::new();
-    for (i, (op, _)) in ops.iter().enumerate() {
-        let Some(lease) = op.claim_next else { continue };
-        match claims.iter_mut().find(|c| c.0 == op.owner && c.1 == lease) {
-            Some(c) => c.2.push(i),
-            None => claims.push((op.owner.as_str(), lease, vec![i])),
-        }
-    }
+    let claims = claim_groups(ops);
     let mut conn = pool.acquire().await?;
     // The script begins its own transaction; on any error it is rolled back here, so the
     // connection goes back to the pool outside a transaction.
@@ -1071,6 +1398,33 @@ async fn apply_finishes(
         }
     };
     let (applied_ids, claimed) = rows;
+    Ok(outcomes(ops, &claims, &applied_ids, claimed))
+}
+
+/// A group's finishing ops paired with their reply channels.
+type PendingOps = [(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)];
+
+/// Slots asking for their next job, grouped by (owner, lease); one pool asks as one.
+fn claim_groups(ops: &PendingOps) -> Vec<(&str, Duration, Vec<usize>)> {
+    let mut claims: Vec<(&str, Duration, Vec<usize>)> = Vec::new();
+    for (i, (op, _)) in ops.iter().enumerate() {
+        let Some(lease) = op.claim_next else { continue };
+        match claims.iter_mut().find(|c| c.0 == op.owner && c.1 == lease) {
+            Some(c) => c.2.push(i),
+            None => claims.push((op.owner.as_str(), lease, vec![i])),
+        }
+    }
+    claims
+}
+
+/// Each op's outcome from what the group commit applied and claimed (and the crash
+/// failpoints after a commit).
+fn outcomes(
+    ops: &PendingOps,
+    claims: &[(&str, Duration, Vec<usize>)],
+    applied_ids: &std::collections::HashSet<(String, i64)>,
+    claimed: Vec<Vec<Job>>,
+) -> Vec<FinishOutcome> {
     let mut next: Vec<Option<Job>> = vec![None; ops.len()];
     for ((_, _, slots), jobs) in claims.iter().zip(claimed) {
         for (slot, job) in slots.iter().zip(jobs) {
@@ -1092,11 +1446,11 @@ async fn apply_finishes(
     if next.iter().any(Option::is_some) {
         crate::failpoint::hit("claim");
     }
-    Ok(applied
+    applied
         .into_iter()
         .zip(next)
         .map(|(applied, next)| FinishOutcome { applied, next })
-        .collect())
+        .collect()
 }
 
 /// The (id, attempt) pairs whose transition applied, and each claim group's jobs in order.
@@ -1245,45 +1599,54 @@ fn job_with_result(r: &SqliteRow) -> StoreResult<(Job, Option<JobResult>)> {
     Ok((job, result))
 }
 
+/// Reads a job from a row of either backend (the columns of `job_columns!`).
+macro_rules! read_job {
+    ($r:expr) => {{
+        let r = $r;
+        let id: String = r.try_get("id")?;
+        let task: String = r.try_get("task")?;
+        let params: String = r.try_get("params")?;
+        let kind: String = r.try_get("source_kind")?;
+        let source: String = r.try_get("source")?;
+        let state: String = r.try_get("state")?;
+        let code: Option<String> = r.try_get("error_code")?;
+        let message: Option<String> = r.try_get("error_message")?;
+        let batch: Option<String> = r.try_get("batch_id")?;
+        let cancel: i64 = r.try_get("cancel_requested")?;
+        Ok(Job {
+            id: parse_uuid(&id)?,
+            task: TaskKind::parse(&task)
+                .ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
+            params: serde_json::from_str(&params).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+            source: if kind == "blob" {
+                ImageSource::Blob(source)
+            } else {
+                ImageSource::Path(source)
+            },
+            priority: r.try_get("priority")?,
+            state: JobState::parse(&state)
+                .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?,
+            attempt: r.try_get("attempt")?,
+            max_attempts: r.try_get("max_attempts")?,
+            oom_count: r.try_get("oom_count")?,
+            run_at: r.try_get("run_at")?,
+            lease_owner: r.try_get("lease_owner")?,
+            lease_expires_at: r.try_get("lease_expires_at")?,
+            cancel_requested: cancel != 0,
+            error: code.map(|code| JobErrorInfo {
+                code,
+                message: message.unwrap_or_default(),
+            }),
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            idempotency_key: r.try_get("idempotency_key")?,
+            batch_id: batch.map(|b| parse_uuid(&b)).transpose()?,
+        })
+    }};
+}
+pub(crate) use read_job;
+
 fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
-    let id: String = r.try_get("id")?;
-    let task: String = r.try_get("task")?;
-    let params: String = r.try_get("params")?;
-    let kind: String = r.try_get("source_kind")?;
-    let source: String = r.try_get("source")?;
-    let state: String = r.try_get("state")?;
-    let code: Option<String> = r.try_get("error_code")?;
-    let message: Option<String> = r.try_get("error_message")?;
-    let batch: Option<String> = r.try_get("batch_id")?;
-    let cancel: i64 = r.try_get("cancel_requested")?;
-    Ok(Job {
-        id: parse_uuid(&id)?,
-        task: TaskKind::parse(&task)
-            .ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
-        params: serde_json::from_str(&params).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
-        source: if kind == "blob" {
-            ImageSource::Blob(source)
-        } else {
-            ImageSource::Path(source)
-        },
-        priority: r.try_get("priority")?,
-        state: JobState::parse(&state)
-            .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?,
-        attempt: r.try_get("attempt")?,
-        max_attempts: r.try_get("max_attempts")?,
-        oom_count: r.try_get("oom_count")?,
-        run_at: r.try_get("run_at")?,
-        lease_owner: r.try_get("lease_owner")?,
-        lease_expires_at: r.try_get("lease_expires_at")?,
-        cancel_requested: cancel != 0,
-        error: code.map(|code| JobErrorInfo {
-            code,
-            message: message.unwrap_or_default(),
-        }),
-        created_at: r.try_get("created_at")?,
-        started_at: r.try_get("started_at")?,
-        finished_at: r.try_get("finished_at")?,
-        idempotency_key: r.try_get("idempotency_key")?,
-        batch_id: batch.map(|b| parse_uuid(&b)).transpose()?,
-    })
+    read_job!(r)
 }

@@ -70,8 +70,11 @@ pub trait JobHandler: Send + Sync + 'static {
 /// Pool settings.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// Identifies this process's leases.
+    /// Identifies this process's leases (unique per host and process).
     pub owner: String,
+    /// The prefix every lease of this instance (host and data folder) starts with; at
+    /// start, leases under it are this instance's earlier runs and are rescued at once.
+    pub own_prefix: Option<String>,
     /// Lease length.
     pub lease: Duration,
     /// Fallback poll when no wake-up arrives (at least 1 s).
@@ -92,6 +95,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             owner: format!("captiond-{}-{}", std::process::id(), Uuid::now_v7()),
+            own_prefix: None,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(5),
             max_concurrency: 1,
@@ -186,7 +190,7 @@ impl WorkerPool {
         events: JobEvents,
         cfg: PoolConfig,
     ) -> Result<Self, crate::queue::StoreError> {
-        let rescued = store.rescue(true).await?;
+        let rescued = store.rescue_on_start(cfg.own_prefix.as_deref()).await?;
         if rescued > 0 {
             info!(rescued, "returned jobs held by a previous run to the queue");
         }

@@ -48,6 +48,8 @@ pub struct TestOptions {
     pub calibrate: bool,
     /// How long skill and chat requests wait for their result.
     pub request_timeout_secs: u64,
+    /// Queue database URL (default: SQLite in the data dir).
+    pub database_url: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -60,6 +62,7 @@ impl Default for TestOptions {
             adaptive: false,
             calibrate: false,
             request_timeout_secs: 60,
+            database_url: None,
         }
     }
 }
@@ -70,6 +73,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
         data: DataSettings {
             data_dir: Some(data_dir.to_path_buf()),
             durability: Durability::Full,
+            database_url: opts.database_url.clone(),
         },
         model: ModelSettings {
             model_dir: Some(tiny_model_dir()),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{Store, StoreError, StoreResult, job_from_row, parse_uuid};
+use super::{SqliteStore, StoreError, StoreResult, job_from_row, parse_uuid};
 use crate::queue::{Job, JobResult, JobState, now_ms};
 
 const SQL_FILES_UNDER: &str =
@@ -68,7 +68,7 @@ fn json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
     serde_json::to_string(v).map_err(|e| StoreError::InvalidRow(e.to_string()))
 }
 
-impl Store {
+impl SqliteStore {
     /// Recorded files whose canonical path starts with `prefix` (a folder path ending
     /// in a separator, or one file's path).
     pub async fn library_files_under(&self, prefix: &str) -> StoreResult<Vec<LibraryFile>> {
