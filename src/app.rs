@@ -304,11 +304,7 @@ impl App {
         // Leases are named by this instance (host and data folder) and process, so a
         // restart rescues exactly its own earlier leases, never another host's.
         let instance = instance_id(&settings.data.data_dir());
-        pool_cfg.owner = format!(
-            "{instance}{}-{}",
-            std::process::id(),
-            uuid::Uuid::now_v7()
-        );
+        pool_cfg.owner = format!("{instance}{}-{}", std::process::id(), uuid::Uuid::now_v7());
         pool_cfg.own_prefix = Some(instance);
         let workers = settings.workers.clone();
         tokio::spawn(async move {

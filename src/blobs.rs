@@ -133,12 +133,13 @@ impl BlobStore {
                 if let Some((store, handle)) = &self.shared
                     && let Some(pg) = store.postgres()
                 {
-                    let found = handle
-                        .block_on(pg.get_blob(id))
-                        .map_err(|e| BlobError::Database {
-                            id: id.to_string(),
-                            message: e.to_string(),
-                        })?;
+                    let found =
+                        handle
+                            .block_on(pg.get_blob(id))
+                            .map_err(|e| BlobError::Database {
+                                id: id.to_string(),
+                                message: e.to_string(),
+                            })?;
                     if let Some(bytes) = found {
                         let _ = self.put_local(id, &bytes);
                         return Ok(bytes);

@@ -100,7 +100,10 @@ fn op(job: &Job, owner: &str, finish: Finish) -> FinishOp {
 
 const LEASE: Duration = Duration::from_secs(30);
 
-on_both_backends!(#[tokio::test] a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt);
+on_both_backends!(
+    #[tokio::test]
+    a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt
+);
 
 async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt(db: &Db) {
     let store = &db.store;
@@ -148,7 +151,10 @@ async fn a_worker_whose_lease_was_rescued_cannot_overwrite_the_newer_attempt(db:
     );
 }
 
-on_both_backends!(#[tokio::test] transient_failures_back_off_and_fail_when_attempts_run_out);
+on_both_backends!(
+    #[tokio::test]
+    transient_failures_back_off_and_fail_when_attempts_run_out
+);
 
 async fn transient_failures_back_off_and_fail_when_attempts_run_out(db: &Db) {
     let store = &db.store;
@@ -210,7 +216,10 @@ async fn make_due(db: &Db, job: &Job) {
     }
 }
 
-on_both_backends!(#[tokio::test] out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap);
+on_both_backends!(
+    #[tokio::test]
+    out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap
+);
 
 async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap(db: &Db) {
     let store = &db.store;
@@ -247,7 +256,10 @@ async fn out_of_memory_requeues_without_counting_the_attempt_until_its_own_cap(d
     }
 }
 
-on_both_backends!(#[tokio::test] cancelling_a_running_job_reaches_its_worker_through_the_heartbeat);
+on_both_backends!(
+    #[tokio::test]
+    cancelling_a_running_job_reaches_its_worker_through_the_heartbeat
+);
 
 async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat(db: &Db) {
     let store = &db.store;
@@ -270,7 +282,10 @@ async fn cancelling_a_running_job_reaches_its_worker_through_the_heartbeat(db: &
     ));
 }
 
-on_both_backends!(#[tokio::test] a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims);
+on_both_backends!(
+    #[tokio::test]
+    a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims
+);
 
 async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_claims(db: &Db) {
     let store = &db.store;
@@ -294,7 +309,10 @@ async fn a_released_job_goes_back_without_using_an_attempt_and_priority_orders_c
     );
 }
 
-on_both_backends!(#[tokio::test] one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner);
+on_both_backends!(
+    #[tokio::test]
+    one_group_commit_applies_every_kind_of_outcome_and_claims_for_each_owner
+);
 
 /// Every kind of outcome, a stale one, and claims for two owners arrive together and are
 /// written in one group commit (a current-thread runtime queues them all before the
@@ -437,7 +455,10 @@ impl JobHandler for Flaky {
     }
 }
 
-on_both_backends!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target);
+on_both_backends!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target
+);
 
 async fn the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_target(db: &Db) {
     let store = &db.store;

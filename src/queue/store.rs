@@ -708,13 +708,24 @@ impl Store {
 
     /// Jobs that finished after `(since_ms, after_id)` in `(finished_at, id)` order,
     /// each with its result when it succeeded: a page of at most `limit`.
-    pub async fn finished_after(&self, since_ms: i64, after_id: Option<Uuid>, limit: i64) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+    pub async fn finished_after(
+        &self,
+        since_ms: i64,
+        after_id: Option<Uuid>,
+        limit: i64,
+    ) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
         dispatch!(self, s => s.finished_after(since_ms, after_id, limit).await)
     }
 
     /// The newest finished jobs first (optionally of one state and batch), finished
     /// before `before_ms`: at most `limit`.
-    pub async fn recently_finished(&self, state: Option<JobState>, batch: Option<Uuid>, before_ms: i64, limit: i64) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
+    pub async fn recently_finished(
+        &self,
+        state: Option<JobState>,
+        batch: Option<Uuid>,
+        before_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<(Job, Option<JobResult>)>> {
         dispatch!(self, s => s.recently_finished(state, batch, before_ms, limit).await)
     }
 
@@ -1617,7 +1628,8 @@ macro_rules! read_job {
             id: parse_uuid(&id)?,
             task: TaskKind::parse(&task)
                 .ok_or_else(|| StoreError::InvalidRow(format!("task {task}")))?,
-            params: serde_json::from_str(&params).map_err(|e| StoreError::InvalidRow(e.to_string()))?,
+            params: serde_json::from_str(&params)
+                .map_err(|e| StoreError::InvalidRow(e.to_string()))?,
             source: if kind == "blob" {
                 ImageSource::Blob(source)
             } else {

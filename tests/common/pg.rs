@@ -64,7 +64,10 @@ impl PgCluster {
             skip_message();
             return None;
         };
-        let dir = tempfile::Builder::new().prefix("captiond-pg").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("captiond-pg")
+            .tempdir()
+            .unwrap();
         let as_nobody = unsafe { libc::geteuid() } == 0;
         if as_nobody {
             let st = Command::new("chown")
@@ -159,7 +162,14 @@ impl PgCluster {
         let data = self.data_dir();
         self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 

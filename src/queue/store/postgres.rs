@@ -131,8 +131,7 @@ const SQL_RESCUE: &str = concat!(
     "lease_owner = NULL, lease_expires_at = NULL ",
     "WHERE state = 'running' AND ($2 OR lease_expires_at < $1 OR ($3::text IS NOT NULL AND starts_with(lease_owner, $3)))"
 );
-const SQL_NEXT_RUN_AT: &str =
-    "SELECT MIN(run_at) FROM jobs WHERE state IN ('queued', 'scheduled')";
+const SQL_NEXT_RUN_AT: &str = "SELECT MIN(run_at) FROM jobs WHERE state IN ('queued', 'scheduled')";
 const SQL_DUE_COUNT: &str =
     "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'scheduled') AND run_at <= $1";
 const SQL_COUNTS: &str = "SELECT state, COUNT(*) FROM jobs GROUP BY state";
@@ -174,7 +173,8 @@ const SQL_PUT_CALIBRATION: &str = concat!(
     "total_bytes = EXCLUDED.total_bytes, measured_at = EXCLUDED.measured_at"
 );
 const SQL_NOTIFY: &str = "SELECT pg_notify($1, '')";
-const SQL_FILES_UNDER: &str = "SELECT path, size, mtime_ns, hash, is_image FROM library_files WHERE starts_with(path, $1)";
+const SQL_FILES_UNDER: &str =
+    "SELECT path, size, mtime_ns, hash, is_image FROM library_files WHERE starts_with(path, $1)";
 const SQL_PUT_FILES: &str = concat!(
     "INSERT INTO library_files (path, size, mtime_ns, hash, is_image, seen_at) ",
     "SELECT f ->> 'path', (f ->> 'size')::bigint, (f ->> 'mtime_ns')::bigint, f ->> 'hash', (f ->> 'is_image')::bigint, $2 ",
@@ -202,7 +202,8 @@ const SQL_PUT_EXPORT: &str = concat!(
     "INSERT INTO export_files (path, content_hash, written_at) VALUES ($1, $2, $3) ",
     "ON CONFLICT (path) DO UPDATE SET content_hash = EXCLUDED.content_hash, written_at = EXCLUDED.written_at"
 );
-const SQL_PUT_BLOB: &str = "INSERT INTO blobs (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING";
+const SQL_PUT_BLOB: &str =
+    "INSERT INTO blobs (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING";
 const SQL_GET_BLOB: &str = "SELECT bytes FROM blobs WHERE hash = $1";
 
 /// How many values one JSON-array statement carries.
@@ -269,7 +270,11 @@ impl PgStore {
     /// Follows `NOTIFY` from every host and wakes this one's dispatcher, until `stop`;
     /// reconnects with backoff when the server goes away (and wakes then, since a
     /// notification may have been missed).
-    pub fn spawn_listener(&self, wakeup: crate::queue::Wakeup, stop: tokio_util::sync::CancellationToken) {
+    pub fn spawn_listener(
+        &self,
+        wakeup: crate::queue::Wakeup,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
@@ -296,7 +301,9 @@ impl PgStore {
                                 Ok(Some(_)) => wakeup.wake(),
                                 // The connection dropped; the next try_recv reconnects.
                                 Ok(None) => {
-                                    tracing::warn!("lost the PostgreSQL LISTEN connection; reconnecting");
+                                    tracing::warn!(
+                                        "lost the PostgreSQL LISTEN connection; reconnecting"
+                                    );
                                     wakeup.wake();
                                 }
                                 Err(e) => {
@@ -306,7 +313,9 @@ impl PgStore {
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot LISTEN on PostgreSQL"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot LISTEN on PostgreSQL")
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -653,11 +662,10 @@ impl PgStore {
     }
 
     pub async fn recent_batches(&self, limit: i64) -> StoreResult<Vec<BatchSummary>> {
-        let rows: Vec<(String, i64, i64, Option<String>, i64)> =
-            sqlx::query_as(SQL_RECENT_BATCHES)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+        let rows: Vec<(String, i64, i64, Option<String>, i64)> = sqlx::query_as(SQL_RECENT_BATCHES)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let mut out: Vec<BatchSummary> = Vec::new();
         for (id, created_at, total, state, n) in rows {
             let id = parse_uuid(&id)?;
@@ -833,11 +841,10 @@ impl PgStore {
         let mut out = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
             let strs: Vec<String> = chunk.iter().map(Uuid::to_string).collect();
-            let rows: Vec<(String, i64, String, String, i64)> =
-                sqlx::query_as(SQL_RESULTS_BY_IDS)
-                    .bind(json(&strs)?)
-                    .fetch_all(&self.pool)
-                    .await?;
+            let rows: Vec<(String, i64, String, String, i64)> = sqlx::query_as(SQL_RESULTS_BY_IDS)
+                .bind(json(&strs)?)
+                .fetch_all(&self.pool)
+                .await?;
             for (id, attempt, model, output, created_at) in rows {
                 out.insert(
                     parse_uuid(&id)?,
