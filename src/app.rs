@@ -231,9 +231,16 @@ impl App {
         })?;
         let server_stop = CancellationToken::new();
         let wakeup = Wakeup::default();
+        let pool_cell: Arc<OnceLock<WorkerPool>> = Arc::new(OnceLock::new());
         if let Some(pg) = store.postgres() {
-            // Jobs inserted or freed on any host wake this one's idle workers.
-            pg.spawn_listener(wakeup.clone(), server_stop.clone());
+            // Jobs inserted or freed on any host wake this one's idle workers, and a
+            // pause or resume on any host applies here too.
+            let cell = pool_cell.clone();
+            pg.spawn_listener(wakeup.clone(), server_stop.clone(), move |paused| {
+                if let Some(pool) = cell.get() {
+                    pool.set_paused(paused);
+                }
+            });
             info!("queue on PostgreSQL: listening for work from every host");
         }
         let state = AppState {
@@ -241,7 +248,7 @@ impl App {
             wakeup,
             events: JobEvents::default(),
             blobs: blobs.clone(),
-            pool: Arc::new(OnceLock::new()),
+            pool: pool_cell,
             captioner: Arc::new(OnceLock::new()),
             governor: Arc::new(OnceLock::new()),
             ready: Arc::new(AtomicBool::new(false)),

@@ -564,7 +564,9 @@ async fn run_job(inner: &Arc<Inner>, job: Job, flags: Flags) -> Option<Job> {
 /// never succeeds the lease runs out and the rescuer returns the job to the queue.
 /// Returns the next job claimed in the same commit, if any.
 async fn write_finish(inner: &Arc<Inner>, op: FinishOp) -> Option<Job> {
-    let deadline = Instant::now() + inner.cfg.lease;
+    // Keep trying well past the lease: the write is guarded by owner and attempt, so
+    // after a database outage it still lands unless another worker took the job over.
+    let deadline = Instant::now() + inner.cfg.lease * 4;
     let mut wait = Duration::from_millis(50);
     loop {
         match inner.store.finish(op.clone()).await {

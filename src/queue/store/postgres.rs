@@ -173,6 +173,10 @@ const SQL_PUT_CALIBRATION: &str = concat!(
     "total_bytes = EXCLUDED.total_bytes, measured_at = EXCLUDED.measured_at"
 );
 const SQL_NOTIFY: &str = "SELECT pg_notify($1, '')";
+const SQL_NOTIFY_WITH: &str = "SELECT pg_notify($1, $2)";
+/// Notification payloads that switch every host's claiming off and on.
+const PAUSE: &str = "pause";
+const RESUME: &str = "resume";
 const SQL_FILES_UNDER: &str =
     "SELECT path, size, mtime_ns, hash, is_image FROM library_files WHERE starts_with(path, $1)";
 const SQL_PUT_FILES: &str = concat!(
@@ -270,12 +274,16 @@ impl PgStore {
     /// Follows `NOTIFY` from every host and wakes this one's dispatcher, until `stop`;
     /// reconnects with backoff when the server goes away (and wakes then, since a
     /// notification may have been missed).
+    /// `on_pause` hears pause/resume from any host (and the stored switch after every
+    /// reconnect, in case a notification was missed).
     pub fn spawn_listener(
         &self,
         wakeup: crate::queue::Wakeup,
         stop: tokio_util::sync::CancellationToken,
+        on_pause: impl Fn(bool) + Send + Sync + 'static,
     ) {
         let pool = self.pool.clone();
+        let store = self.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
             loop {
@@ -291,6 +299,9 @@ impl PgStore {
                 match &mut listener {
                     Ok(l) => {
                         delay = Duration::from_millis(100);
+                        if let Ok(paused) = store.is_paused().await {
+                            on_pause(paused);
+                        }
                         wakeup.wake();
                         loop {
                             let got = tokio::select! {
@@ -298,13 +309,22 @@ impl PgStore {
                                 _ = stop.cancelled() => return,
                             };
                             match got {
-                                Ok(Some(_)) => wakeup.wake(),
-                                // The connection dropped; the next try_recv reconnects.
+                                Ok(Some(n)) => match n.payload() {
+                                    PAUSE => on_pause(true),
+                                    RESUME => {
+                                        on_pause(false);
+                                        wakeup.wake();
+                                    }
+                                    _ => wakeup.wake(),
+                                },
+                                // The connection dropped: listen afresh (and re-read
+                                // the pause switch, whose notification may be lost).
                                 Ok(None) => {
                                     tracing::warn!(
                                         "lost the PostgreSQL LISTEN connection; reconnecting"
                                     );
                                     wakeup.wake();
+                                    break;
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "PostgreSQL LISTEN failed; reconnecting");
@@ -687,14 +707,19 @@ impl PgStore {
     }
 
     pub async fn set_paused(&self, paused: bool) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query(SQL_SET_SETTING)
             .bind("paused")
             .bind(if paused { "1" } else { "0" })
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        if !paused {
-            self.notify().await?;
-        }
+        // Every host's listener applies the switch to its own workers.
+        sqlx::query(SQL_NOTIFY_WITH)
+            .bind(WAKE_CHANNEL)
+            .bind(if paused { PAUSE } else { RESUME })
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
