@@ -232,15 +232,15 @@ impl App {
         let server_stop = CancellationToken::new();
         let wakeup = Wakeup::default();
         let pool_cell: Arc<OnceLock<WorkerPool>> = Arc::new(OnceLock::new());
-        if let Some(pg) = store.postgres() {
-            // Jobs inserted or freed on any host wake this one's idle workers, and a
-            // pause or resume on any host applies here too.
-            let cell = pool_cell.clone();
-            pg.spawn_listener(wakeup.clone(), server_stop.clone(), move |paused| {
-                if let Some(pool) = cell.get() {
-                    pool.set_paused(paused);
-                }
-            });
+        // On PostgreSQL, jobs inserted or freed on any host wake this one's idle
+        // workers, and a pause or resume on any host applies here too.
+        let cell = pool_cell.clone();
+        let listening = store.spawn_listener(wakeup.clone(), server_stop.clone(), move |paused| {
+            if let Some(pool) = cell.get() {
+                pool.set_paused(paused);
+            }
+        });
+        if listening {
             info!("queue on PostgreSQL: listening for work from every host");
         }
         let state = AppState {

@@ -566,6 +566,24 @@ impl Store {
         }
     }
 
+    /// On PostgreSQL, follows `NOTIFY` from every host: work inserted or freed anywhere
+    /// wakes `wakeup`, and pause/resume anywhere calls `on_pause`, until `stop`. Returns
+    /// false (and does nothing) on SQLite, where one process owns the queue.
+    pub fn spawn_listener(
+        &self,
+        wakeup: super::Wakeup,
+        stop: tokio_util::sync::CancellationToken,
+        on_pause: impl Fn(bool) + Send + Sync + 'static,
+    ) -> bool {
+        match &self.0 {
+            Backend::Postgres(s) => {
+                s.spawn_listener(wakeup, stop, on_pause);
+                true
+            }
+            Backend::Sqlite(_) => false,
+        }
+    }
+
     /// The PostgreSQL store, when that is the backend (for `LISTEN` and uploads).
     pub(crate) fn postgres(&self) -> Option<&postgres::PgStore> {
         match &self.0 {
