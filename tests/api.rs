@@ -131,12 +131,11 @@ async fn a_running_job_stops_at_its_next_token_when_cancelled() {
 
 #[tokio::test]
 async fn pause_survives_a_restart_and_resume_runs_the_waiting_jobs() {
-    let mut app = TestApp::spawn(TestOptions::default()).await;
+    let app = TestApp::spawn(TestOptions::default()).await;
     app.post("/v1/queue/pause", &json!({})).await;
     let (_, job) = app.enqueue(&png(50, 40, 4), json!({})).await;
     let id = job["id"].as_str().unwrap().to_string();
-    let (tmp, data, lib) = app.stop().await;
-    let app = TestApp::spawn_in(tmp, data, lib, TestOptions::default()).await;
+    let app = app.restart(TestOptions::default()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, job) = app.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(

@@ -4,8 +4,7 @@
 //! with nothing lost.
 
 mod common;
-#[path = "common/pg.rs"]
-mod pg;
+use common::pg;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

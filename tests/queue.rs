@@ -2,8 +2,8 @@
 //! PostgreSQL cluster — one suite run against each: guarded transitions, leases,
 //! heartbeats, retries, out-of-memory requeues, and the worker pool driving them.
 
-#[path = "common/pg.rs"]
-mod pg;
+mod common;
+use common::pg;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,8 @@
 //! with a fresh SQLite file and the tiny Moondream2 checkpoint, and talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -132,13 +134,28 @@ pub struct TestApp {
     pub app: Option<App>,
     /// Token sent with requests, if any.
     pub token: Option<String>,
+    /// The throwaway PostgreSQL cluster behind the queue, when the suite runs on it.
+    pub pg: Option<pg::PgCluster>,
 }
 
 impl TestApp {
-    /// Starts the real app on port 0 and waits until the model is loaded.
-    pub async fn spawn(opts: TestOptions) -> TestApp {
+    /// Starts the real app on port 0 and waits until the model is loaded. With
+    /// `CAPTIOND_TEST_BACKEND=postgres` the queue lives on a throwaway PostgreSQL
+    /// cluster instead of SQLite (`scripts/test` runs the API suite both ways).
+    pub async fn spawn(mut opts: TestOptions) -> TestApp {
         let (tmp, data_dir, library) = Self::folders(&opts);
-        Self::spawn_in(tmp, data_dir, library, opts).await
+        let mut cluster = None;
+        if opts.database_url.is_none()
+            && std::env::var("CAPTIOND_TEST_BACKEND").as_deref() == Ok("postgres")
+        {
+            let c =
+                pg::PgCluster::start().expect("CAPTIOND_TEST_BACKEND=postgres needs PostgreSQL");
+            opts.database_url = Some(c.fresh_database("captiond").await);
+            cluster = Some(c);
+        }
+        let mut app = Self::spawn_in(tmp, data_dir, library, opts).await;
+        app.pg = cluster;
+        app
     }
 
     /// Fresh temp folders: (temp root, data dir, library root).
@@ -186,6 +203,7 @@ impl TestApp {
             _tmp: Some(tmp),
             app: Some(app),
             token: opts.token,
+            pg: None,
         };
         t.wait_ready().await;
         t
@@ -262,6 +280,19 @@ impl TestApp {
             }
         }
         panic!("job {id} did not finish");
+    }
+
+    /// Stops the service gracefully and starts it again on the same folders and the
+    /// same queue database (SQLite file or PostgreSQL cluster) with `opts`.
+    pub async fn restart(mut self, mut opts: TestOptions) -> TestApp {
+        let cluster = self.pg.take();
+        if let Some(c) = &cluster {
+            opts.database_url = Some(c.url("captiond"));
+        }
+        let (tmp, data, lib) = self.stop().await;
+        let mut app = Self::spawn_in(tmp, data, lib, opts).await;
+        app.pg = cluster;
+        app
     }
 
     /// Stops the service gracefully, keeping the folders.
