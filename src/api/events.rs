@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use uuid::Uuid;
 
-use super::jobs::{JobView, rfc3339};
+use super::jobs::{JobView, eta_seconds, rfc3339};
 use super::{AppState, Stats};
 use crate::queue::{BatchSummary, Job, JobResult, JobState, StateCounts, now_ms};
 use crate::workers::vram::{HostMemoryProbe, VramProbe};
@@ -251,13 +251,7 @@ impl EventHub {
             sample,
             images_per_second_since_start: workers
                 .map_or(0.0, |w| w.completed as f64 / stats.uptime_seconds.max(1.0)),
-            eta_seconds: if pending == 0 {
-                Some(0.0)
-            } else if stats.images_per_second > 0.0 {
-                Some(pending as f64 / stats.images_per_second)
-            } else {
-                None
-            },
+            eta_seconds: eta_seconds(pending, stats.images_per_second),
             memory_kind,
             batches: &batches,
         };
@@ -373,13 +367,7 @@ impl BatchRates {
                     id: b.id,
                     created_at: rfc3339(b.created_at),
                     total: b.total,
-                    eta_seconds: if pending == 0 {
-                        Some(0.0)
-                    } else if rate > 0.0 {
-                        Some(pending as f64 / rate)
-                    } else {
-                        None
-                    },
+                    eta_seconds: eta_seconds(pending, rate),
                     images_per_second: rate,
                     counts: b.counts,
                 }

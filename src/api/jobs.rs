@@ -326,18 +326,24 @@ pub async fn get_batch(
     Ok(Json(BatchView {
         id,
         total,
-        eta_seconds: if pending == 0 {
-            Some(0.0)
-        } else if rate > 0.0 {
-            Some(pending as f64 / rate)
-        } else {
-            None
-        },
+        eta_seconds: eta_seconds(pending, rate),
         images_per_second: rate,
         done: pending == 0,
         counts,
         created_at: rfc3339(created_at),
     }))
+}
+
+/// Seconds until `pending` jobs are done at `rate` per second: 0 when none wait,
+/// unknown while nothing completes.
+pub fn eta_seconds(pending: i64, rate: f64) -> Option<f64> {
+    if pending == 0 {
+        Some(0.0)
+    } else if rate > 0.0 {
+        Some(pending as f64 / rate)
+    } else {
+        None
+    }
 }
 
 /// Query of `GET /v1/jobs/{id}`.

@@ -1231,31 +1231,11 @@ impl SqliteStore {
 
     /// The newest `limit` batches with their counts per state.
     pub async fn recent_batches(&self, limit: i64) -> StoreResult<Vec<BatchSummary>> {
-        let rows = sqlx::query(SQL_RECENT_BATCHES)
+        let rows: Vec<BatchRow> = sqlx::query_as(SQL_RECENT_BATCHES)
             .bind(limit)
             .fetch_all(&self.read)
             .await?;
-        let mut out: Vec<BatchSummary> = Vec::new();
-        for r in rows {
-            let id: String = r.try_get(0)?;
-            let id = parse_uuid(&id)?;
-            if out.last().is_none_or(|b| b.id != id) {
-                out.push(BatchSummary {
-                    id,
-                    created_at: r.try_get(1)?,
-                    total: r.try_get(2)?,
-                    counts: StateCounts::default(),
-                });
-            }
-            let state: Option<String> = r.try_get(3)?;
-            let n: i64 = r.try_get(4)?;
-            if let (Some(state), Some(b)) = (state, out.last_mut()) {
-                let st = JobState::parse(&state)
-                    .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
-                b.counts.add(st, n);
-            }
-        }
-        Ok(out)
+        fold_batch_rows(rows)
     }
 
     /// Persists the queue pause switch.
@@ -1428,6 +1408,31 @@ async fn apply_finishes(
     };
     let (applied_ids, claimed) = rows;
     Ok(outcomes(ops, &claims, &applied_ids, claimed))
+}
+
+/// One row of the recent-batches query: id, created_at, total, state, count.
+type BatchRow = (String, i64, i64, Option<String>, i64);
+
+/// Folds (batch, state, count) rows, newest batch first, into one summary per batch.
+fn fold_batch_rows(rows: Vec<BatchRow>) -> StoreResult<Vec<BatchSummary>> {
+    let mut out: Vec<BatchSummary> = Vec::new();
+    for (id, created_at, total, state, n) in rows {
+        let id = parse_uuid(&id)?;
+        if out.last().is_none_or(|b| b.id != id) {
+            out.push(BatchSummary {
+                id,
+                created_at,
+                total,
+                counts: StateCounts::default(),
+            });
+        }
+        if let (Some(state), Some(b)) = (state, out.last_mut()) {
+            let st = JobState::parse(&state)
+                .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
+            b.counts.add(st, n);
+        }
+    }
+    Ok(out)
 }
 
 /// A group's finishing ops paired with their reply channels.

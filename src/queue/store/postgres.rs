@@ -12,10 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    ALL, BatchSummary, CANCELLED, Calibration, CancelOutcome, FAILED, FinishOp, FinishOutcome,
-    Heartbeat, LibraryFile, ListQuery, OOM, RELEASED, RETRY, RetryOutcome, SUCCEEDED, StateCounts,
-    StoreError, StoreOptions, StoreResult, by_kind, claim_groups, outcomes, parse_uuid, read_job,
-    reply_all, source_columns,
+    ALL, BatchRow, BatchSummary, CANCELLED, Calibration, CancelOutcome, FAILED, FinishOp,
+    FinishOutcome, Heartbeat, LibraryFile, ListQuery, OOM, RELEASED, RETRY, RetryOutcome,
+    SUCCEEDED, StateCounts, StoreError, StoreOptions, StoreResult, by_kind, claim_groups,
+    fold_batch_rows, outcomes, parse_uuid, read_job, reply_all, source_columns,
 };
 use crate::queue::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
 
@@ -682,28 +682,11 @@ impl PgStore {
     }
 
     pub async fn recent_batches(&self, limit: i64) -> StoreResult<Vec<BatchSummary>> {
-        let rows: Vec<(String, i64, i64, Option<String>, i64)> = sqlx::query_as(SQL_RECENT_BATCHES)
+        let rows: Vec<BatchRow> = sqlx::query_as(SQL_RECENT_BATCHES)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        let mut out: Vec<BatchSummary> = Vec::new();
-        for (id, created_at, total, state, n) in rows {
-            let id = parse_uuid(&id)?;
-            if out.last().is_none_or(|b| b.id != id) {
-                out.push(BatchSummary {
-                    id,
-                    created_at,
-                    total,
-                    counts: StateCounts::default(),
-                });
-            }
-            if let (Some(state), Some(b)) = (state, out.last_mut()) {
-                let st = JobState::parse(&state)
-                    .ok_or_else(|| StoreError::InvalidRow(format!("state {state}")))?;
-                b.counts.add(st, n);
-            }
-        }
-        Ok(out)
+        fold_batch_rows(rows)
     }
 
     pub async fn set_paused(&self, paused: bool) -> StoreResult<()> {
