@@ -352,6 +352,50 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
         redone_total - redone <= 4,
         "at most the jobs running at the restart run again"
     );
+    // Library runs work unchanged: through a server on PostgreSQL, and locally on it.
+    let run_dir = library.join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    for i in 0..3u8 {
+        std::fs::write(run_dir.join(format!("r{i}.png")), png(44, 33, 200 + i)).unwrap();
+    }
+    let run_s = run_dir.to_str().unwrap();
+    let cli = |data: &Path, args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--model-dir")
+            .arg(common::tiny_model_dir())
+            .env_remove("CAPTIOND_API_TOKEN")
+            .env_remove("CAPTIOND_SERVER")
+            .env_remove("CAPTIOND_DATABASE_URL")
+            .env("CAPTIOND_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let client_dir = tmp.path().join("client");
+    let (code, err) = cli(&client_dir, &["caption", run_s, "--server", &b.base]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("captioned 3"), "{err}");
+    let (code, err) = cli(&client_dir, &["caption", run_s, "--server", &c.base]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("skipped 3 already done"), "{err}");
+    let local_dir = tmp.path().join("local");
+    let (code, err) = cli(
+        &local_dir,
+        &["caption", run_s, "--database", &url, "--max-tokens", "2"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("skipped 3 already done"),
+        "the local run sees the shared queue: {err}"
+    );
+
     common::report(
         "postgres: 3 serve processes, one SIGKILLed, PostgreSQL restarted",
         (4 + 30 + 1 + n + m) as usize,
