@@ -312,7 +312,9 @@ async fn pg_idle_queries(cluster: &pg::PgCluster, counter: &AtomicU64) -> (u64, 
 }
 
 async fn postgres_suite(n: usize, counter: &AtomicU64, logging: impl Fn(bool)) {
-    let Some(cluster) = pg::PgCluster::start_with(&["synchronous_commit=on"]) else {
+    let Some(cluster) = pg::PgCluster::start_with(&[
+        &std::env::var("BENCH_PG_SETTING").unwrap_or("synchronous_commit=on".into())
+    ]) else {
         return;
     };
     println!(

@@ -118,6 +118,27 @@ const SQL_RELEASED: &str = concat!(
     "UPDATE jobs SET state = 'queued', attempt = jobs.attempt - 1, run_at = $2, lease_owner = NULL, lease_expires_at = NULL",
     finishing!()
 );
+/// The common group in one statement and one commit: successes (guarded), their
+/// results, and the claim of the slots' next jobs. Returns at least one row: the applied
+/// (id, attempt) pairs as JSON, with a claimed job's columns (or NULLs).
+const SQL_SUCCEED_AND_CLAIM: &str = concat!(
+    "WITH f AS (SELECT * FROM jsonb_to_recordset($1::jsonb) AS f(id text, owner text, attempt bigint, model text, output jsonb)), ",
+    "done AS (UPDATE jobs SET state = 'succeeded', finished_at = $2, lease_owner = NULL, lease_expires_at = NULL, ",
+    "error_code = NULL, error_message = NULL FROM f ",
+    "WHERE jobs.id = f.id AND jobs.lease_owner = f.owner AND jobs.attempt = f.attempt AND jobs.state = 'running' ",
+    "RETURNING jobs.id, jobs.attempt), ",
+    "res AS (INSERT INTO results (job_id, attempt, model, output, created_at) ",
+    "SELECT f.id, f.attempt, f.model, f.output::text, $2 FROM f JOIN done ON done.id = f.id AND done.attempt = f.attempt ",
+    "ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, model = EXCLUDED.model, output = EXCLUDED.output, ",
+    "created_at = EXCLUDED.created_at), ",
+    "claimed AS (UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_owner = $3, lease_expires_at = $4, ",
+    "started_at = COALESCE(started_at, $2), cancel_requested = 0 ",
+    "WHERE id IN (SELECT id FROM jobs WHERE state IN ('queued', 'scheduled') AND run_at <= $2 ",
+    "ORDER BY priority, run_at LIMIT $5 FOR UPDATE SKIP LOCKED) RETURNING ",
+    pg_job_columns!(),
+    ") SELECT (SELECT COALESCE(json_agg(json_build_array(done.id, done.attempt)), '[]'::json)::text FROM done) AS applied, ",
+    "c.* FROM (SELECT 1) AS one LEFT JOIN claimed c ON true"
+);
 const SQL_CANCEL_WAITING: &str = "UPDATE jobs SET state = 'cancelled', finished_at = $2, error_code = 'cancelled', error_message = 'cancelled on request' WHERE id = $1 AND state IN ('queued', 'scheduled')";
 const SQL_CANCEL_RUNNING: &str =
     "UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state = 'running'";
@@ -926,6 +947,12 @@ async fn apply_finishes(
     let now = now_ms();
     let kinds = by_kind(ops);
     let claims = claim_groups(ops);
+    let only_successes = [FAILED, RETRY, OOM, CANCELLED, RELEASED]
+        .iter()
+        .all(|&k| kinds[k] == "[]");
+    if only_successes && claims.len() <= 1 {
+        return succeed_and_claim(pool, ops, &kinds[SUCCEEDED], now, &claims).await;
+    }
     let mut tx = pool.begin().await?;
     let held: Vec<(String, i64)> = sqlx::query_as(SQL_HELD)
         .bind(&kinds[ALL])
@@ -977,4 +1004,47 @@ async fn apply_finishes(
     }
     tx.commit().await?;
     Ok(outcomes(ops, &claims, &applied, claimed))
+}
+
+/// The common group (successes only, one claiming owner) in a single statement: one
+/// round trip and one commit.
+async fn succeed_and_claim(
+    pool: &PgPool,
+    ops: &[(FinishOp, oneshot::Sender<StoreResult<FinishOutcome>>)],
+    succeeded: &str,
+    now: i64,
+    claims: &[(&str, Duration, Vec<usize>)],
+) -> StoreResult<Vec<FinishOutcome>> {
+    let (owner, lease, slots) = match claims.first() {
+        Some((owner, lease, slots)) => (*owner, *lease, slots.len()),
+        None => ("", Duration::ZERO, 0),
+    };
+    let rows = sqlx::query(SQL_SUCCEED_AND_CLAIM)
+        .bind(succeeded)
+        .bind(now)
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
+        .bind(slots as i64)
+        .fetch_all(pool)
+        .await?;
+    let mut applied = HashSet::new();
+    let mut jobs = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i == 0 {
+            let text: String = row.try_get("applied")?;
+            let pairs: Vec<(String, i64)> = serde_json::from_str(&text)
+                .map_err(|e| StoreError::InvalidRow(format!("applied ops: {e}")))?;
+            applied.extend(pairs);
+        }
+        if row.try_get::<Option<String>, _>("id")?.is_some() {
+            jobs.push(job_from_row(row)?);
+        }
+    }
+    jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+    let claimed = if claims.is_empty() {
+        vec![]
+    } else {
+        vec![jobs]
+    };
+    Ok(outcomes(ops, claims, &applied, claimed))
 }
