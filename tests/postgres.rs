@@ -34,6 +34,10 @@ async fn get(client: &reqwest::Client, base: &str, path: &str) -> Value {
 }
 
 fn serve(data: &Path, url: &str, library: &Path) -> Server {
+    serve_with_lease(data, url, library, "3")
+}
+
+fn serve_with_lease(data: &Path, url: &str, library: &Path, lease_secs: &str) -> Server {
     Server::start(
         data,
         &[
@@ -44,7 +48,7 @@ fn serve(data: &Path, url: &str, library: &Path) -> Server {
             "--workers",
             "2",
             "--lease-secs",
-            "3",
+            lease_secs,
             "--poll-secs",
             "1",
             "--max-tokens",
@@ -205,9 +209,10 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
         "the median pickup beat the 1 s fallback poll: woken by NOTIFY, not by polling"
     );
 
-    // A comes back and C joins; a batch enqueued through B is shared by all three; A is
-    // SIGKILLed mid-run.
-    let a = serve(&dir_a, &url, &library);
+    // A comes back (with 60 s leases) and C joins; a batch enqueued through B is shared
+    // by all three; A is SIGKILLed mid-run and restarted at once: it returns its own
+    // leases at start, long before they expire, and takes part again.
+    let a = serve_with_lease(&dir_a, &url, &library, "60");
     a.wait_ready(&client).await;
     // Pause through B holds A too; resume through A frees both.
     let (s, _) = post(&client, &b.base, "/v1/queue/pause", &json!({})).await;
@@ -270,6 +275,39 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
     .await;
     let before_kill = scalar(&db, "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'").await;
     a.kill();
+    let killed_at = Instant::now();
+    let held: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, lease_owner FROM jobs WHERE state = 'running' AND starts_with(lease_owner, $1)",
+    )
+    .bind(&a_prefix)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    let a = serve_with_lease(&dir_a, &url, &library, "60");
+    a.wait_ready(&client).await;
+    let back = killed_at.elapsed();
+    assert!(
+        back < Duration::from_secs(45),
+        "the check must happen well within A's 60 s leases ({back:?})"
+    );
+    for (id, old_owner) in &held {
+        let owner: Option<String> =
+            sqlx::query_scalar("SELECT lease_owner FROM jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_ne!(
+            owner.as_deref(),
+            Some(old_owner.as_str()),
+            "A's restart returned its own unexpired lease on {id} at once"
+        );
+    }
+    println!(
+        "postgres restart of A: it held {} job(s) when SIGKILLed; back {:.1} s later, those leases (60 s) were already returned",
+        held.len(),
+        back.as_secs_f64()
+    );
     wait_until("B and C to finish the batch", 900, async || {
         get(&client, &b.base, &format!("/v1/batches/{bid}")).await["done"] == true
     })
@@ -282,7 +320,7 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
     )
     .await;
     println!(
-        "postgres hosts: {before_kill} succeeded before A was killed; {redone} attempt(s) redone after its leases expired"
+        "postgres hosts: {before_kill} succeeded before A was killed; {redone} attempt(s) redone (the jobs A held, returned by its restart)"
     );
     assert!(
         redone <= 2,

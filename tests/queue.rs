@@ -519,3 +519,33 @@ async fn the_pool_retries_after_backoff_keeps_leases_alive_and_respects_its_targ
         );
     }
 }
+
+/// Hosts starting together against an empty PostgreSQL database: the migrations run
+/// once (sqlx holds an advisory lock) and every host opens the same queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_starting_together_on_an_empty_postgres_database_migrate_it_once() {
+    let Some(cluster) = pg::PgCluster::start() else {
+        return;
+    };
+    let url = cluster.fresh_database("together").await;
+    let opens = (0..4).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { Store::connect_postgres(&url, &StoreOptions::default()).await })
+    });
+    let mut stores = Vec::new();
+    for h in opens {
+        stores.push(h.await.unwrap().expect("every host opens the queue"));
+    }
+    let (job, _) = stores[0].insert_job(&new_job(1)).await.unwrap();
+    let seen = stores[3].get_job(job.id).await.unwrap().unwrap();
+    assert_eq!(seen.id, job.id);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1, "the schema's one migration, applied once");
+    for s in stores {
+        s.close().await;
+    }
+}

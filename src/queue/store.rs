@@ -871,7 +871,7 @@ impl SqliteStore {
             Ok(s) => return Err(corrupt(s)),
             Err(e) => return Err(classify_open_error(e, &corrupt)),
         }
-        sqlx::migrate!("./migrations").run(&write).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
             .connect_with(base.read_only(true))
