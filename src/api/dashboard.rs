@@ -128,15 +128,6 @@ impl Thumbnails {
             }
         }
     }
-
-    /// Thumbnails held in memory now.
-    pub fn cached(&self) -> usize {
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .len()
-    }
 }
 
 /// Where a thumbnail's pixels come from, and the key that changes when they do.
