@@ -253,14 +253,19 @@ pub fn document() -> serde_json::Value {
             .unwrap_or_else(|| serde_json::json!({"type": "object"}));
         let mut content = serde_json::json!({"application/json": {"schema": ok_schema}});
         if doc.streams {
-            content["text/event-stream"] = serde_json::json!({"schema": {"type": "string",
-                "description": "Server-Sent Events, when the request asks for \"stream\": true"}});
+            content["text/event-stream"] = serde_json::json!({"schema": sse_event_schema(
+                "Server-Sent Events, when the request asks for \"stream\": true")});
         }
         if doc.path == "/metrics" {
             content = serde_json::json!({"text/plain": {"schema": {"type": "string"}}});
         }
         if let Some(m) = doc.media {
-            content = serde_json::json!({ m: {"schema": {"type": "string"}} });
+            let schema = if m == "text/event-stream" {
+                sse_event_schema("Server-Sent Events; `data` is JSON")
+            } else {
+                serde_json::json!({"type": "string"})
+            };
+            content = serde_json::json!({ m: {"schema": schema} });
         }
         let err = serde_json::json!({"description": "error", "content": {"application/json": {"schema": error_schema(doc.errors)}}});
         let mut responses = serde_json::Map::new();
@@ -311,4 +316,19 @@ fn resolve(g: &SchemaGenerator, s: &serde_json::Value) -> serde_json::Value {
 
 async fn openapi_json(State(_): State<AppState>) -> Json<serde_json::Value> {
     Json(document())
+}
+
+/// The schema of one Server-Sent Event as OpenAPI tools read a `text/event-stream`
+/// body: an object per event with its name and its (JSON text) data.
+fn sse_event_schema(description: &str) -> serde_json::Value {
+    serde_json::json!({
+        "type": "object",
+        "description": description,
+        "properties": {
+            "event": {"type": "string"},
+            "data": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer"}
+        }
+    })
 }
