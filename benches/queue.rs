@@ -2,7 +2,8 @@
 //! claim→complete throughput with a no-op handler at several concurrencies and both
 //! durability levels, insert-to-claim pickup latency, and queries issued while idle.
 //! `--backend postgres` measures the same on a throwaway PostgreSQL cluster
-//! (`synchronous_commit=on`, fsync on), with several independent pools sharing it.
+//! (`synchronous_commit=on`, fsync on), with the workers in separate processes (this
+//! executable re-run with `--pg-child`), as several hosts share one queue.
 //! Prints figures; asserts nothing about time.
 
 #[path = "../tests/common/pg.rs"]
@@ -26,9 +27,12 @@ struct Noop {
 }
 
 impl JobHandler for Noop {
-    fn handle(&self, _job: &Job, _ctl: &JobControl) -> Result<HandlerOutput, JobFailure> {
+    fn handle(&self, job: &Job, _ctl: &JobControl) -> Result<HandlerOutput, JobFailure> {
         if let Ok(mut s) = self.started.lock() {
             s.push(Instant::now());
+        }
+        if let Some(tx) = STARTS.get() {
+            let _ = tx.send((job.id, unix_ns()));
         }
         Ok(HandlerOutput {
             model: "noop".into(),
@@ -39,6 +43,18 @@ impl JobHandler for Noop {
     fn blocks(&self) -> bool {
         false
     }
+}
+
+/// In a child process run with `--starts`: where the handler reports each job's start.
+static STARTS: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(uuid::Uuid, u128)>> =
+    std::sync::OnceLock::new();
+
+/// Wall-clock nanoseconds: comparable between processes on one machine.
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Counts sqlx statement log events, i.e. queries sent to SQLite.
@@ -224,6 +240,177 @@ async fn idle_queries(counter: &AtomicU64) -> (u64, u64) {
     (queries, 10 / 5)
 }
 
+/// A benchmark worker process (`--pg-child URL CONCURRENCY [--starts]`): one store and
+/// one pool, as a `captiond serve` host has, with its own LISTEN connection. Prints
+/// `ready`, starts its pool on `go` from stdin, prints `done N` as completions commit
+/// (and `start ID NS` per job with `--starts`), and stops at the end of stdin.
+async fn pg_child(url: &str, concurrency: usize, starts: bool) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let store = Store::connect_postgres(url, &StoreOptions::default())
+        .await
+        .expect("PostgreSQL store");
+    let (start_tx, mut start_rx) = tokio::sync::mpsc::unbounded_channel();
+    if starts {
+        let _ = STARTS.set(start_tx);
+    }
+    let wakeup = Wakeup::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    store.spawn_listener(wakeup.clone(), stop.clone(), |_| {});
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut out = tokio::io::stdout();
+    out.write_all(b"ready\n").await.unwrap();
+    out.flush().await.unwrap();
+    if stdin.next_line().await.ok().flatten().as_deref() != Some("go") {
+        return;
+    }
+    let events = JobEvents::default();
+    let mut done_rx = events.subscribe();
+    let handler = Arc::new(Noop {
+        started: Mutex::new(Vec::new()),
+    });
+    let pool = WorkerPool::start(
+        store.clone(),
+        handler,
+        wakeup,
+        events,
+        pool_config(concurrency),
+    )
+    .await
+    .unwrap();
+    let end = stop.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(_)) = stdin.next_line().await {}
+        end.cancel();
+    });
+    let (mut done, mut told) = (0usize, 0usize);
+    while !stop.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        loop {
+            match done_rx.try_recv() {
+                Ok(_) => done += 1,
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(k)) => done += k as usize,
+                Err(_) => break,
+            }
+        }
+        let mut lines = String::new();
+        while let Ok((id, ns)) = start_rx.try_recv() {
+            lines.push_str(&format!("start {id} {ns}\n"));
+        }
+        if done != told {
+            lines.push_str(&format!("done {done}\n"));
+            told = done;
+        }
+        if !lines.is_empty() {
+            out.write_all(lines.as_bytes()).await.unwrap();
+            out.flush().await.unwrap();
+        }
+    }
+    pool.shutdown().await;
+    store.close().await;
+}
+
+/// A running `--pg-child`: its stdin (dropped to stop it) and its stdout lines.
+struct Child {
+    process: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Child {
+    async fn spawn(url: &str, concurrency: usize, starts: bool) -> Child {
+        use tokio::io::AsyncBufReadExt;
+        let exe = std::env::current_exe().expect("own executable");
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--pg-child")
+            .arg(url)
+            .arg(concurrency.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if starts {
+            cmd.arg("--starts");
+        }
+        let mut process = cmd.spawn().expect("benchmark child starts");
+        let stdin = process.stdin.take();
+        let stdout = process.stdout.take().expect("child stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"));
+        Child {
+            process,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn go(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.stdin.as_mut().expect("child stdin");
+        stdin.write_all(b"go\n").await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    async fn stop(mut self) {
+        self.stdin = None;
+        let _ = self.process.wait().await;
+    }
+}
+
+/// Claim→complete of `n` no-op jobs by `procs` worker processes on one fresh database,
+/// each at `concurrency`; timed from `go` to the last completion reported.
+async fn pg_throughput(cluster: &pg::PgCluster, procs: usize, concurrency: usize, n: usize) -> f64 {
+    let url = cluster
+        .fresh_database(&format!("p{procs}c{concurrency}"))
+        .await;
+    let store = Store::connect_postgres(&url, &StoreOptions::default())
+        .await
+        .expect("PostgreSQL store");
+    let jobs: Vec<NewJob> = (0..n).map(job).collect();
+    for chunk in jobs.chunks(10_000) {
+        store.insert_batch(chunk).await.unwrap();
+    }
+    let mut children = Vec::new();
+    for _ in 0..procs {
+        children.push(Child::spawn(&url, concurrency, false).await);
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let t = Instant::now();
+    for c in &mut children {
+        c.go().await;
+    }
+    // Kept here: closing them (below) is what stops the children.
+    let stdins: Vec<_> = children.iter_mut().map(|c| c.stdin.take()).collect();
+    let mut readers = Vec::new();
+    for (i, mut c) in children.into_iter().enumerate() {
+        let tx = tx.clone();
+        readers.push(tokio::spawn(async move {
+            while let Ok(Some(line)) = c.lines.next_line().await {
+                if let Some(k) = line.strip_prefix("done ")
+                    && tx.send((i, k.parse::<usize>().unwrap())).is_err()
+                {
+                    break;
+                }
+            }
+            c
+        }));
+    }
+    drop(tx);
+    let mut per_child = vec![0usize; procs];
+    while per_child.iter().sum::<usize>() < n {
+        let (i, k) = rx.recv().await.expect("children report until done");
+        per_child[i] = k;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(rx);
+    drop(stdins);
+    for r in readers {
+        r.await.unwrap().stop().await;
+    }
+    let counts = store.counts(None).await.unwrap();
+    assert_eq!(counts.succeeded as usize, n, "{counts:?}");
+    store.close().await;
+    rate
+}
+
 /// A fresh database on the cluster, opened `pools` times (one store per "process").
 async fn pg_stores(cluster: &pg::PgCluster, name: &str, pools: usize) -> Vec<Store> {
     let url = cluster.fresh_database(name).await;
@@ -244,43 +431,33 @@ async fn close_all(stores: Vec<Store>) {
     }
 }
 
-/// Pickup across "processes": jobs inserted through one store (which NOTIFYs) and
-/// claimed by a pool on another store, woken by its LISTEN connection.
+/// Pickup across processes: jobs inserted through this process's store (which NOTIFYs)
+/// and claimed by an idle worker process, woken by its LISTEN connection; from the
+/// insert call to the handler's start, on the machine's wall clock.
 async fn pg_pickup(cluster: &pg::PgCluster) -> (f64, f64) {
-    let stores = pg_stores(cluster, "pickup", 2).await;
-    let (inserter, worker) = (stores[0].clone(), stores[1].clone());
-    let handler = Arc::new(Noop {
-        started: Mutex::new(Vec::new()),
-    });
-    let wakeup = Wakeup::default();
-    let stop = tokio_util::sync::CancellationToken::new();
-    assert!(worker.spawn_listener(wakeup.clone(), stop.clone(), |_| {}));
-    let events = JobEvents::default();
-    let pool = WorkerPool::start(
-        worker.clone(),
-        handler.clone(),
-        wakeup,
-        events.clone(),
-        pool_config(4),
-    )
-    .await
-    .unwrap();
+    let url = cluster.fresh_database("pickup").await;
+    let inserter = Store::connect_postgres(&url, &StoreOptions::default())
+        .await
+        .expect("PostgreSQL store");
+    let mut child = Child::spawn(&url, 4, true).await;
+    child.go().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut samples = Vec::new();
     for i in 0..300 {
-        let mut rx = events.subscribe();
-        let before = Instant::now();
+        let before = unix_ns();
         let (created, _) = inserter.insert_job(&job(i)).await.unwrap();
-        // The insert commits, then NOTIFYs: time from the commit's return would miss
-        // the notification's own trip, so it is measured from the insert call.
-        while rx.recv().await.ok() != Some(created.id) {}
-        let started = *handler.started.lock().unwrap().last().unwrap();
-        samples.push(started.duration_since(before).as_secs_f64() * 1000.0);
+        let want = format!("start {} ", created.id);
+        let started = loop {
+            let line = child.lines.next_line().await.unwrap().expect("child runs");
+            if let Some(ns) = line.strip_prefix(&want) {
+                break ns.parse::<u128>().unwrap();
+            }
+        };
+        samples.push(started.saturating_sub(before) as f64 / 1e6);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    stop.cancel();
-    pool.shutdown().await;
-    close_all(stores).await;
+    child.stop().await;
+    inserter.close().await;
     samples.sort_by(f64::total_cmp);
     (percentile(&samples, 0.5), percentile(&samples, 0.99))
 }
@@ -311,14 +488,24 @@ async fn pg_idle_queries(cluster: &pg::PgCluster, counter: &AtomicU64) -> (u64, 
     (queries, 10 / 5)
 }
 
-async fn postgres_suite(n: usize, counter: &AtomicU64, logging: impl Fn(bool)) {
+async fn postgres_suite(
+    n: usize,
+    only: Option<usize>,
+    counter: &AtomicU64,
+    logging: impl Fn(bool),
+) {
     let Some(cluster) = pg::PgCluster::start_with(&[
         &std::env::var("BENCH_PG_SETTING").unwrap_or("synchronous_commit=on".into())
     ]) else {
         return;
     };
+    if let Some(c) = only {
+        let rate = pg_throughput(&cluster, 1, c, n).await;
+        println!("claim→complete on PostgreSQL, jobs/s, 1 process, concurrency {c}: {rate:.0}");
+        return;
+    }
     println!(
-        "captiond queue benchmark (no-op handler) on PostgreSQL: a throwaway cluster on this machine, synchronous_commit=on, fsync on"
+        "captiond queue benchmark (no-op handler) on PostgreSQL: a throwaway cluster on this machine, synchronous_commit=on, fsync on; workers in separate processes"
     );
     let stores = pg_stores(&cluster, "enqueue", 1).await;
     let jobs: Vec<NewJob> = (0..10_000).map(job).collect();
@@ -334,24 +521,20 @@ async fn postgres_suite(n: usize, counter: &AtomicU64, logging: impl Fn(bool)) {
         "batch enqueue, jobs/s (10k per transaction)", best
     );
     for c in [1, 4, 16] {
-        let stores = pg_stores(&cluster, &format!("one{c}"), 1).await;
-        let rate = throughput_on(&stores, c, n).await;
-        close_all(stores).await;
+        let rate = pg_throughput(&cluster, 1, c, n).await;
         println!(
             "{:<52} {:>10.0}",
-            format!("claim→complete, jobs/s, 1 pool, concurrency {c}"),
+            format!("claim→complete, jobs/s, 1 process, concurrency {c}"),
             rate
         );
     }
-    for pools in [2, 4] {
-        let stores = pg_stores(&cluster, &format!("many{pools}"), pools).await;
-        let rate = throughput_on(&stores, 16 / pools, n).await;
-        close_all(stores).await;
+    for procs in [2, 4] {
+        let rate = pg_throughput(&cluster, procs, 16 / procs, n).await;
         println!(
             "{:<52} {:>10.0}",
             format!(
-                "claim→complete, jobs/s, {pools} pools × concurrency {}",
-                16 / pools
+                "claim→complete, jobs/s, {procs} processes × concurrency {}",
+                16 / procs
             ),
             rate
         );
@@ -359,11 +542,11 @@ async fn postgres_suite(n: usize, counter: &AtomicU64, logging: impl Fn(bool)) {
     let (p50, p99) = pg_pickup(&cluster).await;
     println!(
         "{:<52} {:>10.2}",
-        "pickup across pools (insert → NOTIFY → claim) p50, ms", p50
+        "pickup across processes (insert → NOTIFY → start) p50, ms", p50
     );
     println!(
         "{:<52} {:>10.2}",
-        "pickup across pools (insert → NOTIFY → claim) p99, ms", p99
+        "pickup across processes (insert → NOTIFY → start) p99, ms", p99
     );
     logging(true);
     let (q, polls) = pg_idle_queries(&cluster, counter).await;
@@ -389,6 +572,16 @@ async fn main() {
     let n = if quick { 2_000 } else { 20_000 };
     // `--concurrency N` measures only claim→complete at N (for profiling).
     let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--pg-child") {
+        let concurrency = args[i + 2].parse().expect("--pg-child URL CONCURRENCY");
+        pg_child(
+            &args[i + 1],
+            concurrency,
+            args.iter().any(|a| a == "--starts"),
+        )
+        .await;
+        return;
+    }
     let only: Option<usize> = args
         .iter()
         .position(|a| a == "--concurrency")
@@ -407,7 +600,7 @@ async fn main() {
             };
             logging.reload(targets).unwrap();
         };
-        postgres_suite(n, &counter, set_logging).await;
+        postgres_suite(n, only, &counter, set_logging).await;
         return;
     }
     if let Some(c) = only {

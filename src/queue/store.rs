@@ -1350,6 +1350,13 @@ fn bind_insert<'q>(
         .bind(new.idempotency_key.clone())
 }
 
+/// How often a finisher yields to the runtime after answering a group, before taking the
+/// next one. The workers just answered often finish again at once (a claimed job that
+/// fails fast, a no-op): run first, their ops share the next commit instead of forming a
+/// second, half-sized group that alternates with it (measured on PostgreSQL at
+/// concurrency 16: groups of 8 became 16, and 4.8k jobs/s became 7k).
+const COALESCE_YIELDS: usize = 4;
+
 /// Writes finishing ops in shared transactions: whatever arrived while the previous
 /// commit ran goes into the next one.
 async fn run_finisher(
@@ -1360,6 +1367,9 @@ async fn run_finisher(
     while rx.recv_many(&mut pending, 256).await > 0 {
         let outcome = apply_finishes(&pool, &pending).await;
         reply_all(&mut pending, outcome);
+        for _ in 0..COALESCE_YIELDS {
+            tokio::task::yield_now().await;
+        }
     }
 }
 

@@ -937,6 +937,9 @@ async fn run_finisher(
     while rx.recv_many(&mut pending, 256).await > 0 {
         let outcome = apply_finishes(&pool, &pending).await;
         reply_all(&mut pending, outcome);
+        for _ in 0..super::COALESCE_YIELDS {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
