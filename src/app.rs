@@ -243,6 +243,11 @@ impl App {
         if listening {
             info!("queue on PostgreSQL: listening for work from every host");
         }
+        tokio::spawn(sweep_uploads(
+            blobs.clone(),
+            store.clone(),
+            server_stop.clone(),
+        ));
         let state = AppState {
             store: store.clone(),
             wakeup,
@@ -517,4 +522,28 @@ fn instance_id(data_dir: &std::path::Path) -> String {
     let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     let digest = blake3::hash(dir.to_string_lossy().as_bytes()).to_hex();
     format!("captiond@{host}:{}/", &digest[..12])
+}
+
+/// Deletes uploads that no job refers to (see [`BlobStore::sweep`]) a minute after start
+/// and then every [`crate::blobs::SWEEP_EVERY`], until the server stops.
+async fn sweep_uploads(blobs: BlobStore, store: Store, stop: CancellationToken) {
+    let mut wait = Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = crate::blobs::SWEEP_EVERY;
+        match blobs.sweep(&store, crate::blobs::SWEEP_GRACE).await {
+            Ok(s) if s.files > 0 || s.rows > 0 => {
+                info!(
+                    files = s.files,
+                    rows = s.rows,
+                    "deleted uploads no job refers to"
+                )
+            }
+            Ok(_) => tracing::debug!("upload sweep: nothing to delete"),
+            Err(e) => tracing::warn!(error = %e, "upload sweep failed; trying again later"),
+        }
+    }
 }

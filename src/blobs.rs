@@ -5,6 +5,22 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+/// How long an upload no job refers to is kept: the gap between storing an upload and
+/// inserting its job is far shorter, so a sweep never takes one from a request in flight.
+pub const SWEEP_GRACE: Duration = Duration::from_secs(3600);
+/// How often a server sweeps its uploads.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// What one sweep removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Upload files (and leftover temp files) deleted from this host's folder.
+    pub files: usize,
+    /// Rows deleted from the database's `blobs` table (PostgreSQL).
+    pub rows: u64,
+}
 
 /// A folder of blobs named by their BLAKE3 hex digest (and, with a PostgreSQL queue,
 /// the database's `blobs` table behind it).
@@ -95,6 +111,10 @@ impl BlobStore {
     fn put_local(&self, id: &str, bytes: &[u8]) -> Result<(), BlobError> {
         let path = self.path_of(id)?;
         if path.is_file() {
+            // Stored again: renew its time, which the sweep's grace counts from.
+            if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                let _ = f.set_modified(SystemTime::now());
+            }
             return Ok(());
         }
         let io = |path: &Path, source: std::io::Error| {
@@ -150,4 +170,100 @@ impl BlobStore {
             Err(source) => Err(BlobError::Io { path, source }),
         }
     }
+
+    /// Deletes the uploads no job refers to that were stored (or stored again) more than
+    /// `grace` ago: this host's files, leftover temp files of interrupted writes, and
+    /// with PostgreSQL the database rows. Uploads of jobs in any state are kept (a
+    /// failed job can be retried); captiond never deletes jobs, so these are uploads
+    /// whose request failed after storing them, or a re-sent idempotency key's bytes.
+    pub async fn sweep(
+        &self,
+        store: &crate::queue::Store,
+        grace: Duration,
+    ) -> Result<Swept, BlobError> {
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let root = self.root.clone();
+        let (old, temps) = tokio::task::spawn_blocking(move || old_files(&root, cutoff))
+            .await
+            .map_err(|e| BlobError::Io {
+                path: self.root.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        // Listed after the files: a job inserted meanwhile refers to a file stored
+        // within the grace, which is not a candidate.
+        let in_use = store
+            .blobs_in_use()
+            .await
+            .map_err(|e| BlobError::Database {
+                id: "uploads in use".into(),
+                message: e.to_string(),
+            })?;
+        let mut files = 0;
+        for path in old
+            .into_iter()
+            .filter(|(id, _)| !in_use.contains(id))
+            .map(|(_, p)| p)
+            .chain(temps)
+        {
+            // Stored again since it was listed: a request may be about to use it.
+            let renewed = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= cutoff);
+            if !renewed && std::fs::remove_file(&path).is_ok() {
+                files += 1;
+            }
+        }
+        let mut rows = 0;
+        if let Some(pg) = store.postgres() {
+            let before = cutoff
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            rows = pg
+                .sweep_blobs(before)
+                .await
+                .map_err(|e| BlobError::Database {
+                    id: "unreferenced uploads".into(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(Swept { files, rows })
+    }
+}
+
+/// Upload files under `root` last written before `cutoff` (digest and path), and temp
+/// files of interrupted writes from before it.
+#[allow(clippy::type_complexity)]
+fn old_files(
+    root: &Path,
+    cutoff: SystemTime,
+) -> Result<(Vec<(String, PathBuf)>, Vec<PathBuf>), BlobError> {
+    let io = |path: &Path, source: std::io::Error| BlobError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (mut old, mut temps) = (Vec::new(), Vec::new());
+    for shard in std::fs::read_dir(root).map_err(|e| io(root, e))? {
+        let shard = shard.map_err(|e| io(root, e))?.path();
+        if !shard.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&shard).map_err(|e| io(&shard, e))? {
+            let Ok(entry) = entry else { continue };
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() || meta.modified().map_or(true, |t| t >= cutoff) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp") {
+                temps.push(path);
+            } else if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+                old.push((name, path));
+            }
+        }
+    }
+    Ok((old, temps))
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use captiond::blobs::{BlobError, BlobStore, SWEEP_GRACE, Swept};
 use captiond::queue::{
     CancelOutcome, Finish, FinishOp, ImageSource, Job, JobErrorInfo, JobEvents, JobState, NewJob,
     RetryPolicy, Store, StoreOptions, TaskKind, Wakeup,
@@ -548,4 +549,98 @@ async fn hosts_starting_together_on_an_empty_postgres_database_migrate_it_once()
     for s in stores {
         s.close().await;
     }
+}
+
+/// Rows in PostgreSQL's `blobs` table (none on SQLite, which keeps uploads as files).
+async fn blob_rows(db: &Db) -> i64 {
+    match &db.raw {
+        Raw::Sqlite(..) => 0,
+        Raw::Postgres(_, url) => {
+            let pool = sqlx::PgPool::connect(url).await.unwrap();
+            let n = sqlx::query_scalar("SELECT COUNT(*) FROM blobs")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            n
+        }
+    }
+}
+
+/// Stores uploads off the async runtime, as the API's handlers do.
+async fn put_all(blobs: &BlobStore, items: &[&'static [u8]]) -> Vec<String> {
+    let (blobs, items) = (blobs.clone(), items.to_vec());
+    tokio::task::spawn_blocking(move || items.iter().map(|b| blobs.put(b).unwrap()).collect())
+        .await
+        .unwrap()
+}
+
+fn blob_job(id: &str) -> NewJob {
+    NewJob {
+        source: ImageSource::Blob(id.to_string()),
+        ..new_job(0)
+    }
+}
+
+on_both_backends!(
+    #[tokio::test]
+    uploads_no_job_refers_to_are_swept_after_the_grace
+);
+async fn uploads_no_job_refers_to_are_swept_after_the_grace(db: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = BlobStore::new(dir.path().join("blobs"))
+        .unwrap()
+        .with_database(&db.store);
+    let ids = put_all(&blobs, &[b"queued", b"failed", b"orphan"]).await;
+    let (queued, failed, orphan) = (&ids[0], &ids[1], &ids[2]);
+    db.store.insert_job(&blob_job(queued)).await.unwrap();
+    let (job, _) = db.store.insert_job(&blob_job(failed)).await.unwrap();
+    let owner = "sweep-test";
+    let claimed = db.store.claim(owner, 2, LEASE).await.unwrap();
+    let job = claimed.iter().find(|j| j.id == job.id).unwrap();
+    let failing = op(job, owner, Finish::Failed(err("bad_image")));
+    assert!(db.store.finish(failing).await.unwrap().applied);
+    // An interrupted write's temp file.
+    std::fs::write(
+        dir.path().join("blobs").join(&orphan[..2]).join(".tmpXYZ"),
+        b"x",
+    )
+    .unwrap();
+    let pg = u64::from(matches!(db.raw, Raw::Postgres(..)));
+    assert_eq!(blob_rows(db).await, 3 * pg as i64);
+
+    // Everything is newer than the grace: nothing goes.
+    let swept = blobs.sweep(&db.store, SWEEP_GRACE).await.unwrap();
+    assert_eq!(swept, Swept::default());
+
+    // Past the grace: the orphan and the temp file go; uploads of a waiting and of a
+    // failed (retryable) job stay.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let swept = blobs.sweep(&db.store, Duration::ZERO).await.unwrap();
+    assert_eq!(swept, Swept { files: 2, rows: pg });
+    let (b, q, f, o) = (
+        blobs.clone(),
+        queued.clone(),
+        failed.clone(),
+        orphan.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(b.get(&q).unwrap(), b"queued");
+        assert_eq!(b.get(&f).unwrap(), b"failed");
+        assert!(matches!(b.get(&o), Err(BlobError::Missing(_))));
+    })
+    .await
+    .unwrap();
+    assert_eq!(blob_rows(db).await, 2 * pg as i64);
+
+    // Stored again, an old orphan's time is renewed: a request that is about to insert
+    // its job keeps it through a sweep.
+    put_all(&blobs, &[b"orphan"]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    put_all(&blobs, &[b"orphan"]).await;
+    let swept = blobs
+        .sweep(&db.store, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(swept, Swept::default());
 }

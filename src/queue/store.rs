@@ -2,7 +2,7 @@
 //! statement per state transition. Writes go through one connection; reads use a pool.
 //! Workers' finishing writes are grouped into shared commits by a finisher task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -488,6 +488,8 @@ const SQL_PUT_CALIBRATION: &str = concat!(
     "total_bytes = excluded.total_bytes, measured_at = excluded.measured_at"
 );
 const SQL_CHECKPOINT: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
+/// The upload digests jobs refer to.
+const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob'";
 const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
 
 /// The queue's database: SQLite (the embedded default) or PostgreSQL (several hosts on
@@ -712,6 +714,11 @@ impl Store {
     /// Jobs per state, over everything or one batch.
     pub async fn counts(&self, batch: Option<Uuid>) -> StoreResult<StateCounts> {
         dispatch!(self, s => s.counts(batch).await)
+    }
+
+    /// The upload digests that jobs (in any state) refer to: one pass over the jobs.
+    pub async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
+        dispatch!(self, s => s.blobs_in_use().await)
     }
 
     /// A batch's creation time and size.
@@ -1141,6 +1148,14 @@ impl SqliteStore {
             .bind(now_ms())
             .fetch_one(&self.read)
             .await?)
+    }
+
+    /// The upload digests that jobs refer to.
+    async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
+        let found: Vec<String> = sqlx::query_scalar(SQL_BLOBS_IN_USE)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(found.into_iter().collect())
     }
 
     /// Jobs per state, over everything or one batch.

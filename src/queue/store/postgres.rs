@@ -227,8 +227,11 @@ const SQL_PUT_EXPORT: &str = concat!(
     "INSERT INTO export_files (path, content_hash, written_at) VALUES ($1, $2, $3) ",
     "ON CONFLICT (path) DO UPDATE SET content_hash = EXCLUDED.content_hash, written_at = EXCLUDED.written_at"
 );
-const SQL_PUT_BLOB: &str =
-    "INSERT INTO blobs (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (hash) DO NOTHING";
+const SQL_PUT_BLOB: &str = "INSERT INTO blobs (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (hash) DO UPDATE SET created_at = EXCLUDED.created_at";
+/// Uploads stored before `$1` that no job refers to.
+const SQL_SWEEP_BLOBS: &str = "DELETE FROM blobs b WHERE b.created_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source_kind = 'blob' AND j.source = b.hash)";
+/// The upload digests jobs refer to.
+const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob'";
 const SQL_GET_BLOB: &str = "SELECT bytes FROM blobs WHERE hash = $1";
 
 /// How many values one JSON-array statement carries.
@@ -907,7 +910,8 @@ impl PgStore {
         Ok(())
     }
 
-    /// Stores upload bytes under their BLAKE3 hex (once per content).
+    /// Stores upload bytes under their BLAKE3 hex (once per content; storing them again
+    /// renews their time, which the sweep's grace period counts from).
     pub async fn put_blob(&self, hash: &str, bytes: &[u8]) -> StoreResult<()> {
         sqlx::query(SQL_PUT_BLOB)
             .bind(hash)
@@ -916,6 +920,24 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Deletes the uploads stored (or stored again) before `before_ms` that no job
+    /// refers to; returns how many.
+    pub async fn sweep_blobs(&self, before_ms: i64) -> StoreResult<u64> {
+        Ok(sqlx::query(SQL_SWEEP_BLOBS)
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// The upload digests that jobs refer to.
+    pub(crate) async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
+        let found: Vec<String> = sqlx::query_scalar(SQL_BLOBS_IN_USE)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(found.into_iter().collect())
     }
 
     /// The bytes of an upload, if stored.
