@@ -11,17 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 fn captiond(data: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_captiond"));
-    c.args(args)
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--model-dir")
-        .arg(common::tiny_model_dir())
-        .env_remove("CAPTIOND_API_TOKEN")
-        .env_remove("CAPTIOND_SERVER")
-        .env("CAPTIOND_LOG", "warn")
-        .stdin(Stdio::null());
-    c
+    common::cli_command(data, args)
 }
 
 fn run(data: &Path, args: &[&str]) -> (i32, String, String) {

@@ -398,19 +398,7 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
     }
     let run_s = run_dir.to_str().unwrap();
     let cli = |data: &Path, args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--model-dir")
-            .arg(common::tiny_model_dir())
-            .env_remove("CAPTIOND_API_TOKEN")
-            .env_remove("CAPTIOND_SERVER")
-            .env_remove("CAPTIOND_DATABASE_URL")
-            .env("CAPTIOND_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = common::cli_command(data, args).output().unwrap();
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),

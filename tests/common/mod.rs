@@ -355,6 +355,24 @@ pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8>
     out
 }
 
+/// `captiond ARGS` (a CLI run: `caption`, `status`, …) on `data_dir` with the tiny
+/// model, logging warnings only, with no token, server or database inherited from the
+/// environment and no stdin.
+pub fn cli_command(data_dir: &Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--model-dir")
+        .arg(tiny_model_dir())
+        .env_remove("CAPTIOND_API_TOKEN")
+        .env_remove("CAPTIOND_SERVER")
+        .env_remove("CAPTIOND_DATABASE_URL")
+        .env("CAPTIOND_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
 /// `captiond serve ARGS` on `data_dir` with the tiny model, logging at info to a piped
 /// stderr; the caller's `env` is applied after the settings a test must not inherit
 /// (token, failpoint, address, Station mode) are cleared.
