@@ -157,13 +157,7 @@ async fn throughput_on(stores: &[Store], concurrency: usize, n: usize) -> f64 {
     let mut done = 0usize;
     while done < n {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        loop {
-            match done_rx.try_recv() {
-                Ok(_) => done += 1,
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(k)) => done += k as usize,
-                Err(_) => break,
-            }
-        }
+        done += drain(&mut done_rx);
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
     for pool in pools {
@@ -172,6 +166,19 @@ async fn throughput_on(stores: &[Store], concurrency: usize, n: usize) -> f64 {
     let counts = store.counts(None).await.unwrap();
     assert_eq!(counts.succeeded as usize, n, "{counts:?}");
     rate
+}
+
+/// How many completions the pool's events announced since the last call (a lagging
+/// receiver's skipped events count too).
+fn drain(rx: &mut tokio::sync::broadcast::Receiver<uuid::Uuid>) -> usize {
+    let mut n = 0;
+    loop {
+        match rx.try_recv() {
+            Ok(_) => n += 1,
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(k)) => n += k as usize,
+            Err(_) => return n,
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -285,13 +292,7 @@ async fn pg_child(url: &str, concurrency: usize, starts: bool) {
     let (mut done, mut told) = (0usize, 0usize);
     while !stop.is_cancelled() {
         tokio::time::sleep(Duration::from_millis(2)).await;
-        loop {
-            match done_rx.try_recv() {
-                Ok(_) => done += 1,
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(k)) => done += k as usize,
-                Err(_) => break,
-            }
-        }
+        done += drain(&mut done_rx);
         let mut lines = String::new();
         while let Ok((id, ns)) = start_rx.try_recv() {
             lines.push_str(&format!("start {id} {ns}\n"));
