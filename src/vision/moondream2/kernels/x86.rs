@@ -110,7 +110,31 @@ pub(super) unsafe fn q8_rows(
     assert!(a.m >= 1 && a.m <= 8 && a.kp == w.kp);
     assert!(c.len() >= a.m * BLOCK_N * (b1 - b0) && b1 * BLOCK_N * w.kp <= w.q.len());
     let ldc = BLOCK_N * (b1 - b0);
-    for b in b0..b1 {
+    let mut b = b0;
+    // Two column blocks per pass, so each activation broadcast feeds twice the products
+    // (from four rows on, the broadcasts, not the weights, set the pace); more than four
+    // rows go as two passes over the same two blocks, the second from cache.
+    let mut tile2 = |r0: usize, rows: usize, b: usize| {
+        // SAFETY: the asserts above bound every offset (blocks b and b + 1 and rows
+        // r0..r0 + rows exist).
+        unsafe {
+            let out = c.as_mut_ptr().add((b - b0) * BLOCK_N + r0 * ldc);
+            match rows {
+                1 => q8_tile2::<1>(a, w, b, r0, out, ldc),
+                2 => q8_tile2::<2>(a, w, b, r0, out, ldc),
+                3 => q8_tile2::<3>(a, w, b, r0, out, ldc),
+                _ => q8_tile2::<4>(a, w, b, r0, out, ldc),
+            }
+        }
+    };
+    while b + 2 <= b1 {
+        tile2(0, a.m.min(4), b);
+        if a.m > 4 {
+            tile2(4, a.m - 4, b);
+        }
+        b += 2;
+    }
+    for b in b..b1 {
         // SAFETY: the asserts above bound every offset.
         unsafe {
             let out = c.as_mut_ptr().add((b - b0) * BLOCK_N);
@@ -163,6 +187,66 @@ unsafe fn q8_tile<const MR: usize>(
         }
         for (r, v) in acc.iter().enumerate() {
             _mm512_storeu_ps(c.add(r * ldc), *v);
+        }
+    }
+}
+
+/// [`q8_tile`] for column blocks `b` and `b + 1` and rows `r0..r0 + MR` together: the
+/// same products in the same order per column, each activation broadcast used for both
+/// blocks. `c` points at row `r0` of block `b`.
+#[target_feature(enable = "avx512f,avx512vnni,f16c")]
+unsafe fn q8_tile2<const MR: usize>(
+    a: &QuantActivations,
+    w: &PackedQ8,
+    b: usize,
+    r0: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (kp, groups) = (w.kp, w.kp / BLOCK_K);
+    let mut acc = [[_mm512_setzero_ps(); MR]; 2];
+    // SAFETY: the caller checked that blocks b and b + 1 and MR rows of a exist.
+    unsafe {
+        let q = [
+            w.q.as_ptr().add(b * BLOCK_N * kp),
+            w.q.as_ptr().add((b + 1) * BLOCK_N * kp),
+        ];
+        let scales = [
+            w.scales.as_ptr().add(b * groups * BLOCK_N) as *const __m256i,
+            w.scales.as_ptr().add((b + 1) * groups * BLOCK_N) as *const __m256i,
+        ];
+        let aq = a.q.as_ptr().add(r0 * kp);
+        let (sum, scale) = (&a.sum[r0 * groups..], &a.scale[r0 * groups..]);
+        for g in 0..groups {
+            let mut dot = [[_mm512_setzero_si512(); MR]; 2];
+            for quad in 0..BLOCK_K / 4 {
+                let wv = [
+                    _mm512_loadu_si512(q[0].add(g * 512 + quad * 64) as *const _),
+                    _mm512_loadu_si512(q[1].add(g * 512 + quad * 64) as *const _),
+                ];
+                let [d0, d1] = &mut dot;
+                for (r, (x0, x1)) in d0.iter_mut().zip(d1.iter_mut()).enumerate() {
+                    let four = _mm512_set1_epi32(
+                        (aq.add(r * kp + g * BLOCK_K + quad * 4) as *const i32).read_unaligned(),
+                    );
+                    *x0 = _mm512_dpbusd_epi32(*x0, wv[0], four);
+                    *x1 = _mm512_dpbusd_epi32(*x1, wv[1], four);
+                }
+            }
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales[h].add(g)));
+                for r in 0..MR {
+                    let fixed =
+                        _mm512_sub_epi32(dot[h][r], _mm512_set1_epi32(128 * sum[r * groups + g]));
+                    let s = _mm512_mul_ps(sw, _mm512_set1_ps(scale[r * groups + g]));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
+                }
+            }
+        }
+        for (h, acc) in acc.iter().enumerate() {
+            for (r, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc + h * BLOCK_N), *v);
+            }
         }
     }
 }
