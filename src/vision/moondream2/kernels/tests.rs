@@ -77,7 +77,7 @@ fn worst(
 }
 
 const SHAPES: &[(usize, usize)] = &[(16, 32), (37, 50), (100, 588), (64, 256), (33, 1000)];
-const ROWS: &[usize] = &[1, 2, 3, 4, 8, 9, 31, 45, 70];
+const ROWS: &[usize] = &[1, 2, 3, 4, 6, 8, 9, 31, 45, 70];
 
 /// Every shape, row count and path of `pack` stays within `tolerance` (relative to
 /// Σ|a·w|) of the f64 product.
