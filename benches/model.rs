@@ -207,6 +207,80 @@ impl Limits {
 }
 
 /// Best rate of 5 timed runs (after one warm-up), in operations per second.
+/// The decode step's two memory-bound kernels, streaming from memory (not cache): q8
+/// products at 1–8 rows over 285 MB of weights, and one sequence's attention over a
+/// 730-position bf16 KV cache of 24 layers × 32 heads (143 MB).
+fn decode_kernels() {
+    let (k, n, mats) = (2048usize, 8192usize, 16usize);
+    let ws: Vec<PackedWeight> = (0..mats)
+        .map(|j| {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| (((i + j) % 89) as f32 - 44.0) / 89.0)
+                .collect();
+            PackedWeight::Q8(kernels::PackedQ8::from_rows(&w, n, k))
+        })
+        .collect();
+    let bytes: usize = ws.iter().map(PackedWeight::bytes).sum();
+    for m in [1usize, 2, 4, 8] {
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let mut out = vec![0f32; m * n];
+        let best = best_secs(|| {
+            for w in &ws {
+                kernels::matmul(&a, m, w, None, &mut out);
+            }
+        });
+        println!(
+            "q8 products, {m} row(s) × {k} → {n}, {mats} matrices ({:.0} MB): {:.2} ms, {:.1} GB/s",
+            bytes as f64 / 1e6,
+            best * 1e3,
+            bytes as f64 / best / 1e9
+        );
+    }
+    let (len, dim, heads, layers) = (730usize, 64usize, 32usize, 24usize);
+    let rows = |seed: usize| -> Vec<u16> {
+        (0..len * dim)
+            .map(|i| half::bf16::from_f32((((i + seed) % 83) as f32 - 41.0) / 83.0).to_bits())
+            .collect()
+    };
+    let ks: Vec<Vec<Vec<u16>>> = (0..layers)
+        .map(|l| (0..heads).map(|h| rows(l * heads + h)).collect())
+        .collect();
+    let vs: Vec<Vec<Vec<u16>>> = (0..layers)
+        .map(|l| (0..heads).map(|h| rows(7 + l * heads + h)).collect())
+        .collect();
+    let q: Vec<f32> = (0..heads * dim)
+        .map(|i| ((i % 31) as f32 - 15.0) / 64.0)
+        .collect();
+    let mut out = vec![0f32; heads * dim];
+    let best = best_secs(|| {
+        for (kl, vl) in ks.iter().zip(&vs) {
+            let k: Vec<kernels::KvRows> = kl.iter().map(|r| kernels::KvRows::Bf16(r)).collect();
+            let v: Vec<kernels::KvRows> = vl.iter().map(|r| kernels::KvRows::Bf16(r)).collect();
+            kernels::attend_one(&q, &k, &v, dim, &mut out);
+        }
+    });
+    let cache = (layers * heads * len * dim * 2 * 2) as f64;
+    println!(
+        "decode attention, one sequence, {len} positions × {layers} layers × {heads} heads ({:.0} MB bf16): {:.2} ms, {:.1} GB/s",
+        cache / 1e6,
+        best * 1e3,
+        cache / best / 1e9
+    );
+}
+
+/// Best wall time of five runs of `f`, in seconds.
+fn best_secs(mut f: impl FnMut()) -> f64 {
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 fn best_rate(ops: f64, mut f: impl FnMut()) -> f64 {
     f();
     (0..5)
@@ -662,7 +736,8 @@ fn main() {
         tokenizer: Some(dir.join("tokenizer.json")),
     };
     if std::env::args().any(|a| a == "--kernels") {
-        // bf16 kernel throughput on the model's shapes (rows × inputs → outputs).
+        // bf16 kernel throughput on the model's shapes (rows × inputs → outputs), then
+        // the decode step's memory-bound kernels.
         for (m, k, n) in [
             (2048, 2048, 2048),
             (730, 2048, 6144),
@@ -683,6 +758,7 @@ fn main() {
             });
             println!("{m:>5} × {k:>5} → {n:>5}: {:>6.0} GFLOP/s", rate / 1e9);
         }
+        decode_kernels();
         return;
     }
     if let Some(steps) = arg_value("--decode-only") {
