@@ -5,23 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn captiond(data: &Path, args: &[&str]) -> Command {
-    common::cli_command(data, args)
-}
-
-fn run(data: &Path, args: &[&str]) -> (i32, String, String) {
-    let out: Output = captiond(data, args).output().expect("captiond runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{cli_command as captiond, cli_run as run};
 
 fn caption_args(lib: &Path) -> Vec<String> {
     vec![

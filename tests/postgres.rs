@@ -397,22 +397,15 @@ async fn serve_processes_share_one_postgres_queue_across_uploads_a_sigkill_and_a
         std::fs::write(run_dir.join(format!("r{i}.png")), png(44, 33, 200 + i)).unwrap();
     }
     let run_s = run_dir.to_str().unwrap();
-    let cli = |data: &Path, args: &[&str]| {
-        let out = common::cli_command(data, args).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let client_dir = tmp.path().join("client");
-    let (code, err) = cli(&client_dir, &["caption", run_s, "--server", &b.base]);
+    let (code, _, err) = common::cli_run(&client_dir, &["caption", run_s, "--server", &b.base]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("captioned 3"), "{err}");
-    let (code, err) = cli(&client_dir, &["caption", run_s, "--server", &c.base]);
+    let (code, _, err) = common::cli_run(&client_dir, &["caption", run_s, "--server", &c.base]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("skipped 3 already done"), "{err}");
     let local_dir = tmp.path().join("local");
-    let (code, err) = cli(
+    let (code, _, err) = common::cli_run(
         &local_dir,
         &["caption", run_s, "--database", &url, "--max-tokens", "2"],
     );

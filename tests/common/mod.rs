@@ -373,6 +373,16 @@ pub fn cli_command(data_dir: &Path, args: &[&str]) -> std::process::Command {
     cmd
 }
 
+/// Runs [`cli_command`] to the end: (exit code, stdout, stderr).
+pub fn cli_run(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = cli_command(data_dir, args).output().expect("captiond runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `captiond serve ARGS` on `data_dir` with the tiny model, logging at info to a piped
 /// stderr; the caller's `env` is applied after the settings a test must not inherit
 /// (token, failpoint, address, Station mode) are cleared.
