@@ -206,7 +206,6 @@ impl Limits {
     }
 }
 
-/// Best rate of 5 timed runs (after one warm-up), in operations per second.
 /// The decode step's two memory-bound kernels, streaming from memory (not cache): q8
 /// products at 1–8 rows over 285 MB of weights, and one sequence's attention over a
 /// 730-position bf16 KV cache of 24 layers × 32 heads (143 MB).
@@ -226,7 +225,7 @@ fn decode_kernels() {
             .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
             .collect();
         let mut out = vec![0f32; m * n];
-        let best = best_secs(|| {
+        let rate = best_rate(bytes as f64, || {
             for w in &ws {
                 kernels::matmul(&a, m, w, None, &mut out);
             }
@@ -234,8 +233,8 @@ fn decode_kernels() {
         println!(
             "q8 products, {m} row(s) × {k} → {n}, {mats} matrices ({:.0} MB): {:.2} ms, {:.1} GB/s",
             bytes as f64 / 1e6,
-            best * 1e3,
-            bytes as f64 / best / 1e9
+            bytes as f64 / rate * 1e3,
+            rate / 1e9
         );
     }
     let (len, dim, heads, layers) = (730usize, 64usize, 32usize, 24usize);
@@ -254,33 +253,23 @@ fn decode_kernels() {
         .map(|i| ((i % 31) as f32 - 15.0) / 64.0)
         .collect();
     let mut out = vec![0f32; heads * dim];
-    let best = best_secs(|| {
+    let cache = (layers * heads * len * dim * 2 * 2) as f64;
+    let rate = best_rate(cache, || {
         for (kl, vl) in ks.iter().zip(&vs) {
             let k: Vec<kernels::KvRows> = kl.iter().map(|r| kernels::KvRows::Bf16(r)).collect();
             let v: Vec<kernels::KvRows> = vl.iter().map(|r| kernels::KvRows::Bf16(r)).collect();
             kernels::attend_one(&q, &k, &v, dim, &mut out);
         }
     });
-    let cache = (layers * heads * len * dim * 2 * 2) as f64;
     println!(
         "decode attention, one sequence, {len} positions × {layers} layers × {heads} heads ({:.0} MB bf16): {:.2} ms, {:.1} GB/s",
         cache / 1e6,
-        best * 1e3,
-        cache / best / 1e9
+        cache / rate * 1e3,
+        rate / 1e9
     );
 }
 
-/// Best wall time of five runs of `f`, in seconds.
-fn best_secs(mut f: impl FnMut()) -> f64 {
-    (0..5)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
-
+/// Best rate of 5 timed runs (after one warm-up), in operations per second.
 fn best_rate(ops: f64, mut f: impl FnMut()) -> f64 {
     f();
     (0..5)
