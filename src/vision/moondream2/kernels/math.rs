@@ -75,7 +75,7 @@ pub fn softmax_rows(xs: &mut [f32], len: usize) {
 
 /// Reduces `xs` with `f` over 16 independent lanes, so that it vectorises.
 #[inline(always)]
-fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+pub(super) fn lanes(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [init; 16];
     let chunks = xs.chunks_exact(16);
     let tail = chunks.remainder().iter().fold(init, |a, &b| f(a, b));

@@ -202,8 +202,8 @@ fn decode_attention_over_bf16_and_f32_rows_matches_f64_and_batches_exactly() {
             .map(|b| half::bf16::from_bits(*b).to_f32())
             .collect()
     };
-    // Lengths around the kernel's steps of 4 and 2 keys, and a prefix-sized one.
-    let lens = [1usize, 2, 3, 5, 8, 731];
+    // Lengths around the kernel's steps of 16 and 2 keys, and a prefix-sized one.
+    let lens = [1usize, 2, 3, 5, 15, 16, 17, 33, 731];
     let mut seqs = Vec::new();
     for &len in &lens {
         let q: Vec<f32> = rng.vec(heads * dim).iter().map(|x| x * 0.5).collect();

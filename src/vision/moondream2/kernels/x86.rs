@@ -191,6 +191,11 @@ unsafe fn q8_tile<const MR: usize>(
     }
 }
 
+/// How many 32-input groups ahead [`q8_tile2`] prefetches its weights (4 KiB per
+/// block): from four rows on, the products no longer hide the memory latency by
+/// themselves (4 rows: 15.0 → 12.3–12.9 ms over 285 MB in `bench-model --kernels`).
+const Q8_AHEAD: usize = 8;
+
 /// [`q8_tile`] for column blocks `b` and `b + 1` and rows `r0..r0 + MR` together: the
 /// same products in the same order per column, each activation broadcast used for both
 /// blocks. `c` points at row `r0` of block `b`.
@@ -218,6 +223,16 @@ unsafe fn q8_tile2<const MR: usize>(
         let aq = a.q.as_ptr().add(r0 * kp);
         let (sum, scale) = (&a.sum[r0 * groups..], &a.scale[r0 * groups..]);
         for g in 0..groups {
+            if r0 == 0 {
+                // The first pass streams from memory: ask for a later group of both
+                // blocks now (past the last group, the start of the next blocks).
+                for block in q {
+                    let next = block.wrapping_add((g + Q8_AHEAD) * 512);
+                    for line in 0..8 {
+                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line) as *const i8);
+                    }
+                }
+            }
             let mut dot = [[_mm512_setzero_si512(); MR]; 2];
             for quad in 0..BLOCK_K / 4 {
                 let wv = [
@@ -398,85 +413,129 @@ pub(super) unsafe fn amx_panel(
 }
 
 /// One head of the decode attention over bf16 cache rows of width 64: `q` `[64]`
-/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`. Four keys' dot products are
-/// in flight at once and the weighted sum of values stays in registers, so the step
-/// is bound by reading the cache rather than by add latency.
+/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`. Read as 32-bit lanes, a
+/// row's two 512-bit loads hold an even dimension in each lane's low half and the next
+/// odd one in its high half, so a shift and a mask widen them without shuffles (the
+/// query and the output are split the same way). Sixteen keys' dot products are summed
+/// together by a transpose-add tree, about two shuffles a key instead of a horizontal
+/// sum each; the weighted sum of values stays in registers.
 #[target_feature(enable = "avx512f,fma")]
 pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mut [f32]) {
     const D: usize = 64;
+    // Rows prefetched ahead (4 KiB): 8.8–9.0 → 7.3–7.5 ms per sequence in
+    // `bench-model --kernels`; 16 or 64 rows did worse.
+    const AHEAD: usize = 32;
     assert!(q.len() == D && o.len() == D && k.len() == v.len() && k.len().is_multiple_of(D));
     let len = k.len() / D;
-    // SAFETY: every load below is within q (64), k and v (len × 64) as asserted.
+    // Query lanes as the loads see them: [even, odd] dimensions of 0..32, then of 32..64.
+    let mut split = [[0f32; 16]; 4];
+    for (c, half) in q.chunks_exact(32).enumerate() {
+        for (i, pair) in half.chunks_exact(2).enumerate() {
+            split[2 * c][i] = pair[0];
+            split[2 * c + 1][i] = pair[1];
+        }
+    }
+    let mut scores = vec![0f32; len];
+    // SAFETY: every load below is within k and v (len × 64 each) as asserted, every
+    // store within scores (len) or the 16-float arrays.
     unsafe {
-        let widen = |p: *const u16| -> __m512 {
-            _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)),
-                16,
-            ))
-        };
-        let qv = [
-            _mm512_loadu_ps(q.as_ptr()),
-            _mm512_loadu_ps(q.as_ptr().add(16)),
-            _mm512_loadu_ps(q.as_ptr().add(32)),
-            _mm512_loadu_ps(q.as_ptr().add(48)),
-        ];
+        let high = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+        let even = |x: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x));
+        let odd = |x: __m512i| _mm512_castsi512_ps(_mm512_and_si512(x, high));
+        let load = |p: *const u16| _mm512_loadu_si512(p as *const _);
+        let qv = split.map(|s| _mm512_loadu_ps(s.as_ptr()));
+        // Lane sums of `row · q` spread over 16 lanes.
         let dot = |row: *const u16| -> __m512 {
-            let a = _mm512_mul_ps(qv[0], widen(row));
-            let b = _mm512_mul_ps(qv[1], widen(row.add(16)));
-            let a = _mm512_fmadd_ps(qv[2], widen(row.add(32)), a);
-            let b = _mm512_fmadd_ps(qv[3], widen(row.add(48)), b);
+            let (x0, x1) = (load(row), load(row.add(32)));
+            let a = _mm512_mul_ps(qv[0], even(x0));
+            let b = _mm512_mul_ps(qv[1], odd(x0));
+            let a = _mm512_fmadd_ps(qv[2], even(x1), a);
+            let b = _mm512_fmadd_ps(qv[3], odd(x1), b);
             _mm512_add_ps(a, b)
         };
-        let mut scores = vec![0f32; len];
+        // Transpose-add steps: two vectors in, their partial sums interleaved out (by
+        // 32-bit lane, then by pair, then by 128-bit quarter).
+        let by_lane = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        };
+        let by_pair = |x: __m512, y: __m512| {
+            let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+            )
+        };
+        let by_quarter = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
         let kp = k.as_ptr();
         let mut j = 0;
-        while j + 4 <= len {
-            let s = [
-                dot(kp.add(j * D)),
-                dot(kp.add((j + 1) * D)),
-                dot(kp.add((j + 2) * D)),
-                dot(kp.add((j + 3) * D)),
-            ];
-            for (i, x) in s.iter().enumerate() {
-                scores[j + i] = _mm512_reduce_add_ps(*x);
+        while j + 16 <= len {
+            for i in 0..32 {
+                let ahead = j * D + AHEAD * D + 32 * i;
+                let p = if ahead < len * D {
+                    kp.add(ahead)
+                } else {
+                    v.as_ptr().wrapping_add(ahead - len * D)
+                };
+                _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
             }
-            j += 4;
+            let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
+            let l: [__m512; 8] = std::array::from_fn(|i| by_lane(d[2 * i], d[2 * i + 1]));
+            let p: [__m512; 4] = std::array::from_fn(|i| by_pair(l[2 * i], l[2 * i + 1]));
+            let h = [by_quarter(p[0], p[1]), by_quarter(p[2], p[3])];
+            _mm512_storeu_ps(scores.as_mut_ptr().add(j), by_quarter(h[0], h[1]));
+            j += 16;
         }
         while j < len {
             scores[j] = _mm512_reduce_add_ps(dot(kp.add(j * D)));
             j += 1;
         }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-        let mut total = 0f32;
+        let max = super::math::lanes(&scores, f32::NEG_INFINITY, f32::max);
         for s in scores.iter_mut() {
             *s = super::math::exp(*s - max);
-            total += *s;
         }
-        // Two sets of accumulators (even and odd keys) halve the dependency chains.
+        let total = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        // Two sets of accumulators (even and odd keys) halve the dependency chains;
+        // each set is [even, odd] dimensions of 0..32, then of 32..64.
         let mut acc = [_mm512_setzero_ps(); 8];
         let vp = v.as_ptr();
+        let mut add_row = |set: usize, key: usize| {
+            let next = vp.wrapping_add((key + AHEAD) * D);
+            _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(32) as *const i8);
+            let p = _mm512_set1_ps(scores[key]);
+            let row = vp.add(key * D);
+            let (x0, x1) = (load(row), load(row.add(32)));
+            let a = &mut acc[4 * set..4 * set + 4];
+            a[0] = _mm512_fmadd_ps(p, even(x0), a[0]);
+            a[1] = _mm512_fmadd_ps(p, odd(x0), a[1]);
+            a[2] = _mm512_fmadd_ps(p, even(x1), a[2]);
+            a[3] = _mm512_fmadd_ps(p, odd(x1), a[3]);
+        };
         let mut j = 0;
         while j + 2 <= len {
-            for (half, key) in [(0, j), (4, j + 1)] {
-                let p = _mm512_set1_ps(scores[key]);
-                let row = vp.add(key * D);
-                for c in 0..4 {
-                    acc[half + c] = _mm512_fmadd_ps(p, widen(row.add(16 * c)), acc[half + c]);
-                }
-            }
+            add_row(0, j);
+            add_row(1, j + 1);
             j += 2;
         }
         if j < len {
-            let p = _mm512_set1_ps(scores[j]);
-            let row = vp.add(j * D);
-            for (c, a) in acc.iter_mut().take(4).enumerate() {
-                *a = _mm512_fmadd_ps(p, widen(row.add(16 * c)), *a);
-            }
+            add_row(0, j);
         }
         let inv = _mm512_set1_ps(1.0 / total);
-        for c in 0..4 {
-            let sum = _mm512_add_ps(acc[c], acc[4 + c]);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), _mm512_mul_ps(sum, inv));
+        let mut lanes = [[0f32; 16]; 4];
+        for (c, out) in lanes.iter_mut().enumerate() {
+            let sum = _mm512_mul_ps(_mm512_add_ps(acc[c], acc[4 + c]), inv);
+            _mm512_storeu_ps(out.as_mut_ptr(), sum);
+        }
+        for (c, half) in o.chunks_exact_mut(32).enumerate() {
+            for (i, pair) in half.chunks_exact_mut(2).enumerate() {
+                pair[0] = lanes[2 * c][i];
+                pair[1] = lanes[2 * c + 1][i];
+            }
         }
     }
 }
