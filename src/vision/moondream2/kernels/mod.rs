@@ -74,7 +74,7 @@ fn matmul_on(
             });
         }
         PackedWeight::Q8(w) if m <= SMALL_M => {
-            let a = pack::QuantActivations::new(a, m, k, w.kp);
+            let a = pack::QuantActivations::new(isa, a, m, k, w.kp);
             run_blocks(w.blocks(), m, n, bias, out, parallel, |b0, b1, c| {
                 small_q8(isa, &a, w, b0, b1, c)
             });

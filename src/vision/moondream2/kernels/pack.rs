@@ -231,24 +231,38 @@ pub(super) struct QuantActivations {
 }
 
 impl QuantActivations {
-    pub(super) fn new(a: &[f32], m: usize, k: usize, kp: usize) -> Self {
+    /// Quantizes the `m × k` activations (rows padded to `kp`), rounding half to even.
+    pub(super) fn new(isa: &Isa, a: &[f32], m: usize, k: usize, kp: usize) -> Self {
         let groups = kp / BLOCK_K;
         let mut q = vec![0i8; m * kp];
         let mut scale = vec![0f32; m * groups];
         let mut sum = vec![0i32; m * groups];
         for (r, row) in a.chunks_exact(k).enumerate().take(m) {
-            for (g, group) in row.chunks(BLOCK_K).enumerate() {
+            let (q, scale, sum) = (
+                &mut q[r * kp..(r + 1) * kp],
+                &mut scale[r * groups..(r + 1) * groups],
+                &mut sum[r * groups..(r + 1) * groups],
+            );
+            let mut whole = 0;
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx512vnni {
+                whole = k / BLOCK_K;
+                // SAFETY: AVX512-F is present with VNNI; the slices hold `whole` groups.
+                unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, sum) };
+            }
+            let _ = isa;
+            for (g, group) in row.chunks(BLOCK_K).enumerate().skip(whole) {
                 let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let s = amax / 127.0;
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
                 let mut total = 0i32;
                 for (i, &v) in group.iter().enumerate() {
-                    let qv = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                    q[r * kp + g * BLOCK_K + i] = qv;
+                    let qv = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    q[g * BLOCK_K + i] = qv;
                     total += i32::from(qv);
                 }
-                scale[r * groups + g] = s;
-                sum[r * groups + g] = total;
+                scale[g] = s;
+                sum[g] = total;
             }
         }
         Self {

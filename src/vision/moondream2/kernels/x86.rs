@@ -152,6 +152,49 @@ pub(super) unsafe fn q8_rows(
     }
 }
 
+/// Activations → 8 bits per 32-input group, as [`QuantActivations`] does it (a scale of
+/// `max |x| / 127`, rounding half to even): whole groups of `row` into `q`, `scale` and
+/// `sum` (the group's values added up).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn quantize_groups(
+    row: &[f32],
+    q: &mut [i8],
+    scale: &mut [f32],
+    sum: &mut [i32],
+) {
+    let groups = row.len() / BLOCK_K;
+    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && sum.len() >= groups);
+    // SAFETY: group g reads row[32g..32g + 32] and writes q[32g..32g + 32], in bounds by
+    // the assert above.
+    unsafe {
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        for g in 0..groups {
+            let x = [
+                _mm512_loadu_ps(row.as_ptr().add(g * BLOCK_K)),
+                _mm512_loadu_ps(row.as_ptr().add(g * BLOCK_K + 16)),
+            ];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])));
+            let s = amax / 127.0;
+            let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+            let mut total = _mm512_setzero_si512();
+            for (h, x) in x.iter().enumerate() {
+                // The default rounding mode rounds half to even.
+                let v = _mm512_cvtps_epi32(_mm512_mul_ps(*x, inv));
+                let v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+                total = _mm512_add_epi32(total, v);
+                let bytes = _mm512_cvtepi32_epi8(v);
+                _mm_storeu_si128(
+                    q.as_mut_ptr().add(g * BLOCK_K + 16 * h) as *mut __m128i,
+                    bytes,
+                );
+            }
+            scale[g] = s;
+            sum[g] = _mm512_reduce_add_epi32(total);
+        }
+    }
+}
+
 #[target_feature(enable = "avx512f,avx512vnni,f16c")]
 unsafe fn q8_tile<const MR: usize>(
     a: &QuantActivations,
