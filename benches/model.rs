@@ -23,7 +23,7 @@ use captiond::vision::image::{DecodeLimits, Tiling};
 use captiond::vision::moondream2::batch::decode_together;
 use captiond::vision::moondream2::kernels::{self, PackedBf16, PackedWeight};
 use captiond::vision::moondream2::loader::{ModelFiles, process_rss_bytes};
-use captiond::vision::moondream2::precision::Precision;
+use captiond::vision::moondream2::precision::{LoadPlan, Precision};
 use captiond::vision::moondream2::vision::VisionModel;
 use captiond::vision::moondream2::{Config, GenerateOptions};
 use captiond::vision::{CaptionLength, Captioner, Moondream, RunControl, Skill, SkillSettings};
@@ -475,8 +475,18 @@ fn one_crop_png(seed: u32) -> Vec<u8> {
 /// ms/step, tokens/s); (b) the path users run, `b` threads each captioning its own
 /// 1-crop PNG through `Captioner::run`, their answers batched by the decode engine
 /// (images/s). On CUDA, also the device memory in use at each size (NVML).
+/// `precision`'s plan on `device`, with the KV cache format of `--kv-cache` (default
+/// auto).
+fn plan_with_kv(precision: Precision, device: &Device) -> LoadPlan {
+    let mut plan = precision.plan(device).unwrap();
+    if let Some(kv) = arg_value("--kv-cache") {
+        plan.formats.kv = kv.parse().unwrap();
+    }
+    plan
+}
+
 fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes: &[usize]) {
-    let plan = precision.plan(device).unwrap();
+    let plan = plan_with_kv(precision, device);
     let (moondream, _) = Moondream::from_files(
         files,
         device,
@@ -499,8 +509,9 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
     let model = moondream.model();
     let cfg = model.config();
     println!(
-        "== batched decoding, --dtype {precision} → {} on {device:?} ({}); short caption of {CAPTION_TOKENS} tokens on 1-crop 378×378 images; device memory after load {} MiB",
+        "== batched decoding, --dtype {precision} → {}, KV cache {} on {device:?} ({}); short caption of {CAPTION_TOKENS} tokens on 1-crop 378×378 images; device memory after load {} MiB",
         plan.precision,
+        plan.formats.kv,
         plan.why,
         vram_mib()
     );
@@ -760,7 +771,7 @@ fn main() {
         let batch: usize = arg_value("--batch")
             .and_then(|b| b.parse().ok())
             .unwrap_or(1);
-        let plan = precision.plan(&Device::Cpu).unwrap();
+        let plan = plan_with_kv(precision, &Device::Cpu);
         let (md, _) = Moondream::from_files(
             &files,
             &Device::Cpu,

@@ -89,6 +89,7 @@ fn watched(oom_images: Vec<Vec<u8>>) -> Arc<Watched> {
         offline: true,
         device: DeviceChoice::Cpu,
         precision: Precision::Auto,
+        kv_cache: Default::default(),
         limits: DecodeLimits::default(),
     };
     Arc::new(Watched {

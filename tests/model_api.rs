@@ -236,6 +236,7 @@ fn a_caption_runs_through_the_public_api_from_an_exif_rotated_jpeg() {
         offline: true,
         device: DeviceChoice::Cpu,
         precision: Precision::Auto,
+        kv_cache: Default::default(),
         limits: DecodeLimits::default(),
     };
     let (model, report) = Moondream::load(&opts).unwrap();
@@ -296,6 +297,7 @@ fn tiny_moondream() -> Moondream {
         offline: true,
         device: DeviceChoice::Cpu,
         precision: Precision::Auto,
+        kv_cache: Default::default(),
         limits: DecodeLimits::default(),
     };
     Moondream::load(&opts).unwrap().0

@@ -1,6 +1,7 @@
 //! Batched decoding on the tiny checkpoints: a sequence's tokens must not depend on
 //! the batch it decodes in. Every comparison is token for token against the same
-//! generation run alone, in f32 and in the packed formats (bf16, q8).
+//! generation run alone, in f32 and in the packed formats (bf16, q8), with the KV
+//! cache in its default format and in 8 bits.
 
 mod common;
 
@@ -8,13 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use captiond::vision::image::{DecodeLimits, decode_rgb};
+use captiond::vision::moondream2::KvFormat;
 use captiond::vision::moondream2::batch::decode_together;
 use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::moondream2::{
     AnswerSequence, BatchEvent, DecodeBatch, EncodedImage, GenerateOptions, Generation, Moondream2,
     Sampling, StopReason,
 };
-use common::{fixtures, load_tiny as load};
+use common::{fixtures, load_tiny_with};
 
 fn encode(m: &Moondream2, name: &str) -> EncodedImage {
     let bytes = std::fs::read(fixtures().join("tiny").join(name)).unwrap();
@@ -70,7 +72,11 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str, precision: Precision) -> Self {
-        let model = load(name, precision);
+        Self::with_kv(name, precision, KvFormat::Auto)
+    }
+
+    fn with_kv(name: &str, precision: Precision, kv: KvFormat) -> Self {
+        let model = load_tiny_with(name, precision, kv);
         let images = [
             encode(&model, "image_small_50x40.png"),
             encode(&model, "image_wide_720x430.png"),
@@ -98,21 +104,23 @@ impl Fixture {
     }
 }
 
-const SETUPS: [(&str, Precision); 4] = [
-    ("tiny", Precision::F32),
-    ("tiny_gqa", Precision::F32),
-    ("tiny", Precision::Bf16),
-    ("tiny_gqa", Precision::Q8),
+const SETUPS: [(&str, Precision, KvFormat); 6] = [
+    ("tiny", Precision::F32, KvFormat::Auto),
+    ("tiny_gqa", Precision::F32, KvFormat::Auto),
+    ("tiny", Precision::Bf16, KvFormat::Auto),
+    ("tiny_gqa", Precision::Q8, KvFormat::Auto),
+    ("tiny", Precision::Q8, KvFormat::Q8),
+    ("tiny_gqa", Precision::Bf16, KvFormat::Q8),
 ];
 
 #[test]
 fn a_batch_of_mixed_prompts_caps_and_sampling_gives_each_sequence_its_tokens_alone() {
-    for (name, precision) in SETUPS {
-        let f = Fixture::new(name, precision);
+    for (name, precision, kv) in SETUPS {
+        let f = Fixture::with_kv(name, precision, kv);
         let alone: Vec<Generation> = f.cases.iter().map(|c| f.alone(c)).collect();
         let together =
             decode_together(&f.model, f.cases.iter().map(|c| f.begin(c)).collect()).unwrap();
-        assert_eq!(together, alone, "{name} {precision:?}");
+        assert_eq!(together, alone, "{name} {precision:?} KV {kv}");
         // The cases must exercise what they claim: several tokens, the cap reached.
         assert!(alone.iter().any(|g| g.ids.len() >= 10), "{name}: {alone:?}");
         assert!(

@@ -16,6 +16,7 @@ use tokenizers::Tokenizer;
 
 use self::engine::{DecodeEngine, EngineStats};
 use self::image::{DecodeLimits, ImageInputError, decode_rgb};
+use self::moondream2::KvFormat;
 use self::moondream2::generate::{BoundingBox, Point};
 use self::moondream2::loader::{
     LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model_with,
@@ -267,6 +268,8 @@ pub struct ModelOptions {
     pub device: DeviceChoice,
     /// Weight format (`--dtype`).
     pub precision: Precision,
+    /// KV cache format (`--kv-cache`).
+    pub kv_cache: KvFormat,
     /// Decode limits for input images.
     pub limits: DecodeLimits,
 }
@@ -310,10 +313,11 @@ impl Moondream {
             } => files_from_hub(repo, revision, tokenizer_repo, opts.offline, None)?,
         };
         let device = pick_device(opts.device)?;
-        let plan = opts
+        let mut plan = opts
             .precision
             .plan(&device)
             .map_err(LoadError::Unsupported)?;
+        plan.formats.kv = opts.kv_cache;
         Self::from_files(&files, &device, &plan, opts.source.label(), opts.limits)
     }
 
@@ -334,7 +338,13 @@ impl Moondream {
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
             LoadError::MissingFiles(format!("cannot read tokenizer {}: {e}", tok_path.display()))
         })?;
-        tracing::info!(model = %id, dtype = %plan.precision, why = %plan.why, "weight format");
+        tracing::info!(
+            model = %id,
+            dtype = %plan.precision,
+            kv_cache = %plan.formats.kv,
+            why = %plan.why,
+            "weight format"
+        );
         let (model, report) = load_model_with(files, device, plan)?;
         tracing::info!(
             model = %id,

@@ -27,10 +27,21 @@ pub fn fixtures() -> PathBuf {
 
 /// A tiny checkpoint (`tiny`, `tiny_gqa`) loaded on the CPU in `precision`.
 pub fn load_tiny(name: &str, precision: Precision) -> captiond::vision::moondream2::Moondream2 {
+    load_tiny_with(name, precision, Default::default())
+}
+
+/// [`load_tiny`] with the KV cache kept in `kv`.
+#[allow(dead_code)]
+pub fn load_tiny_with(
+    name: &str,
+    precision: Precision,
+    kv: captiond::vision::moondream2::KvFormat,
+) -> captiond::vision::moondream2::Moondream2 {
     use captiond::vision::moondream2::loader::{files_in_dir, load_model_with};
     let files = files_in_dir(&fixtures().join(name)).unwrap();
     let device = candle_core::Device::Cpu;
-    let plan = precision.plan(&device).unwrap();
+    let mut plan = precision.plan(&device).unwrap();
+    plan.formats.kv = kv;
     load_model_with(&files, &device, &plan).unwrap().0
 }
 
@@ -85,6 +96,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             offline: true,
             device: DeviceChoice::Cpu,
             dtype: Precision::Auto,
+            kv_cache: Default::default(),
             max_tokens: 8,
             max_image_side: 16_384,
             max_image_pixels: 100_000_000,

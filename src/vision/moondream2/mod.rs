@@ -23,6 +23,7 @@ pub use config::Config;
 pub use generate::{AnswerSequence, GenerateOptions, Generation, Sampling, StopReason};
 pub use layers::LinearFormat;
 use region::RegionModel;
+pub use text::KvFormat;
 use text::{KvCache, TextModel};
 use vision::VisionModel;
 
@@ -39,20 +40,23 @@ pub struct Moondream2 {
     dtype: DType,
 }
 
-/// How the Linear weights of each part are stored.
+/// How the Linear weights of each part, and the text model's KV cache, are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Formats {
     /// The vision encoder and projection.
     pub vision: LinearFormat,
     /// The text decoder (with its output head) and the region heads.
     pub text: LinearFormat,
+    /// The host KV cache of the text decoder.
+    pub kv: KvFormat,
 }
 
 impl Formats {
-    /// Every weight a candle tensor.
+    /// Every weight a candle tensor (and an f32 KV cache on the CPU).
     pub const CANDLE: Self = Self {
         vision: LinearFormat::Candle,
         text: LinearFormat::Candle,
+        kv: KvFormat::Auto,
     };
 }
 
@@ -90,7 +94,7 @@ impl Moondream2 {
         Ok(Self {
             cfg: cfg.clone(),
             vision: VisionModel::new(&cfg.vision, vb.pp("vision"), formats.vision)?,
-            text: TextModel::new(&cfg.text, vb.pp("text"), formats.text)?,
+            text: TextModel::new(&cfg.text, vb.pp("text"), formats.text, formats.kv)?,
             region: RegionModel::new(&cfg.region, vb.pp("region"), formats.text)?,
             device: vb.device().clone(),
             dtype: vb.dtype(),

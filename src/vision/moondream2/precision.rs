@@ -6,6 +6,7 @@ use candle_core::{DType, Device};
 use super::Formats;
 use super::kernels::isa;
 use super::layers::LinearFormat;
+use super::text::KvFormat;
 
 /// Weight format asked for with `--dtype` / `CAPTIOND_DTYPE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -87,7 +88,11 @@ impl Precision {
         let packed = |precision, vision, text, why: String| LoadPlan {
             precision,
             dtype: DType::F32,
-            formats: Formats { vision, text },
+            formats: Formats {
+                vision,
+                text,
+                kv: KvFormat::Auto,
+            },
             why,
         };
         if !device.is_cpu() {

@@ -31,64 +31,143 @@ enum LayerKv {
     Host(Vec<HeadRows>, Vec<HeadRows>),
 }
 
-/// One KV head's rows on the host: f32, or bf16 bits (half the bytes per decode step)
-/// when the model runs on the packed kernels.
+/// How the host KV cache keeps keys and values (`--kv-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvFormat {
+    /// bf16 when the text weights are packed (bf16 or q8), f32 with candle weights.
+    #[default]
+    Auto,
+    /// bf16 rows (2 bytes a value).
+    Bf16,
+    /// 8-bit rows with one f32 scale per row of 64 (1.06 bytes a value): half the
+    /// bytes each decode step reads per sequence.
+    Q8,
+}
+
+impl std::str::FromStr for KvFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "q8" | "int8" => Ok(Self::Q8),
+            other => Err(format!(
+                "unknown KV cache format {other:?}; use auto, bf16 or q8"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KvFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Bf16 => "bf16",
+            Self::Q8 => "q8",
+        })
+    }
+}
+
+/// The storage of host cache rows in effect (a resolved [`KvFormat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowFormat {
+    F32,
+    Bf16,
+    Q8,
+}
+
+/// One KV head's rows on the host, `[len × 64]`: f32, bf16 bits (half the bytes per
+/// decode step) or 8-bit values with one scale per row (a quarter).
 #[derive(Debug, Clone)]
 enum HeadRows {
     F32(Vec<f32>),
     Bf16(Vec<u16>),
+    Q8 { q: Vec<i8>, scale: Vec<f32> },
 }
 
 impl HeadRows {
-    fn new(compact: bool) -> Self {
-        if compact {
-            Self::Bf16(Vec::new())
-        } else {
-            Self::F32(Vec::new())
+    fn new(format: RowFormat) -> Self {
+        match format {
+            RowFormat::F32 => Self::F32(Vec::new()),
+            RowFormat::Bf16 => Self::Bf16(Vec::new()),
+            RowFormat::Q8 => Self::Q8 {
+                q: Vec::new(),
+                scale: Vec::new(),
+            },
         }
     }
 
+    /// Appends rows (`[n × 64]`); 8-bit rows get the scale `max |x| / 127` and round
+    /// half to even.
     fn extend(&mut self, rows: &[f32]) {
         match self {
             Self::F32(v) => v.extend_from_slice(rows),
             Self::Bf16(v) => v.extend(rows.iter().map(|x| half::bf16::from_f32(*x).to_bits())),
+            Self::Q8 { q, scale } => {
+                // Adding and taking away 1.5·2²³ rounds half to even (and vectorises).
+                const MAGIC: f32 = 12_582_912.0;
+                for row in rows.chunks_exact(HEAD_DIM) {
+                    let s = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+                    q.extend(
+                        row.iter()
+                            .map(|x| ((x * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8),
+                    );
+                    scale.push(s);
+                }
+            }
         }
     }
 
-    fn reserve(&mut self, extra: usize) {
+    /// Room for `positions` more rows.
+    fn reserve(&mut self, positions: usize) {
         match self {
-            Self::F32(v) => v.reserve(extra),
-            Self::Bf16(v) => v.reserve(extra),
+            Self::F32(v) => v.reserve(positions * HEAD_DIM),
+            Self::Bf16(v) => v.reserve(positions * HEAD_DIM),
+            Self::Q8 { q, scale } => {
+                q.reserve(positions * HEAD_DIM);
+                scale.reserve(positions);
+            }
         }
     }
 
-    fn with_room(&self, extra: usize) -> Self {
-        fn grow<T: Copy>(v: &[T], extra: usize) -> Vec<T> {
-            let mut out = Vec::with_capacity(v.len() + extra);
-            out.extend_from_slice(v);
-            out
+    /// A copy with room for `positions` more rows.
+    fn with_room(&self, positions: usize) -> Self {
+        let mut out = match self {
+            Self::F32(_) => Self::new(RowFormat::F32),
+            Self::Bf16(_) => Self::new(RowFormat::Bf16),
+            Self::Q8 { .. } => Self::new(RowFormat::Q8),
+        };
+        out.reserve(self.len() + positions);
+        match (&mut out, self) {
+            (Self::F32(o), Self::F32(v)) => o.extend_from_slice(v),
+            (Self::Bf16(o), Self::Bf16(v)) => o.extend_from_slice(v),
+            (Self::Q8 { q: oq, scale: os }, Self::Q8 { q, scale }) => {
+                oq.extend_from_slice(q);
+                os.extend_from_slice(scale);
+            }
+            _ => unreachable!("with_room builds the same variant"),
         }
-        match self {
-            Self::F32(v) => Self::F32(grow(v, extra)),
-            Self::Bf16(v) => Self::Bf16(grow(v, extra)),
-        }
+        out
+    }
+
+    /// Rows held.
+    fn len(&self) -> usize {
+        self.rows().values() / HEAD_DIM
     }
 
     fn rows(&self) -> KvRows<'_> {
         match self {
             Self::F32(v) => KvRows::F32(v),
             Self::Bf16(v) => KvRows::Bf16(v),
+            Self::Q8 { q, scale } => KvRows::Q8 { q, scale },
         }
     }
 
     fn to_f32(&self) -> Vec<f32> {
-        match self {
-            Self::F32(v) => v.clone(),
-            Self::Bf16(v) => v
-                .iter()
-                .map(|b| half::bf16::from_bits(*b).to_f32())
-                .collect(),
-        }
+        self.rows().to_f32()
     }
 }
 
@@ -113,12 +192,7 @@ impl KvCache {
 
     /// A copy that can grow by `extra` positions without reallocating.
     pub fn with_room(&self, extra: usize) -> Self {
-        let grow = |heads: &[HeadRows]| {
-            heads
-                .iter()
-                .map(|h| h.with_room(extra * HEAD_DIM))
-                .collect()
-        };
+        let grow = |heads: &[HeadRows]| heads.iter().map(|h| h.with_room(extra)).collect();
         let layers = self
             .layers
             .iter()
@@ -138,19 +212,19 @@ impl KvCache {
         for layer in &mut self.layers {
             if let LayerKv::Host(k, v) = layer {
                 for head in k.iter_mut().chain(v.iter_mut()) {
-                    head.reserve(extra * HEAD_DIM);
+                    head.reserve(extra);
                 }
             }
         }
     }
 
     /// Appends `k`, `v` (`[1, kv_heads, n, 64]`) to a layer; host rows are kept in
-    /// bf16 when `compact`.
-    fn append(&mut self, layer: usize, k: Tensor, v: Tensor, compact: bool) -> Result<()> {
+    /// `format`.
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor, format: RowFormat) -> Result<()> {
         let slot = &mut self.layers[layer];
         if k.device().is_cpu() && !matches!(slot, LayerKv::Device(..)) {
             let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-            self.append_host(layer, k.dim(1)?, &host(&k)?, &host(&v)?, compact);
+            self.append_host(layer, k.dim(1)?, &host(&k)?, &host(&v)?, format);
             return Ok(());
         }
         let next = match slot {
@@ -164,14 +238,13 @@ impl KvCache {
     }
 
     /// Appends host keys and values `[heads × n × 64]` (head-major) to a layer that
-    /// lives on the host (created with `heads` KV heads, bf16 rows when `compact`, if
-    /// still empty).
-    fn append_host(&mut self, layer: usize, heads: usize, k: &[f32], v: &[f32], compact: bool) {
+    /// lives on the host (created with `heads` KV heads in `format`, if still empty).
+    fn append_host(&mut self, layer: usize, heads: usize, k: &[f32], v: &[f32], format: RowFormat) {
         let slot = &mut self.layers[layer];
         if matches!(slot, LayerKv::Empty) {
             *slot = LayerKv::Host(
-                (0..heads).map(|_| HeadRows::new(compact)).collect(),
-                (0..heads).map(|_| HeadRows::new(compact)).collect(),
+                (0..heads).map(|_| HeadRows::new(format)).collect(),
+                (0..heads).map(|_| HeadRows::new(format)).collect(),
             );
         }
         if let LayerKv::Host(hk, hv) = slot {
@@ -221,6 +294,8 @@ struct Block {
     mlp: Mlp,
     n_heads: usize,
     n_kv_heads: usize,
+    /// Storage of this block's host cache rows.
+    kv: RowFormat,
 }
 
 /// Text decoder with embeddings and output head.
@@ -246,8 +321,20 @@ pub struct Step {
 }
 
 impl TextModel {
-    /// Loads `text.*` tensors and builds the rotary table.
-    pub fn new(cfg: &TextConfig, vb: VarBuilder, format: LinearFormat) -> Result<Self> {
+    /// Loads `text.*` tensors and builds the rotary table; host KV caches are kept in
+    /// `kv` (auto: bf16 with packed weights, f32 with candle ones).
+    pub fn new(
+        cfg: &TextConfig,
+        vb: VarBuilder,
+        format: LinearFormat,
+        kv: KvFormat,
+    ) -> Result<Self> {
+        let kv = match (kv, format) {
+            (KvFormat::Q8, _) => RowFormat::Q8,
+            (KvFormat::Bf16, _) => RowFormat::Bf16,
+            (KvFormat::Auto, LinearFormat::Candle) => RowFormat::F32,
+            (KvFormat::Auto, _) => RowFormat::Bf16,
+        };
         let qkv_dim = (cfg.n_heads + 2 * cfg.n_kv_heads) * HEAD_DIM;
         // The largest tensors first, so that their f32 load copies are made while
         // little else is held (peak memory during load).
@@ -271,6 +358,7 @@ impl TextModel {
                     mlp: Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"), format)?,
                     n_heads: cfg.n_heads,
                     n_kv_heads: cfg.n_kv_heads,
+                    kv,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -460,7 +548,7 @@ impl Block {
             let mut outs = Vec::with_capacity(caches.len());
             for (i, cache) in caches.iter_mut().enumerate() {
                 let row = |t: &Tensor| t.narrow(2, i, 1);
-                cache.append(layer, row(&k)?, row(&v)?, self.qkv.is_packed())?;
+                cache.append(layer, row(&k)?, row(&v)?, self.kv)?;
                 outs.push(self.attend_last(&row(&q)?.contiguous()?, layer, cache)?);
             }
             Tensor::cat(&outs, 1)?
@@ -495,13 +583,7 @@ impl Block {
         for (i, cache) in caches.iter_mut().enumerate() {
             // One position: head-major and sequence-major rows are the same layout.
             let rows = i * kv..(i + 1) * kv;
-            cache.append_host(
-                layer,
-                self.n_kv_heads,
-                &k[rows.clone()],
-                &v[rows],
-                self.qkv.is_packed(),
-            );
+            cache.append_host(layer, self.n_kv_heads, &k[rows.clone()], &v[rows], self.kv);
         }
         let rows = caches
             .iter()
@@ -577,7 +659,7 @@ impl Block {
     ) -> Result<Tensor> {
         let (b, n, dim) = h.dims3()?;
         let (q, k, v) = self.qkv_heads(h, at)?;
-        cache.append(layer, k, v, self.qkv.is_packed())?;
+        cache.append(layer, k, v, self.kv)?;
         if n == 1 && b == 1 {
             return self.proj.forward(&self.attend_last(&q, layer, cache)?);
         }

@@ -65,13 +65,47 @@ fn attend_head(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
     }
 }
 
-/// One KV head's cached keys or values, `[len × dim]`, in f32 or as bf16 bits.
+/// One KV head's cached keys or values, `[len × dim]`, in f32, as bf16 bits, or in
+/// 8 bits with one scale per row.
 #[derive(Debug, Clone, Copy)]
 pub enum KvRows<'a> {
     /// 32-bit floats.
     F32(&'a [f32]),
     /// bf16 bit patterns.
     Bf16(&'a [u16]),
+    /// Row `j` is `q[j·dim..(j + 1)·dim] × scale[j]`.
+    Q8 {
+        /// The 8-bit values, `[len × dim]`.
+        q: &'a [i8],
+        /// One scale per row, `[len]`.
+        scale: &'a [f32],
+    },
+}
+
+impl KvRows<'_> {
+    /// Number of values (`len × dim`).
+    pub fn values(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+            Self::Q8 { q, .. } => q.len(),
+        }
+    }
+
+    /// The rows in f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.to_vec(),
+            Self::Bf16(v) => v.iter().map(|b| u16::get(*b)).collect(),
+            Self::Q8 { q, scale } => {
+                let dim = q.len() / scale.len().max(1);
+                q.chunks_exact(dim.max(1))
+                    .zip(scale.iter())
+                    .flat_map(|(row, s)| row.iter().map(move |x| f32::from(*x) * s))
+                    .collect()
+            }
+        }
+    }
 }
 
 /// An element of a cache row.
@@ -83,6 +117,13 @@ impl Elem for f32 {
     #[inline(always)]
     fn get(self) -> f32 {
         self
+    }
+}
+
+impl Elem for i8 {
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from(self)
     }
 }
 
@@ -114,6 +155,9 @@ pub fn attend_each(
     let heads = q.len() / (seqs * dim);
     for (k, v) in caches {
         assert!(k.len() == v.len() && !k.is_empty() && heads.is_multiple_of(k.len()));
+        for (kh, vh) in k.iter().zip(v.iter()) {
+            assert!(kh.values() == vh.values() && kh.values().is_multiple_of(dim));
+        }
     }
     let wide = isa().avx512bf16 || isa().avx512vnni;
     out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
@@ -124,10 +168,19 @@ pub fn attend_each(
         let (kg, vg) = (k[h / rep], v[h / rep]);
         #[cfg(target_arch = "x86_64")]
         if wide {
-            if let (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) = (kg, vg, dim) {
-                // SAFETY: AVX512-F and FMA are present whenever either AVX512 family is.
-                unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, o) };
-                return;
+            match (kg, vg, dim) {
+                (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) => {
+                    // SAFETY: AVX512-F and FMA are present whenever either AVX512 family
+                    // is.
+                    unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, o) };
+                    return;
+                }
+                (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64) => {
+                    // SAFETY: as above.
+                    unsafe { super::x86::attend_head_q8_64(qh, (kq, ks), (vq, vs), o) };
+                    return;
+                }
+                _ => {}
             }
             // SAFETY: AVX512-F is present whenever either AVX512 family is.
             unsafe { head_avx512(qh, kg, vg, o) };
@@ -151,6 +204,39 @@ fn head_any(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, o: &mut [f32]) {
         (KvRows::Bf16(k), KvRows::Bf16(v)) => head(q, k, v, o),
         (KvRows::F32(k), KvRows::Bf16(v)) => head(q, k, v, o),
         (KvRows::Bf16(k), KvRows::F32(v)) => head(q, k, v, o),
+        (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }) => {
+            head_q8(q, (kq, ks), (vq, vs), o)
+        }
+        (k, v) => head(q, &k.to_f32(), &v.to_f32(), o),
+    }
+}
+
+/// [`head`] over 8-bit rows: each key's dot product and each value's weight are
+/// multiplied by that row's scale.
+#[inline(always)]
+fn head_q8(q: &[f32], k: (&[i8], &[f32]), v: (&[i8], &[f32]), o: &mut [f32]) {
+    let dim = q.len();
+    let mut scores: Vec<f32> =
+        k.0.chunks_exact(dim)
+            .zip(k.1)
+            .map(|(row, s)| dot(q, row) * s)
+            .collect();
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
+    let mut total = 0f32;
+    for s in scores.iter_mut() {
+        *s = super::math::exp(*s - max);
+        total += *s;
+    }
+    o.fill(0.0);
+    for ((p, row), s) in scores.iter().zip(v.0.chunks_exact(dim)).zip(v.1) {
+        let w = p * s;
+        for (x, y) in o.iter_mut().zip(row) {
+            *x += w * y.get();
+        }
+    }
+    let inv = 1.0 / total;
+    for x in o.iter_mut() {
+        *x *= inv;
     }
 }
 

@@ -188,8 +188,20 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], dim: usize) -> Vec<f64> 
         .collect()
 }
 
+/// 8-bit rows of `dim` values with one scale per row, rounded as the KV cache does.
+fn quantize_rows(x: &[f32], dim: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = Vec::new();
+    let mut scale = Vec::new();
+    for row in x.chunks_exact(dim) {
+        let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+        q.extend(row.iter().map(|v| (v / s).round_ties_even() as i8));
+        scale.push(s);
+    }
+    (q, scale)
+}
+
 #[test]
-fn decode_attention_over_bf16_and_f32_rows_matches_f64_and_batches_exactly() {
+fn decode_attention_over_bf16_f32_and_q8_rows_matches_f64_and_batches_exactly() {
     let mut rng = Rng(0x5EED);
     let (heads, kv_heads, dim) = (4, 2, 64);
     let bf16 = |x: &[f32]| -> Vec<u16> {
@@ -197,65 +209,73 @@ fn decode_attention_over_bf16_and_f32_rows_matches_f64_and_batches_exactly() {
             .map(|v| half::bf16::from_f32(*v).to_bits())
             .collect()
     };
-    let widen = |x: &[u16]| -> Vec<f32> {
-        x.iter()
-            .map(|b| half::bf16::from_bits(*b).to_f32())
-            .collect()
-    };
-    // Lengths around the kernel's steps of 16 and 2 keys, and a prefix-sized one.
+    // Lengths around the kernels' steps of 16 and 2 keys, and a prefix-sized one.
     let lens = [1usize, 2, 3, 5, 15, 16, 17, 33, 731];
     let mut seqs = Vec::new();
     for &len in &lens {
         let q: Vec<f32> = rng.vec(heads * dim).iter().map(|x| x * 0.5).collect();
-        let k: Vec<Vec<u16>> = (0..kv_heads).map(|_| bf16(&rng.vec(len * dim))).collect();
-        let v: Vec<Vec<u16>> = (0..kv_heads).map(|_| bf16(&rng.vec(len * dim))).collect();
+        let k: Vec<Vec<f32>> = (0..kv_heads).map(|_| rng.vec(len * dim)).collect();
+        let v: Vec<Vec<f32>> = (0..kv_heads).map(|_| rng.vec(len * dim)).collect();
         seqs.push((q, k, v));
     }
-    let mut alone = Vec::new();
-    for (q, k, v) in &seqs {
-        for as_f32 in [false, true] {
-            let kf: Vec<Vec<f32>> = k.iter().map(|h| widen(h)).collect();
-            let vf: Vec<Vec<f32>> = v.iter().map(|h| widen(h)).collect();
-            fn rows<'a>(b: &'a [Vec<u16>], f: &'a [Vec<f32>], as_f32: bool) -> Vec<KvRows<'a>> {
-                if as_f32 {
-                    f.iter().map(|h| KvRows::F32(h)).collect()
-                } else {
-                    b.iter().map(|h| KvRows::Bf16(h)).collect()
-                }
-            }
-            let (kr, vr) = (rows(k, &kf, as_f32), rows(v, &vf, as_f32));
+    // Each head's rows in every format, and the f32 values those rows stand for.
+    struct Stored {
+        bf16: Vec<u16>,
+        f32: Vec<f32>,
+        q8: (Vec<i8>, Vec<f32>),
+    }
+    let store = |h: &Vec<f32>| Stored {
+        bf16: bf16(h),
+        f32: h.clone(),
+        q8: quantize_rows(h, dim),
+    };
+    let stored: Vec<(Vec<Stored>, Vec<Stored>)> = seqs
+        .iter()
+        .map(|(_, k, v)| (k.iter().map(store).collect(), v.iter().map(store).collect()))
+        .collect();
+    fn rows(heads: &[Stored], format: usize) -> Vec<KvRows<'_>> {
+        heads
+            .iter()
+            .map(|h| match format {
+                0 => KvRows::Bf16(&h.bf16),
+                1 => KvRows::F32(&h.f32),
+                _ => KvRows::Q8 {
+                    q: &h.q8.0,
+                    scale: &h.q8.1,
+                },
+            })
+            .collect()
+    }
+    for format in 0..3 {
+        let mut alone = Vec::new();
+        for ((q, ..), (ks, vs)) in seqs.iter().zip(&stored) {
+            let (kr, vr) = (rows(ks, format), rows(vs, format));
             let mut out = vec![0f32; heads * dim];
             attend_one(q, &kr, &vr, dim, &mut out);
             for h in 0..heads {
                 let g = h / (heads / kv_heads);
-                let want = attention_reference(&q[h * dim..(h + 1) * dim], &kf[g], &vf[g], dim);
+                let (kf, vf) = (kr[g].to_f32(), vr[g].to_f32());
+                let want = attention_reference(&q[h * dim..(h + 1) * dim], &kf, &vf, dim);
                 for (got, want) in out[h * dim..(h + 1) * dim].iter().zip(&want) {
                     assert!(
                         (f64::from(*got) - want).abs() < 1e-5,
-                        "len {} f32 rows {as_f32}: {got} vs {want}",
-                        k[0].len() / dim
+                        "len {} format {format}: {got} vs {want}",
+                        kf.len() / dim
                     );
                 }
             }
-            if !as_f32 {
-                alone.push(out);
-            }
+            alone.push(out);
         }
+        // All sequences in one pass give each exactly what it gets alone.
+        let q_all: Vec<f32> = seqs.iter().flat_map(|(q, ..)| q.clone()).collect();
+        let all: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = stored
+            .iter()
+            .map(|(k, v)| (rows(k, format), rows(v, format)))
+            .collect();
+        let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
+            all.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let mut out = vec![0f32; q_all.len()];
+        attend_each(&q_all, &pairs, dim, &mut out);
+        assert_eq!(out, alone.concat(), "format {format}");
     }
-    // All sequences in one pass give each exactly what it gets alone.
-    let q_all: Vec<f32> = seqs.iter().flat_map(|(q, ..)| q.clone()).collect();
-    let rows: Vec<(Vec<KvRows<'_>>, Vec<KvRows<'_>>)> = seqs
-        .iter()
-        .map(|(_, k, v)| {
-            (
-                k.iter().map(|h| KvRows::Bf16(h)).collect(),
-                v.iter().map(|h| KvRows::Bf16(h)).collect(),
-            )
-        })
-        .collect();
-    let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
-        rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-    let mut out = vec![0f32; q_all.len()];
-    attend_each(&q_all, &pairs, dim, &mut out);
-    assert_eq!(out, alone.concat());
 }

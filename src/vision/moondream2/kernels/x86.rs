@@ -582,3 +582,109 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
         }
     }
 }
+
+/// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
+/// `[len]` scales). A row is one 512-bit load widened in four quarters; a key's scale
+/// multiplies its summed dot product, a value's scale its softmax weight.
+#[target_feature(enable = "avx512f,fma")]
+pub(super) unsafe fn attend_head_q8_64(
+    q: &[f32],
+    k: (&[i8], &[f32]),
+    v: (&[i8], &[f32]),
+    o: &mut [f32],
+) {
+    const D: usize = 64;
+    // Rows prefetched ahead: 4 KiB, as for bf16 rows.
+    const AHEAD: usize = 64;
+    let len = k.1.len();
+    assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
+    assert!(v.0.len() == len * D && v.1.len() == len);
+    let mut scores = vec![0f32; len];
+    // SAFETY: every load below is within k and v (len × 64 values, len scales) as
+    // asserted, every store within scores (len) or o (64).
+    unsafe {
+        let quarter = |p: *const i8| {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+        };
+        let qv = [0, 16, 32, 48].map(|c| _mm512_loadu_ps(q.as_ptr().add(c)));
+        let dot = |row: *const i8| -> __m512 {
+            let a = _mm512_mul_ps(qv[0], quarter(row));
+            let b = _mm512_mul_ps(qv[1], quarter(row.add(16)));
+            let a = _mm512_fmadd_ps(qv[2], quarter(row.add(32)), a);
+            let b = _mm512_fmadd_ps(qv[3], quarter(row.add(48)), b);
+            _mm512_add_ps(a, b)
+        };
+        let by_lane = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+        };
+        let by_pair = |x: __m512, y: __m512| {
+            let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+            _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+            )
+        };
+        let by_quarter = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        let (kp, vp) = (k.0.as_ptr(), v.0.as_ptr());
+        let mut j = 0;
+        while j + 16 <= len {
+            for i in 0..16 {
+                let ahead = (j + AHEAD + i) * D;
+                let p = if ahead < len * D {
+                    kp.add(ahead)
+                } else {
+                    vp.wrapping_add(ahead - len * D)
+                };
+                _mm_prefetch::<_MM_HINT_T0>(p);
+            }
+            let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
+            let l: [__m512; 8] = std::array::from_fn(|i| by_lane(d[2 * i], d[2 * i + 1]));
+            let p: [__m512; 4] = std::array::from_fn(|i| by_pair(l[2 * i], l[2 * i + 1]));
+            let h = [by_quarter(p[0], p[1]), by_quarter(p[2], p[3])];
+            let s = _mm512_mul_ps(by_quarter(h[0], h[1]), _mm512_loadu_ps(k.1.as_ptr().add(j)));
+            _mm512_storeu_ps(scores.as_mut_ptr().add(j), s);
+            j += 16;
+        }
+        while j < len {
+            scores[j] = _mm512_reduce_add_ps(dot(kp.add(j * D))) * k.1[j];
+            j += 1;
+        }
+        let max = super::math::lanes(&scores, f32::NEG_INFINITY, f32::max);
+        for s in scores.iter_mut() {
+            *s = super::math::exp(*s - max);
+        }
+        let total = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        for (s, scale) in scores.iter_mut().zip(v.1) {
+            *s *= scale;
+        }
+        // Two sets of accumulators (even and odd keys) halve the dependency chains.
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut add_row = |set: usize, key: usize| {
+            _mm_prefetch::<_MM_HINT_T0>(vp.wrapping_add((key + AHEAD) * D));
+            let p = _mm512_set1_ps(scores[key]);
+            let row = vp.add(key * D);
+            for (c, a) in acc[4 * set..4 * set + 4].iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(p, quarter(row.add(16 * c)), *a);
+            }
+        };
+        let mut j = 0;
+        while j + 2 <= len {
+            add_row(0, j);
+            add_row(1, j + 1);
+            j += 2;
+        }
+        if j < len {
+            add_row(0, j);
+        }
+        let inv = _mm512_set1_ps(1.0 / total);
+        for c in 0..4 {
+            let sum = _mm512_mul_ps(_mm512_add_ps(acc[c], acc[4 + c]), inv);
+            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), sum);
+        }
+    }
+}
