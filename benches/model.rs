@@ -267,6 +267,46 @@ fn decode_kernels() {
         cache / rate * 1e3,
         rate / 1e9
     );
+    // The same cache in 8 bits with a scale per row (--kv-cache q8).
+    let q8 = |rows: &[u16]| -> (Vec<i8>, Vec<f32>) {
+        let mut q = Vec::with_capacity(rows.len());
+        let mut scale = Vec::with_capacity(rows.len() / dim);
+        for row in rows.chunks_exact(dim) {
+            let f: Vec<f32> = row
+                .iter()
+                .map(|b| half::bf16::from_bits(*b).to_f32())
+                .collect();
+            let s = f.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            q.extend(f.iter().map(|x| (x / s).round() as i8));
+            scale.push(s);
+        }
+        (q, scale)
+    };
+    let per_layer = |all: &[Vec<Vec<u16>>]| -> Vec<Vec<(Vec<i8>, Vec<f32>)>> {
+        all.iter()
+            .map(|l| l.iter().map(|r| q8(r)).collect())
+            .collect()
+    };
+    let (kq, vq) = (per_layer(&ks), per_layer(&vs));
+    let rows8 = |h: &(Vec<i8>, Vec<f32>)| -> usize { h.0.len() + 4 * h.1.len() };
+    let cache8: usize = kq.iter().chain(&vq).flatten().map(rows8).sum();
+    let cache8 = cache8 as f64;
+    let rate = best_rate(cache8, || {
+        fn view(l: &[(Vec<i8>, Vec<f32>)]) -> Vec<kernels::KvRows<'_>> {
+            l.iter()
+                .map(|(q, scale)| kernels::KvRows::Q8 { q, scale })
+                .collect()
+        }
+        for (kl, vl) in kq.iter().zip(&vq) {
+            kernels::attend_one(&q, &view(kl), &view(vl), dim, &mut out);
+        }
+    });
+    println!(
+        "decode attention, one sequence, same cache in 8 bits ({:.0} MB): {:.2} ms, {:.1} GB/s",
+        cache8 / 1e6,
+        cache8 / rate * 1e3,
+        rate / 1e9
+    );
 }
 
 /// Best rate of 5 timed runs (after one warm-up), in operations per second.
@@ -470,11 +510,6 @@ fn one_crop_png(seed: u32) -> Vec<u8> {
     png.into_inner()
 }
 
-/// Batched decoding at each size in `sizes`, beside batch 1: (a) the model path, one
-/// 1-crop image encoded once and `b` short-caption sequences decoded together (decode
-/// ms/step, tokens/s); (b) the path users run, `b` threads each captioning its own
-/// 1-crop PNG through `Captioner::run`, their answers batched by the decode engine
-/// (images/s). On CUDA, also the device memory in use at each size (NVML).
 /// `precision`'s plan on `device`, with the KV cache format of `--kv-cache` (default
 /// auto).
 fn plan_with_kv(precision: Precision, device: &Device) -> LoadPlan {
@@ -485,6 +520,11 @@ fn plan_with_kv(precision: Precision, device: &Device) -> LoadPlan {
     plan
 }
 
+/// Batched decoding at each size in `sizes`, beside batch 1: (a) the model path, one
+/// 1-crop image encoded once and `b` short-caption sequences decoded together (decode
+/// ms/step, tokens/s); (b) the path users run, `b` threads each captioning its own
+/// 1-crop PNG through `Captioner::run`, their answers batched by the decode engine
+/// (images/s). On CUDA, also the device memory in use at each size (NVML).
 fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes: &[usize]) {
     let plan = plan_with_kv(precision, device);
     let (moondream, _) = Moondream::from_files(

@@ -5,7 +5,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::kernels::{KvRows, attend_each, attend_one};
+use super::kernels::{KvRows, attend_each, attend_one, store_bf16, store_q8};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 /// Head width; the reference hard-codes the rotary layout around 64.
@@ -104,20 +104,8 @@ impl HeadRows {
     fn extend(&mut self, rows: &[f32]) {
         match self {
             Self::F32(v) => v.extend_from_slice(rows),
-            Self::Bf16(v) => v.extend(rows.iter().map(|x| half::bf16::from_f32(*x).to_bits())),
-            Self::Q8 { q, scale } => {
-                // Adding and taking away 1.5·2²³ rounds half to even (and vectorises).
-                const MAGIC: f32 = 12_582_912.0;
-                for row in rows.chunks_exact(HEAD_DIM) {
-                    let s = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
-                    let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                    q.extend(
-                        row.iter()
-                            .map(|x| ((x * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8),
-                    );
-                    scale.push(s);
-                }
-            }
+            Self::Bf16(v) => store_bf16(rows, v),
+            Self::Q8 { q, scale } => store_q8(rows, HEAD_DIM, q, scale),
         }
     }
 
@@ -135,27 +123,20 @@ impl HeadRows {
 
     /// A copy with room for `positions` more rows.
     fn with_room(&self, positions: usize) -> Self {
-        let mut out = match self {
-            Self::F32(_) => Self::new(RowFormat::F32),
-            Self::Bf16(_) => Self::new(RowFormat::Bf16),
-            Self::Q8 { .. } => Self::new(RowFormat::Q8),
-        };
-        out.reserve(self.len() + positions);
-        match (&mut out, self) {
-            (Self::F32(o), Self::F32(v)) => o.extend_from_slice(v),
-            (Self::Bf16(o), Self::Bf16(v)) => o.extend_from_slice(v),
-            (Self::Q8 { q: oq, scale: os }, Self::Q8 { q, scale }) => {
-                oq.extend_from_slice(q);
-                os.extend_from_slice(scale);
-            }
-            _ => unreachable!("with_room builds the same variant"),
+        fn grow<T: Copy>(v: &[T], extra: usize) -> Vec<T> {
+            let mut out = Vec::with_capacity(v.len() + extra);
+            out.extend_from_slice(v);
+            out
         }
-        out
-    }
-
-    /// Rows held.
-    fn len(&self) -> usize {
-        self.rows().values() / HEAD_DIM
+        let values = positions * HEAD_DIM;
+        match self {
+            Self::F32(v) => Self::F32(grow(v, values)),
+            Self::Bf16(v) => Self::Bf16(grow(v, values)),
+            Self::Q8 { q, scale } => Self::Q8 {
+                q: grow(q, values),
+                scale: grow(scale, positions),
+            },
+        }
     }
 
     fn rows(&self) -> KvRows<'_> {

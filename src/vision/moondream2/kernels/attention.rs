@@ -83,6 +83,15 @@ pub enum KvRows<'a> {
 }
 
 impl KvRows<'_> {
+    /// Where the rows begin (for prefetching).
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Self::F32(v) => v.as_ptr() as *const u8,
+            Self::Bf16(v) => v.as_ptr() as *const u8,
+            Self::Q8 { q, .. } => q.as_ptr() as *const u8,
+        }
+    }
+
     /// Number of values (`len × dim`).
     pub fn values(&self) -> usize {
         match self {
@@ -104,6 +113,52 @@ impl KvRows<'_> {
                     .flat_map(|(row, s)| row.iter().map(move |x| f32::from(*x) * s))
                     .collect()
             }
+        }
+    }
+}
+
+/// Appends `rows` (f32) to a bf16 cache head, rounding to nearest even.
+pub fn store_bf16(rows: &[f32], out: &mut Vec<u16>) {
+    let start = out.len();
+    out.resize(start + rows.len(), 0);
+    let dst = &mut out[start..];
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx512bf16 {
+        // SAFETY: AVX512-BF16 is present; `dst` is as long as `rows`.
+        unsafe { super::x86::f32_to_bf16(rows, dst) };
+        return;
+    }
+    for (d, x) in dst.iter_mut().zip(rows) {
+        *d = half::bf16::from_f32(*x).to_bits();
+    }
+}
+
+/// Appends `rows` (f32, `[n × dim]`) to an 8-bit cache head: per row the scale
+/// `max |x| / 127` and the values divided by it, rounded half to even.
+pub fn store_q8(rows: &[f32], dim: usize, q: &mut Vec<i8>, scale: &mut Vec<f32>) {
+    assert!(dim > 0 && rows.len().is_multiple_of(dim));
+    let (q0, s0) = (q.len(), scale.len());
+    q.resize(q0 + rows.len(), 0);
+    scale.resize(s0 + rows.len() / dim, 0.0);
+    let (q, scale) = (&mut q[q0..], &mut scale[s0..]);
+    #[cfg(target_arch = "x86_64")]
+    if dim == 64 && (isa().avx512bf16 || isa().avx512vnni) {
+        // SAFETY: AVX512-F is present whenever either AVX512 family is; the slices
+        // hold the rows.
+        unsafe { super::x86::quantize_rows_64(rows, q, scale) };
+        return;
+    }
+    // Adding and taking away 1.5·2²³ rounds half to even (and vectorises).
+    const MAGIC: f32 = 12_582_912.0;
+    for ((row, out), s) in rows
+        .chunks_exact(dim)
+        .zip(q.chunks_exact_mut(dim))
+        .zip(scale)
+    {
+        *s = row.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+        let inv = if *s > 0.0 { 1.0 / *s } else { 0.0 };
+        for (o, x) in out.iter_mut().zip(row) {
+            *o = ((x * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i8;
         }
     }
 }
@@ -168,16 +223,22 @@ pub fn attend_each(
         let (kg, vg) = (k[h / rep], v[h / rep]);
         #[cfg(target_arch = "x86_64")]
         if wide {
+            // The keys of the pair this thread most likely takes next, to prefetch
+            // while this one's last values are read.
+            let next = match caches.get((i + 1) / heads) {
+                Some((k, _)) => k[(i + 1) % heads / (heads / k.len())].as_ptr(),
+                None => std::ptr::null(),
+            };
             match (kg, vg, dim) {
                 (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) => {
                     // SAFETY: AVX512-F and FMA are present whenever either AVX512 family
-                    // is.
-                    unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, o) };
+                    // is; `next` is only prefetched.
+                    unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, next, o) };
                     return;
                 }
                 (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64) => {
                     // SAFETY: as above.
-                    unsafe { super::x86::attend_head_q8_64(qh, (kq, ks), (vq, vs), o) };
+                    unsafe { super::x86::attend_head_q8_64(qh, (kq, ks), (vq, vs), next, o) };
                     return;
                 }
                 _ => {}

@@ -16,7 +16,7 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use attention::{KvRows, attend_all, attend_each, attend_one};
+pub use attention::{KvRows, attend_all, attend_each, attend_one, store_bf16, store_q8};
 pub use isa::{Isa, isa};
 pub use pack::{PackedBf16, PackedQ8, PackedWeight};
 pub use peak::instruction_peak_gflops;

@@ -220,14 +220,14 @@ pub(super) fn activations_bf16(
 }
 
 /// Activations quantized like the weights: per row and 32 inputs, 8-bit values, the
-/// scale, and the sum of the values (to undo the weights' +128 offset).
+/// scale, and 128 × the sum of the values (what the weights' +128 offset adds to a product).
 #[derive(Debug)]
 pub(super) struct QuantActivations {
     pub(super) m: usize,
     pub(super) kp: usize,
     pub(super) q: Vec<i8>,
     pub(super) scale: Vec<f32>,
-    pub(super) sum: Vec<i32>,
+    pub(super) offset: Vec<i32>,
 }
 
 impl QuantActivations {
@@ -236,19 +236,19 @@ impl QuantActivations {
         let groups = kp / BLOCK_K;
         let mut q = vec![0i8; m * kp];
         let mut scale = vec![0f32; m * groups];
-        let mut sum = vec![0i32; m * groups];
+        let mut offset = vec![0i32; m * groups];
         for (r, row) in a.chunks_exact(k).enumerate().take(m) {
-            let (q, scale, sum) = (
+            let (q, scale, offset) = (
                 &mut q[r * kp..(r + 1) * kp],
                 &mut scale[r * groups..(r + 1) * groups],
-                &mut sum[r * groups..(r + 1) * groups],
+                &mut offset[r * groups..(r + 1) * groups],
             );
             let mut whole = 0;
             #[cfg(target_arch = "x86_64")]
             if isa.avx512vnni {
                 whole = k / BLOCK_K;
                 // SAFETY: AVX512-F is present with VNNI; the slices hold `whole` groups.
-                unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, sum) };
+                unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, offset) };
             }
             let _ = isa;
             for (g, group) in row.chunks(BLOCK_K).enumerate().skip(whole) {
@@ -262,7 +262,7 @@ impl QuantActivations {
                     total += i32::from(qv);
                 }
                 scale[g] = s;
-                sum[g] = total;
+                offset[g] = 128 * total;
             }
         }
         Self {
@@ -270,7 +270,7 @@ impl QuantActivations {
             kp,
             q,
             scale,
-            sum,
+            offset,
         }
     }
 }

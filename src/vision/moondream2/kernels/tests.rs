@@ -194,10 +194,35 @@ fn quantize_rows(x: &[f32], dim: usize) -> (Vec<i8>, Vec<f32>) {
     let mut scale = Vec::new();
     for row in x.chunks_exact(dim) {
         let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-        q.extend(row.iter().map(|v| (v / s).round_ties_even() as i8));
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.extend(row.iter().map(|v| (v * inv).round_ties_even() as i8));
         scale.push(s);
     }
     (q, scale)
+}
+
+#[test]
+fn kv_rows_are_stored_rounded_to_nearest_even() {
+    let mut rng = Rng(0xCAC4E);
+    let mut x = rng.vec(64 * 37);
+    // A zero row, and a row of exact halves once scaled (max 127 → scale 1).
+    x[64..128].fill(0.0);
+    for (i, v) in x[128..192].iter_mut().enumerate() {
+        *v = if i == 0 { 127.0 } else { (i % 9) as f32 - 4.5 };
+    }
+    let (mut q, mut scale) = (vec![3i8], vec![0.5f32]);
+    store_q8(&x, 64, &mut q, &mut scale);
+    let want = quantize_rows(&x, 64);
+    assert_eq!((&q[1..], &scale[1..]), (&want.0[..], &want.1[..]));
+    assert_eq!((q[0], scale[0]), (3, 0.5), "appends after what was there");
+    assert_eq!(&q[1 + 128..1 + 134], &[127, -4, -2, -2, 0, 0]);
+    let mut b = vec![7u16];
+    store_bf16(&x, &mut b);
+    let want: Vec<u16> = x
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect();
+    assert_eq!(&b[1..], &want[..]);
 }
 
 #[test]

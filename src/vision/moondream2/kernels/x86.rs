@@ -29,6 +29,36 @@ pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
+/// Rows of 64 → 8 bits with one scale per row (`max |x| / 127`, half to even), as
+/// [`super::attention::store_q8`] does them.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn quantize_rows_64(rows: &[f32], q: &mut [i8], scale: &mut [f32]) {
+    const D: usize = 64;
+    let n = rows.len() / D;
+    assert!(q.len() >= n * D && scale.len() >= n);
+    // SAFETY: row r reads rows[64r..64r + 64] and writes q[64r..64r + 64], in bounds by
+    // the assert above.
+    unsafe {
+        let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+        for (r, s_out) in scale.iter_mut().enumerate().take(n) {
+            let x = [0, 16, 32, 48].map(|c| _mm512_loadu_ps(rows.as_ptr().add(r * D + c)));
+            let m = x.iter().fold(_mm512_setzero_ps(), |m, v| {
+                _mm512_max_ps(m, _mm512_abs_ps(*v))
+            });
+            let s = _mm512_reduce_max_ps(m) / 127.0;
+            let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+            for (c, v) in x.iter().enumerate() {
+                // The default rounding mode rounds half to even.
+                let i = _mm512_cvtps_epi32(_mm512_mul_ps(*v, inv));
+                let i = _mm512_min_epi32(_mm512_max_epi32(i, lo), hi);
+                let out = q.as_mut_ptr().add(r * D + 16 * c) as *mut __m128i;
+                _mm_storeu_si128(out, _mm512_cvtepi32_epi8(i));
+            }
+            *s_out = s;
+        }
+    }
+}
+
 /// `m ≤ 8` bf16 rows times `blocks` (even) packed column blocks into `c` (stride `ldc`).
 #[target_feature(enable = "avx512f,avx512bf16")]
 pub(super) unsafe fn bf16_rows_into(
@@ -154,16 +184,16 @@ pub(super) unsafe fn q8_rows(
 
 /// Activations → 8 bits per 32-input group, as [`QuantActivations`] does it (a scale of
 /// `max |x| / 127`, rounding half to even): whole groups of `row` into `q`, `scale` and
-/// `sum` (the group's values added up).
+/// `offset` (128 × the group's values added up).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn quantize_groups(
     row: &[f32],
     q: &mut [i8],
     scale: &mut [f32],
-    sum: &mut [i32],
+    offset: &mut [i32],
 ) {
     let groups = row.len() / BLOCK_K;
-    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && sum.len() >= groups);
+    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && offset.len() >= groups);
     // SAFETY: group g reads row[32g..32g + 32] and writes q[32g..32g + 32], in bounds by
     // the assert above.
     unsafe {
@@ -190,7 +220,7 @@ pub(super) unsafe fn quantize_groups(
                 );
             }
             scale[g] = s;
-            sum[g] = _mm512_reduce_add_epi32(total);
+            offset[g] = 128 * _mm512_reduce_add_epi32(total);
         }
     }
 }
@@ -222,8 +252,7 @@ unsafe fn q8_tile<const MR: usize>(
             }
             let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g)));
             for r in 0..MR {
-                let fixed =
-                    _mm512_sub_epi32(dot[r], _mm512_set1_epi32(128 * a.sum[r * groups + g]));
+                let fixed = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(a.offset[r * groups + g]));
                 let s = _mm512_mul_ps(sw, _mm512_set1_ps(a.scale[r * groups + g]));
                 acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
             }
@@ -264,7 +293,11 @@ unsafe fn q8_tile2<const MR: usize>(
             w.scales.as_ptr().add((b + 1) * groups * BLOCK_N) as *const __m256i,
         ];
         let aq = a.q.as_ptr().add(r0 * kp);
-        let (sum, scale) = (&a.sum[r0 * groups..], &a.scale[r0 * groups..]);
+        // Raw reads in the epilogue: rows r0..r0 + MR of `offset` and `scale` exist.
+        let (offset, scale) = (
+            a.offset.as_ptr().add(r0 * groups),
+            a.scale.as_ptr().add(r0 * groups),
+        );
         for g in 0..groups {
             if r0 == 0 {
                 // The first pass streams from memory: ask for a later group of both
@@ -295,8 +328,8 @@ unsafe fn q8_tile2<const MR: usize>(
                 let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales[h].add(g)));
                 for r in 0..MR {
                     let fixed =
-                        _mm512_sub_epi32(dot[h][r], _mm512_set1_epi32(128 * sum[r * groups + g]));
-                    let s = _mm512_mul_ps(sw, _mm512_set1_ps(scale[r * groups + g]));
+                        _mm512_sub_epi32(dot[h][r], _mm512_set1_epi32(*offset.add(r * groups + g)));
+                    let s = _mm512_mul_ps(sw, _mm512_set1_ps(*scale.add(r * groups + g)));
                     acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
                 }
             }
@@ -456,14 +489,21 @@ pub(super) unsafe fn amx_panel(
 }
 
 /// One head of the decode attention over bf16 cache rows of width 64: `q` `[64]`
-/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`. Read as 32-bit lanes, a
+/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`; `next` (only prefetched,
+/// may be null) is where the keys of the head computed next begin. Read as 32-bit lanes, a
 /// row's two 512-bit loads hold an even dimension in each lane's low half and the next
 /// odd one in its high half, so a shift and a mask widen them without shuffles (the
 /// query and the output are split the same way). Sixteen keys' dot products are summed
 /// together by a transpose-add tree, about two shuffles a key instead of a horizontal
 /// sum each; the weighted sum of values stays in registers.
 #[target_feature(enable = "avx512f,fma")]
-pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mut [f32]) {
+pub(super) unsafe fn attend_head_bf16_64(
+    q: &[f32],
+    k: &[u16],
+    v: &[u16],
+    next: *const u8,
+    o: &mut [f32],
+) {
     const D: usize = 64;
     // Rows prefetched ahead (4 KiB): 8.8–9.0 → 7.3–7.5 ms per sequence in
     // `bench-model --kernels`; 16 or 64 rows did worse.
@@ -547,9 +587,14 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
         let mut acc = [_mm512_setzero_ps(); 8];
         let vp = v.as_ptr();
         let mut add_row = |set: usize, key: usize| {
-            let next = vp.wrapping_add((key + AHEAD) * D);
-            _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(32) as *const i8);
+            // Past the last value, the next head's first keys.
+            let ahead = if key + AHEAD < len {
+                vp.wrapping_add((key + AHEAD) * D) as *const i8
+            } else {
+                next.wrapping_add((key + AHEAD - len) * D * 2) as *const i8
+            };
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
             let p = _mm512_set1_ps(scores[key]);
             let row = vp.add(key * D);
             let (x0, x1) = (load(row), load(row.add(32)));
@@ -591,6 +636,7 @@ pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],
     k: (&[i8], &[f32]),
     v: (&[i8], &[f32]),
+    next: *const u8,
     o: &mut [f32],
 ) {
     const D: usize = 64;
@@ -665,7 +711,12 @@ pub(super) unsafe fn attend_head_q8_64(
         // Two sets of accumulators (even and odd keys) halve the dependency chains.
         let mut acc = [_mm512_setzero_ps(); 8];
         let mut add_row = |set: usize, key: usize| {
-            _mm_prefetch::<_MM_HINT_T0>(vp.wrapping_add((key + AHEAD) * D));
+            // Past the last value, the next head's first keys.
+            _mm_prefetch::<_MM_HINT_T0>(if key + AHEAD < len {
+                vp.wrapping_add((key + AHEAD) * D)
+            } else {
+                (next as *const i8).wrapping_add((key + AHEAD - len) * D)
+            });
             let p = _mm512_set1_ps(scores[key]);
             let row = vp.add(key * D);
             for (c, a) in acc[4 * set..4 * set + 4].iter_mut().enumerate() {
