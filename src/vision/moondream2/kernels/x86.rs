@@ -488,6 +488,33 @@ pub(super) unsafe fn amx_panel(
     }
 }
 
+/// Lane `i` of the result is the sum of `d[i]`'s sixteen lanes: a transpose-add tree
+/// (pairs of vectors interleaved and added by 32-bit lane, then by pair of lanes, then
+/// by 128-bit quarter), about two shuffles a vector instead of a horizontal sum each.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn sums_of_16(d: &[__m512; 16]) -> __m512 {
+    let by_lane =
+        |x: __m512, y: __m512| _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    let by_pair = |x: __m512, y: __m512| {
+        let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+        _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+        )
+    };
+    let by_quarter = |x: __m512, y: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+        )
+    };
+    let l: [__m512; 8] = std::array::from_fn(|i| by_lane(d[2 * i], d[2 * i + 1]));
+    let p: [__m512; 4] = std::array::from_fn(|i| by_pair(l[2 * i], l[2 * i + 1]));
+    let h = [by_quarter(p[0], p[1]), by_quarter(p[2], p[3])];
+    by_quarter(h[0], h[1])
+}
+
 /// One head of the decode attention over bf16 cache rows of width 64: `q` `[64]`
 /// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`; `next` (only prefetched,
 /// may be null) is where the keys of the head computed next begin. Read as 32-bit lanes, a
@@ -536,24 +563,6 @@ pub(super) unsafe fn attend_head_bf16_64(
             let b = _mm512_fmadd_ps(qv[3], odd(x1), b);
             _mm512_add_ps(a, b)
         };
-        // Transpose-add steps: two vectors in, their partial sums interleaved out (by
-        // 32-bit lane, then by pair, then by 128-bit quarter).
-        let by_lane = |x: __m512, y: __m512| {
-            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
-        };
-        let by_pair = |x: __m512, y: __m512| {
-            let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
-            _mm512_add_ps(
-                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
-            )
-        };
-        let by_quarter = |x: __m512, y: __m512| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-            )
-        };
         let kp = k.as_ptr();
         let mut j = 0;
         while j + 16 <= len {
@@ -567,10 +576,7 @@ pub(super) unsafe fn attend_head_bf16_64(
                 _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
             }
             let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
-            let l: [__m512; 8] = std::array::from_fn(|i| by_lane(d[2 * i], d[2 * i + 1]));
-            let p: [__m512; 4] = std::array::from_fn(|i| by_pair(l[2 * i], l[2 * i + 1]));
-            let h = [by_quarter(p[0], p[1]), by_quarter(p[2], p[3])];
-            _mm512_storeu_ps(scores.as_mut_ptr().add(j), by_quarter(h[0], h[1]));
+            _mm512_storeu_ps(scores.as_mut_ptr().add(j), sums_of_16(&d));
             j += 16;
         }
         while j < len {
@@ -660,22 +666,6 @@ pub(super) unsafe fn attend_head_q8_64(
             let b = _mm512_fmadd_ps(qv[3], quarter(row.add(48)), b);
             _mm512_add_ps(a, b)
         };
-        let by_lane = |x: __m512, y: __m512| {
-            _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
-        };
-        let by_pair = |x: __m512, y: __m512| {
-            let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
-            _mm512_add_ps(
-                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
-            )
-        };
-        let by_quarter = |x: __m512, y: __m512| {
-            _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
-            )
-        };
         let (kp, vp) = (k.0.as_ptr(), v.0.as_ptr());
         let mut j = 0;
         while j + 16 <= len {
@@ -689,10 +679,7 @@ pub(super) unsafe fn attend_head_q8_64(
                 _mm_prefetch::<_MM_HINT_T0>(p);
             }
             let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
-            let l: [__m512; 8] = std::array::from_fn(|i| by_lane(d[2 * i], d[2 * i + 1]));
-            let p: [__m512; 4] = std::array::from_fn(|i| by_pair(l[2 * i], l[2 * i + 1]));
-            let h = [by_quarter(p[0], p[1]), by_quarter(p[2], p[3])];
-            let s = _mm512_mul_ps(by_quarter(h[0], h[1]), _mm512_loadu_ps(k.1.as_ptr().add(j)));
+            let s = _mm512_mul_ps(sums_of_16(&d), _mm512_loadu_ps(k.1.as_ptr().add(j)));
             _mm512_storeu_ps(scores.as_mut_ptr().add(j), s);
             j += 16;
         }
