@@ -121,16 +121,7 @@ impl KvRows<'_> {
 pub fn store_bf16(rows: &[f32], out: &mut Vec<u16>) {
     let start = out.len();
     out.resize(start + rows.len(), 0);
-    let dst = &mut out[start..];
-    #[cfg(target_arch = "x86_64")]
-    if isa().avx512bf16 {
-        // SAFETY: AVX512-BF16 is present; `dst` is as long as `rows`.
-        unsafe { super::x86::f32_to_bf16(rows, dst) };
-        return;
-    }
-    for (d, x) in dst.iter_mut().zip(rows) {
-        *d = half::bf16::from_f32(*x).to_bits();
-    }
+    super::pack::to_bf16(isa(), rows, &mut out[start..]);
 }
 
 /// Appends `rows` (f32, `[n × dim]`) to an 8-bit cache head: per row the scale

@@ -206,17 +206,25 @@ pub(super) fn activations_bf16(
 ) -> Vec<u16> {
     let mut out = vec![0u16; rows * kp];
     for (src, dst) in a.chunks_exact(k).zip(out.chunks_exact_mut(kp)).take(m) {
-        #[cfg(target_arch = "x86_64")]
-        if isa.avx512bf16 {
-            // SAFETY: AVX512-BF16 is present; `dst` is at least `src.len()` long.
-            unsafe { super::x86::f32_to_bf16(src, &mut dst[..k]) };
-            continue;
-        }
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = bf16::from_f32(*s).to_bits();
-        }
+        to_bf16(isa, src, &mut dst[..k]);
     }
     out
+}
+
+/// `src` → bf16 bits in `dst` (as long), rounding to nearest even; AVX512-BF16 when
+/// `isa` has it.
+pub(super) fn to_bf16(isa: &Isa, src: &[f32], dst: &mut [u16]) {
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx512bf16 {
+        // SAFETY: AVX512-BF16 is present; `dst` is as long as `src`.
+        unsafe { super::x86::f32_to_bf16(src, dst) };
+        return;
+    }
+    let _ = isa;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_f32(*s).to_bits();
+    }
 }
 
 /// Activations quantized like the weights: per row and 32 inputs, 8-bit values, the
