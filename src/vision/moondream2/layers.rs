@@ -52,6 +52,14 @@ impl Linear {
         matches!(self, Self::Packed(_))
     }
 
+    /// The packed weight, if it is one.
+    pub fn packed(&self) -> Option<&PackedLinear> {
+        match self {
+            Self::Packed(p) => Some(p),
+            Self::Candle(_) => None,
+        }
+    }
+
     /// `gelu_tanh(self(x))`, fused into the packed kernels' output pass.
     pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
@@ -89,29 +97,34 @@ impl CustomOp1 for PackedOp<'_> {
             candle_core::Error::Msg("packed linear needs contiguous input".into())
         })?;
         let dims = layout.dims();
-        let PackedLinear { weight, bias } = self.linear;
+        let weight = &self.linear.weight;
         let k = weight.k();
         if dims.last() != Some(&k) {
             candle_core::bail!("packed linear: input {dims:?}, weight takes {k} features");
         }
         let m = (end - start) / k;
         let n = weight.n();
-        let mut out = vec![0f32; m * n];
-        kernels::matmul(
-            &data[start..end],
-            m,
-            weight,
-            bias.as_deref().map(|b| &b[..]),
-            &mut out,
-        );
-        if self.gelu {
-            kernels::math::gelu_tanh_in_place(&mut out);
-        }
+        let out = self.linear.forward_rows(&data[start..end], m, self.gelu);
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;
         }
         Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+impl PackedLinear {
+    /// `x · Wᵀ + b` for `m` rows of host activations `[m × in]` → `[m × out]`, with
+    /// GELU (tanh) after when `gelu`; the same kernels and rounding as the candle op.
+    pub fn forward_rows(&self, x: &[f32], m: usize, gelu: bool) -> Vec<f32> {
+        let mut out = vec![0f32; m * self.weight.n()];
+        let bias = self.bias.as_deref().map(|b| &b[..]);
+        if gelu {
+            kernels::matmul_gelu(x, m, &self.weight, bias, &mut out);
+        } else {
+            kernels::matmul(x, m, &self.weight, bias, &mut out);
+        }
+        out
     }
 }
 
@@ -187,6 +200,13 @@ impl Mlp {
             fc1: linear(dim, inner, vb.pp("fc1"), format)?,
             fc2: linear(inner, out, vb.pp("fc2"), format)?,
         })
+    }
+}
+
+impl Mlp {
+    /// The two Linear layers, `fc1` and `fc2`.
+    pub fn layers(&self) -> (&Linear, &Linear) {
+        (&self.fc1, &self.fc2)
     }
 }
 

@@ -1,8 +1,6 @@
 //! Elementwise functions for the packed path, written so that they vectorise: an
 //! exponential accurate to about 2e-7 relative, tanh-approximated GELU and softmax.
 
-use rayon::prelude::*;
-
 use super::isa;
 
 /// `e^x` from `2^n · p(r)`, `r = x − n·ln 2`, with a degree-6 polynomial for `p`.
@@ -28,19 +26,15 @@ pub fn exp(x: f32) -> f32 {
 }
 
 /// GELU with the tanh approximation (`0.5x(1 + tanh(√(2/π)(x + 0.044715x³)))`),
-/// written as `x · σ(2u)`, over all threads.
+/// written as `x · σ(2u)`, on the calling thread.
 pub fn gelu_tanh_in_place(xs: &mut [f32]) {
-    let wide = isa().avx512bf16 || isa().avx512vnni;
-    xs.par_chunks_mut(1 << 14).for_each(|c| {
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: AVX512-F is present whenever either AVX512 family is.
-            unsafe { gelu_avx512(c) };
-            return;
-        }
-        let _ = wide;
-        gelu(c);
-    });
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx512bf16 || isa().avx512vnni {
+        // SAFETY: AVX512-F is present whenever either AVX512 family is.
+        unsafe { gelu_avx512(xs) };
+        return;
+    }
+    gelu(xs);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -58,6 +52,42 @@ fn gelu(xs: &mut [f32]) {
     }
 }
 
+/// Affine LayerNorm of each row of `w.len()` values of `x` into `out`:
+/// `(x − mean) / √(var + eps) · w + b`, on the calling thread.
+pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    assert!(w.len() == b.len() && !w.is_empty() && x.len() == out.len());
+    assert!(x.len().is_multiple_of(w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx512bf16 || isa().avx512vnni {
+        // SAFETY: AVX512-F is present whenever either AVX512 family is.
+        unsafe { layer_norm_avx512(x, w, b, eps, out) };
+        return;
+    }
+    layer_norm(x, w, b, eps, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn layer_norm_avx512(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    layer_norm(x, w, b, eps, out)
+}
+
+#[inline(always)]
+fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for (row, o) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let mean = lanes(row, 0.0, |a, b| a + b) / dim as f32;
+        for (o, x) in o.iter_mut().zip(row) {
+            *o = x - mean;
+        }
+        let var = sum_of_squares(o) / dim as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((o, w), b) in o.iter_mut().zip(w).zip(b) {
+            *o = *o * inv * w + b;
+        }
+    }
+}
+
 /// Softmax of each row of `len` values in place.
 #[inline(always)]
 pub fn softmax_rows(xs: &mut [f32], len: usize) {
@@ -71,6 +101,20 @@ pub fn softmax_rows(xs: &mut [f32], len: usize) {
             *v *= inv;
         }
     }
+}
+
+/// `Σ x²` over 16 independent lanes, so that it vectorises.
+#[inline(always)]
+fn sum_of_squares(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|x| x * x).sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i] * c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Reduces `xs` with `f` over 16 independent lanes, so that it vectorises.
@@ -100,6 +144,35 @@ mod tests {
             x += 0.001_3;
         }
         assert!(worst < 5e-7, "relative error {worst}");
+    }
+
+    #[test]
+    fn layer_norm_matches_f64() {
+        let dim = 2048 + 5;
+        let x: Vec<f32> = (0..3 * dim)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0 + 3.0)
+            .collect();
+        let w: Vec<f32> = (0..dim).map(|i| 0.5 + (i % 13) as f32 / 10.0).collect();
+        let b: Vec<f32> = (0..dim).map(|i| (i % 7) as f32 / 10.0 - 0.3).collect();
+        let mut out = vec![0f32; x.len()];
+        super::layer_norm_rows(&x, &w, &b, 1e-5, &mut out);
+        for (row, got) in x.chunks_exact(dim).zip(out.chunks_exact(dim)) {
+            let n = dim as f64;
+            let mean = row.iter().map(|v| f64::from(*v)).sum::<f64>() / n;
+            let var = row
+                .iter()
+                .map(|v| (f64::from(*v) - mean).powi(2))
+                .sum::<f64>()
+                / n;
+            for (i, (x, g)) in row.iter().zip(got).enumerate() {
+                let want = (f64::from(*x) - mean) / (var + 1e-5).sqrt() * f64::from(w[i])
+                    + f64::from(b[i]);
+                assert!(
+                    (f64::from(*g) - want).abs() < 1e-5 * (1.0 + want.abs()),
+                    "{g} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

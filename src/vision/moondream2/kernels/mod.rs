@@ -43,14 +43,21 @@ pub fn matmul_with(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    matmul_on(isa, a, m, w, bias, out, true)
+    matmul_on(isa, a, m, w, bias, out, true, false)
+}
+
+/// `out = gelu_tanh(a · Wᵀ + bias)`: [`matmul`] with the GELU applied by each thread to
+/// the columns it computed, while they are in cache.
+pub fn matmul_gelu(a: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_on(isa(), a, m, w, bias, out, true, true)
 }
 
 /// [`matmul`] on the calling thread only (for use inside parallel loops).
 pub fn matmul_serial(a: &[f32], m: usize, w: &PackedWeight, out: &mut [f32]) {
-    matmul_on(isa(), a, m, w, None, out, false)
+    matmul_on(isa(), a, m, w, None, out, false, false)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn matmul_on(
     isa: &Isa,
     a: &[f32],
@@ -59,6 +66,7 @@ fn matmul_on(
     bias: Option<&[f32]>,
     out: &mut [f32],
     parallel: bool,
+    gelu: bool,
 ) {
     let (n, k) = (w.n(), w.k());
     assert_eq!(a.len(), m * k, "activation is not m × k");
@@ -69,34 +77,53 @@ fn matmul_on(
     match w {
         PackedWeight::Bf16(w) if m <= SMALL_M => {
             let a = pack::activations_bf16(isa, a, m, k, w.kp, m);
-            run_blocks(w.blocks(), m, n, bias, out, parallel, |b0, b1, c| {
-                small_bf16(isa, &a, m, w, b0, b1, c)
-            });
+            run_blocks(
+                w.blocks(),
+                m,
+                n,
+                (bias, gelu),
+                out,
+                parallel,
+                |b0, b1, c| small_bf16(isa, &a, m, w, b0, b1, c),
+            );
         }
         PackedWeight::Q8(w) if m <= SMALL_M => {
             let a = pack::QuantActivations::new(isa, a, m, k, w.kp);
-            run_blocks(w.blocks(), m, n, bias, out, parallel, |b0, b1, c| {
-                small_q8(isa, &a, w, b0, b1, c)
-            });
+            run_blocks(
+                w.blocks(),
+                m,
+                n,
+                (bias, gelu),
+                out,
+                parallel,
+                |b0, b1, c| small_q8(isa, &a, w, b0, b1, c),
+            );
         }
         _ => {
             let mp = m.next_multiple_of(32);
             let kp = w.kp();
             let a = pack::activations_bf16(isa, a, m, k, kp, mp);
-            run_blocks(w.blocks(), mp, n, bias, out, parallel, |b0, b1, c| {
-                tiled(isa, &a, mp, kp, w, b0, b1, c)
-            });
+            run_blocks(
+                w.blocks(),
+                mp,
+                n,
+                (bias, gelu),
+                out,
+                parallel,
+                |b0, b1, c| tiled(isa, &a, mp, kp, w, b0, b1, c),
+            );
         }
     }
 }
 
 /// Splits the column blocks among the CPU threads; each call of `f(b0, b1, c)` fills
-/// `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; then bias and copy into `out`.
+/// `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; the same thread then adds the
+/// bias (and applies GELU, when `then.1`) and writes those columns of `out`.
 fn run_blocks(
     blocks: usize,
     rows: usize,
     n: usize,
-    bias: Option<&[f32]>,
+    then: (Option<&[f32]>, bool),
     out: &mut [f32],
     parallel: bool,
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
@@ -114,29 +141,19 @@ fn run_blocks(
         .map(|t| (2 * (t * per).min(pairs), 2 * ((t + 1) * per).min(pairs)))
         .filter(|(a, b)| a < b)
         .collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = if chunks.len() == 1 {
-        let (b0, b1) = chunks[0];
-        let mut c = vec![0f32; rows * BLOCK_N * (b1 - b0)];
-        f(b0, b1, &mut c);
-        vec![(b0, b1, c)]
-    } else {
-        use rayon::prelude::*;
-        chunks
-            .par_iter()
-            .map(|&(b0, b1)| {
-                let mut c = vec![0f32; rows * BLOCK_N * (b1 - b0)];
-                f(b0, b1, &mut c);
-                (b0, b1, c)
-            })
-            .collect()
-    };
-    for (b0, b1, c) in results {
+    let (bias, gelu) = then;
+    let target = OutColumns(out.as_mut_ptr());
+    let work = |&(b0, b1): &(usize, usize)| {
         let width = BLOCK_N * (b1 - b0);
         let col0 = BLOCK_N * b0;
         let cols = width.min(n.saturating_sub(col0));
+        let mut c = vec![0f32; rows * width];
+        f(b0, b1, &mut c);
         for i in 0..m {
             let src = &c[i * width..i * width + cols];
-            let dst = &mut out[i * n + col0..i * n + col0 + cols];
+            // SAFETY: `out` is m × n; each chunk writes only its own columns
+            // col0..col0 + cols of each row, and the chunks' columns are disjoint.
+            let dst = unsafe { target.row(i * n + col0, cols) };
             match bias {
                 Some(b) => {
                     for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[col0..col0 + cols]) {
@@ -145,7 +162,38 @@ fn run_blocks(
                 }
                 None => dst.copy_from_slice(src),
             }
+            if gelu {
+                math::gelu_tanh_in_place(dst);
+            }
         }
+    };
+    if chunks.len() == 1 {
+        work(&chunks[0]);
+    } else {
+        use rayon::prelude::*;
+        chunks.par_iter().for_each(work);
+    }
+}
+
+/// The output of [`run_blocks`], shared by the threads that fill disjoint columns.
+#[derive(Clone, Copy)]
+struct OutColumns(*mut f32);
+
+// SAFETY: the threads write disjoint parts of the buffer (see `row`), which outlives
+// the parallel loop.
+unsafe impl Send for OutColumns {}
+// SAFETY: as above.
+unsafe impl Sync for OutColumns {}
+
+impl OutColumns {
+    /// `len` floats from `start`.
+    ///
+    /// # Safety
+    /// In bounds of the buffer, and not written by any other thread meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: per the contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 

@@ -152,6 +152,28 @@ fn vector_paths_agree_with_the_scalar_path_to_float_rounding() {
 }
 
 #[test]
+fn the_fused_gelu_is_the_product_then_gelu() {
+    let mut rng = Rng(0x0bad_cafe_dead_beef);
+    let (n, k) = (96, 130);
+    let w = rng.vec(n * k);
+    let bias = rng.vec(n);
+    for packed in [
+        PackedWeight::Bf16(PackedBf16::from_rows(&w, n, k)),
+        PackedWeight::Q8(PackedQ8::from_rows(&w, n, k)),
+    ] {
+        for m in [1, 4, 40] {
+            let a = rng.vec(m * k);
+            let mut want = vec![0f32; m * n];
+            matmul(&a, m, &packed, Some(&bias), &mut want);
+            math::gelu_tanh_in_place(&mut want);
+            let mut got = vec![0f32; m * n];
+            matmul_gelu(&a, m, &packed, Some(&bias), &mut got);
+            assert_eq!(got, want, "m={m}");
+        }
+    }
+}
+
+#[test]
 fn packed_sizes_are_those_of_the_format() {
     let w = vec![0.5f32; 64 * 128];
     assert_eq!(

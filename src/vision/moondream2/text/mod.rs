@@ -8,6 +8,8 @@ use super::config::TextConfig;
 use super::kernels::{KvRows, attend_each, attend_one, store_bf16, store_q8};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
+mod host;
+
 /// Head width; the reference hard-codes the rotary layout around 64.
 pub const HEAD_DIM: usize = 64;
 /// Dimensions of each head that are rotated.
@@ -277,6 +279,8 @@ struct Block {
     n_kv_heads: usize,
     /// Storage of this block's host cache rows.
     kv: RowFormat,
+    /// The weights as the host decode step reads them (packed formats on the CPU).
+    host: Option<host::HostBlock>,
 }
 
 /// Text decoder with embeddings and output head.
@@ -288,6 +292,9 @@ pub struct TextModel {
     lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The rotary table on the host, when every block has its host form: then
+    /// single positions are fed by the host decode step.
+    host_rope: Option<host::HostRope>,
     cfg: TextConfig,
 }
 
@@ -329,28 +336,49 @@ impl TextModel {
                 DType::BF16,
             )?,
         };
+        let on_host = vb.device().is_cpu() && vb.dtype() == DType::F32;
         let blocks = (0..cfg.n_layers)
             .map(|i| {
                 let vb = vb.pp(format!("blocks.{i}"));
+                let ln = layer_norm(cfg.dim, vb.pp("ln"))?;
+                let qkv = linear(cfg.dim, qkv_dim, vb.pp("attn.qkv"), format)?;
+                let proj = linear(cfg.dim, cfg.dim, vb.pp("attn.proj"), format)?;
+                let mlp = Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"), format)?;
+                let host = match on_host {
+                    true => host::HostBlock::new(&ln, &qkv, &proj, &mlp)?,
+                    false => None,
+                };
                 Ok(Block {
-                    ln: layer_norm(cfg.dim, vb.pp("ln"))?,
-                    qkv: linear(cfg.dim, qkv_dim, vb.pp("attn.qkv"), format)?,
-                    proj: linear(cfg.dim, cfg.dim, vb.pp("attn.proj"), format)?,
-                    mlp: Mlp::new(cfg.dim, cfg.ff_dim, cfg.dim, vb.pp("mlp"), format)?,
+                    ln,
+                    qkv,
+                    proj,
+                    mlp,
                     n_heads: cfg.n_heads,
                     n_kv_heads: cfg.n_kv_heads,
                     kv,
+                    host,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let (cos, sin) = rotary_table(cfg.max_context, vb.device(), vb.dtype())?;
+        let (cos, sin) = rotary_values(cfg.max_context);
+        let host_rope = blocks
+            .iter()
+            .all(|b| b.host.is_some())
+            .then(|| host::HostRope {
+                cos: cos.clone(),
+                sin: sin.clone(),
+            });
+        let table = |v: Vec<f32>| {
+            Tensor::from_vec(v, (cfg.max_context, ROT_DIM / 2), vb.device())?.to_dtype(vb.dtype())
+        };
         Ok(Self {
             wte,
             blocks,
             post_ln: layer_norm(cfg.dim, vb.pp("post_ln"))?,
             lm_head,
-            cos,
-            sin,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            host_rope,
             cfg: cfg.clone(),
         })
     }
@@ -370,6 +398,13 @@ impl TextModel {
         bidirectional_prefix: usize,
     ) -> Result<Step> {
         let n = x.dim(0)?;
+        if let (1, Some(rope)) = (n, &self.host_rope) {
+            let out = self.step_host(rope, host_rows(x)?, &mut [&mut *cache])?;
+            cache.len += 1;
+            let hidden = Tensor::from_vec(out, self.cfg.dim, &Device::Cpu)?;
+            let logits = self.logits(&hidden)?;
+            return Ok(Step { hidden, logits });
+        }
         let x = self.run_blocks(x, cache, bidirectional_prefix, &mut |_| Ok(()))?;
         let hidden = x.get(0)?.get(n - 1)?;
         let logits = self.logits(&hidden)?;
@@ -437,7 +472,33 @@ impl TextModel {
         if b == 0 {
             return Ok(Vec::new());
         }
-        let mut positions = Vec::with_capacity(b);
+        let x = match &self.host_rope {
+            Some(rope) => {
+                let out = self.step_host(rope, host_rows(xs)?, caches)?;
+                Tensor::from_vec(out, (1, b, self.cfg.dim), &Device::Cpu)?
+            }
+            None => self.run_batch_blocks(xs, caches)?,
+        };
+        for c in caches.iter_mut() {
+            c.len += 1;
+        }
+        let hidden = x.get(0)?;
+        let h = self.post_ln.forward(&x)?;
+        let logits = self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)?;
+        (0..b)
+            .map(|i| {
+                Ok(Step {
+                    hidden: hidden.get(i)?,
+                    logits: logits.get(i)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The blocks of [`Self::feed_batch`] on candle tensors (any device, any weights)
+    /// → `[1, b, dim]`; the caches' lengths are not advanced.
+    fn run_batch_blocks(&self, xs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let mut positions = Vec::with_capacity(caches.len());
         for c in caches.iter() {
             if c.len + 1 > self.cfg.max_context {
                 candle_core::bail!(
@@ -459,20 +520,7 @@ impl TextModel {
         for (i, block) in self.blocks.iter().enumerate() {
             x = block.forward_batch(&x, i, caches, &at)?;
         }
-        for c in caches.iter_mut() {
-            c.len += 1;
-        }
-        let hidden = x.get(0)?;
-        let h = self.post_ln.forward(&x)?;
-        let logits = self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)?;
-        (0..b)
-            .map(|i| {
-                Ok(Step {
-                    hidden: hidden.get(i)?,
-                    logits: logits.get(i)?,
-                })
-            })
-            .collect()
+        Ok(x)
     }
 
     /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
@@ -703,8 +751,14 @@ fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&rot, &pass], D::Minus1)
 }
 
-/// cos/sin of `p * 10000^(-2j/32)` for `j < 16`, computed in f32 like the reference.
-fn rotary_table(max_context: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+/// Rows of `x` (`[n, dim]`, any float dtype) as host f32 values.
+fn host_rows(x: &Tensor) -> Result<Vec<f32>> {
+    x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// cos/sin of `p * 10000^(-2j/32)` for `j < 16`, computed in f32 like the reference,
+/// `[max_context × 16]` each.
+fn rotary_values(max_context: usize) -> (Vec<f32>, Vec<f32>) {
     let half = ROT_DIM / 2;
     let freqs: Vec<f32> = (0..half)
         .map(|j| 1.0 / 10000f32.powf((2 * j) as f32 / ROT_DIM as f32))
@@ -718,9 +772,7 @@ fn rotary_table(max_context: usize, device: &Device, dtype: DType) -> Result<(Te
             sin.push(angle.sin());
         }
     }
-    let cos = Tensor::from_vec(cos, (max_context, half), device)?.to_dtype(dtype)?;
-    let sin = Tensor::from_vec(sin, (max_context, half), device)?.to_dtype(dtype)?;
-    Ok((cos, sin))
+    (cos, sin)
 }
 
 /// Additive mask `[n, pos+n]` for queries at `pos..pos+n`, or `None` when every key is

@@ -1,0 +1,259 @@
+//! The decode step on the host (CPU, packed weights): one new position of each of
+//! several sequences through every block on plain f32 buffers and the CPU kernels,
+//! with no candle op in between (at a few rows, each op's dispatch, copies and thread
+//! wake-ups cost more than its arithmetic). Every row is computed the same way
+//! whatever the batch, so a sequence decodes alike alone or batched.
+
+use candle_core::Result;
+use candle_nn::LayerNorm;
+
+use super::super::kernels::{KvRows, attend_each, math::layer_norm_rows};
+use super::super::layers::{LN_EPS, Linear, Mlp, PackedLinear};
+use super::{Block, HEAD_DIM, KvCache, ROT_DIM, TextModel};
+
+/// A block's weights as the host step reads them (the packed weights are shared).
+#[derive(Debug, Clone)]
+pub(super) struct HostBlock {
+    ln_weight: Vec<f32>,
+    ln_bias: Vec<f32>,
+    qkv: PackedLinear,
+    proj: PackedLinear,
+    fc1: PackedLinear,
+    fc2: PackedLinear,
+}
+
+impl HostBlock {
+    /// The host form of a block whose Linear layers are all packed; `None` otherwise.
+    pub(super) fn new(
+        ln: &LayerNorm,
+        qkv: &Linear,
+        proj: &Linear,
+        mlp: &Mlp,
+    ) -> Result<Option<Self>> {
+        let (fc1, fc2) = mlp.layers();
+        let (Some(qkv), Some(proj), Some(fc1), Some(fc2)) =
+            (qkv.packed(), proj.packed(), fc1.packed(), fc2.packed())
+        else {
+            return Ok(None);
+        };
+        let Some(bias) = ln.bias() else {
+            return Ok(None);
+        };
+        let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        Ok(Some(Self {
+            ln_weight: host(ln.weight())?,
+            ln_bias: host(bias)?,
+            qkv: qkv.clone(),
+            proj: proj.clone(),
+            fc1: fc1.clone(),
+            fc2: fc2.clone(),
+        }))
+    }
+}
+
+/// Rotary cosines and sines `[max_context × 16]` on the host.
+#[derive(Debug, Clone)]
+pub(super) struct HostRope {
+    pub(super) cos: Vec<f32>,
+    pub(super) sin: Vec<f32>,
+}
+
+impl HostRope {
+    /// The cosines and sines of position `pos`.
+    fn at(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = ROT_DIM / 2;
+        let range = pos * half..(pos + 1) * half;
+        (&self.cos[range.clone()], &self.sin[range])
+    }
+}
+
+impl TextModel {
+    /// Feeds row `i` of `x` (`[b × dim]`) to `caches[i]` at its next position through
+    /// every block → the last block's output `[b × dim]`. The caches' lengths are not
+    /// advanced (the caller does, once the step succeeded).
+    pub(super) fn step_host(
+        &self,
+        rope: &HostRope,
+        mut x: Vec<f32>,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<f32>> {
+        let b = caches.len();
+        let dim = self.cfg.dim;
+        if x.len() != b * dim {
+            candle_core::bail!("host step: {} values for {b} rows of {dim}", x.len());
+        }
+        for c in caches.iter() {
+            if c.len + 1 > self.cfg.max_context {
+                candle_core::bail!(
+                    "sequence of {} positions exceeds the model's context of {}",
+                    c.len + 1,
+                    self.cfg.max_context
+                );
+            }
+        }
+        let mut h = vec![0f32; b * dim];
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let Some(w) = &block.host else {
+                candle_core::bail!("host step: block {layer} has no packed weights");
+            };
+            layer_norm_rows(&x, &w.ln_weight, &w.ln_bias, LN_EPS as f32, &mut h);
+            let qkv = w.qkv.forward_rows(&h, b, false);
+            let attn = block.attend_rows(&qkv, layer, caches, rope)?;
+            let attn = w.proj.forward_rows(&attn, b, false);
+            let mlp = w
+                .fc2
+                .forward_rows(&w.fc1.forward_rows(&h, b, true), b, false);
+            for ((x, a), m) in x.iter_mut().zip(&attn).zip(&mlp) {
+                *x = (*x + a) + m;
+            }
+        }
+        Ok(x)
+    }
+}
+
+impl Block {
+    /// Attention of the host step: splits each row of `qkv` (`[b × (heads + 2·kv_heads)·64]`)
+    /// into heads, rotates queries and keys at that sequence's position, appends keys
+    /// and values to its cache and attends over it → `[b × heads·64]`.
+    fn attend_rows(
+        &self,
+        qkv: &[f32],
+        layer: usize,
+        caches: &mut [&mut KvCache],
+        rope: &HostRope,
+    ) -> Result<Vec<f32>> {
+        let (q_w, kv_w) = (self.n_heads * HEAD_DIM, self.n_kv_heads * HEAD_DIM);
+        let width = q_w + 2 * kv_w;
+        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        let mut q = vec![0f32; caches.len() * q_w];
+        let mut k = vec![0f32; kv_w];
+        for ((row, qi), cache) in qkv
+            .chunks_exact(width)
+            .zip(q.chunks_exact_mut(q_w))
+            .zip(caches.iter_mut())
+        {
+            let (cos, sin) = rope.at(cache.len);
+            qi.copy_from_slice(&row[..q_w]);
+            for head in qi.chunks_exact_mut(HEAD_DIM) {
+                rotate(head, cos, sin);
+                for v in head.iter_mut() {
+                    *v *= scale;
+                }
+            }
+            k.copy_from_slice(&row[q_w..q_w + kv_w]);
+            for head in k.chunks_exact_mut(HEAD_DIM) {
+                rotate(head, cos, sin);
+            }
+            cache.append_host(layer, self.n_kv_heads, &k, &row[q_w + kv_w..], self.kv);
+        }
+        let rows = caches
+            .iter()
+            .map(|c| c.host_rows(layer))
+            .collect::<Result<Vec<_>>>()?;
+        let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
+            rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        let mut out = vec![0f32; q.len()];
+        attend_each(&q, &pairs, HEAD_DIM, &mut out);
+        Ok(out)
+    }
+}
+
+/// The half-split rotary embedding of a head's first 32 dimensions, as candle's
+/// `rope` computes it; the other 32 pass through.
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = ROT_DIM / 2;
+    let (a, b) = head[..ROT_DIM].split_at_mut(half);
+    for (((x, y), c), s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (x0, y0) = (*x, *y);
+        *x = x0 * c - y0 * s;
+        *y = x0 * s + y0 * c;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::Device;
+
+    use super::super::KvCache;
+    use crate::vision::moondream2::loader::{files_in_dir, load_model_with};
+    use crate::vision::moondream2::precision::Precision;
+
+    /// The host step and the candle blocks (the path of other devices and f32 weights)
+    /// agree to float rounding on the tiny checkpoints, for sequences at different
+    /// positions in one batch; the host step is what single positions go through.
+    #[test]
+    fn the_host_step_matches_the_candle_blocks() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (name, precision) in [("tiny", Precision::Q8), ("tiny_gqa", Precision::Bf16)] {
+            let files = files_in_dir(&fixtures.join(name)).unwrap();
+            let plan = precision.plan(&Device::Cpu).unwrap();
+            let model = load_model_with(&files, &Device::Cpu, &plan).unwrap().0;
+            let text = model.text();
+            let rope = text
+                .host_rope
+                .as_ref()
+                .expect("packed weights have a host step");
+            // Three sequences with 4, 9 and 1 positions already fed.
+            let mut caches: Vec<KvCache> = [4usize, 9, 1]
+                .iter()
+                .map(|&n| {
+                    let mut c = KvCache::new(text.cfg.n_layers);
+                    let ids: Vec<u32> = (0..n as u32).map(|i| 3 + 7 * i).collect();
+                    if n == 1 {
+                        // One position alone would take the host step itself.
+                        text.run_blocks(&text.embed(&ids).unwrap(), &mut c, 0, &mut |_| Ok(()))
+                            .unwrap();
+                    } else {
+                        text.feed(&text.embed(&ids).unwrap(), &mut c, 0).unwrap();
+                    }
+                    c
+                })
+                .collect();
+            let mut copies = caches.clone();
+            let xs = text.embed(&[11, 2, 40]).unwrap();
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            let host = text
+                .step_host(rope, super::super::host_rows(&xs).unwrap(), &mut refs)
+                .unwrap();
+            let mut refs: Vec<&mut KvCache> = copies.iter_mut().collect();
+            let candle = text.run_batch_blocks(&xs, &mut refs).unwrap();
+            let candle = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(host.len(), candle.len());
+            let worst = host
+                .iter()
+                .zip(&candle)
+                .map(|(h, c)| (h - c).abs() / (1.0 + c.abs()))
+                .fold(0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "{name} {precision:?}: worst difference {worst}"
+            );
+            // Both appended the new keys and values.
+            for (a, b) in caches.iter().zip(&copies) {
+                let (ka, va) = a
+                    .tensors(0, text.cfg.n_kv_heads, candle_core::DType::F32)
+                    .unwrap();
+                let (kb, vb) = b
+                    .tensors(0, text.cfg.n_kv_heads, candle_core::DType::F32)
+                    .unwrap();
+                assert_eq!(ka.dims(), kb.dims());
+                let diff = |x: candle_core::Tensor, y: candle_core::Tensor| {
+                    (x - y)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                assert!(
+                    diff(ka, kb) < 1e-3 && diff(va, vb) < 1e-3,
+                    "{name}: cache rows differ"
+                );
+            }
+        }
+    }
+}
