@@ -227,8 +227,11 @@ pub fn attend_each(
                     unsafe { super::x86::attend_head_bf16_64(qh, kb, vb, next, o) };
                     return;
                 }
-                (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64) => {
-                    // SAFETY: as above.
+                (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64)
+                    if isa().avx512vnni =>
+                {
+                    // SAFETY: AVX512-VNNI comes with AVX512-F and -BW (isa::detect); FMA
+                    // with AVX512-F; `next` is only prefetched.
                     unsafe { super::x86::attend_head_q8_64(qh, (kq, ks), (vq, vs), next, o) };
                     return;
                 }

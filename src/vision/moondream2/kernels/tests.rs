@@ -293,7 +293,9 @@ fn decode_attention_over_bf16_f32_and_q8_rows_matches_f64_and_batches_exactly() 
             })
             .collect()
     }
-    for format in 0..3 {
+    // bf16 and f32 rows: f32 arithmetic. 8-bit rows: the query and the weights are
+    // rounded to 16 bits (2⁻¹⁶ of the largest, relative) for integer products.
+    for (format, tolerance) in [1e-5, 1e-5, 1e-4].into_iter().enumerate() {
         let mut alone = Vec::new();
         for ((q, ..), (ks, vs)) in seqs.iter().zip(&stored) {
             let (kr, vr) = (rows(ks, format), rows(vs, format));
@@ -305,7 +307,7 @@ fn decode_attention_over_bf16_f32_and_q8_rows_matches_f64_and_batches_exactly() 
                 let want = attention_reference(&q[h * dim..(h + 1) * dim], &kf, &vf, dim);
                 for (got, want) in out[h * dim..(h + 1) * dim].iter().zip(&want) {
                     assert!(
-                        (f64::from(*got) - want).abs() < 1e-5,
+                        (f64::from(*got) - want).abs() < tolerance,
                         "len {} format {format}: {got} vs {want}",
                         kf.len() / dim
                     );

@@ -494,17 +494,24 @@ pub(super) unsafe fn amx_panel(
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn sums_of_16(d: &[__m512; 16]) -> __m512 {
-    let by_lane =
-        |x: __m512, y: __m512| _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    transpose_add(d, |x, y| _mm512_add_ps(x, y))
+}
+
+/// [`sums_of_16`] with the lanes added by `add` (f32, or i32 lanes carried in float
+/// vectors: the shuffles only move bits).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn transpose_add(d: &[__m512; 16], add: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+    let by_lane = |x: __m512, y: __m512| add(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
     let by_pair = |x: __m512, y: __m512| {
         let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
-        _mm512_add_ps(
+        add(
             _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
         )
     };
     let by_quarter = |x: __m512, y: __m512| {
-        _mm512_add_ps(
+        add(
             _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
             _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
         )
@@ -574,6 +581,8 @@ pub(super) unsafe fn attend_head_bf16_64(
                     v.as_ptr().wrapping_add(ahead - len * D)
                 };
                 _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                // The values too, into L2, so that memory stays busy during the softmax.
+                _mm_prefetch::<_MM_HINT_T1>(v.as_ptr().add(j * D + 32 * i) as *const i8);
             }
             let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
             _mm512_storeu_ps(scores.as_mut_ptr().add(j), sums_of_16(&d));
@@ -601,6 +610,10 @@ pub(super) unsafe fn attend_head_bf16_64(
             };
             _mm_prefetch::<_MM_HINT_T0>(ahead);
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            // The next head's keys into L2 meanwhile.
+            let next_keys = next.wrapping_add(key * D * 2) as *const i8;
+            _mm_prefetch::<_MM_HINT_T1>(next_keys);
+            _mm_prefetch::<_MM_HINT_T1>(next_keys.wrapping_add(64));
             let p = _mm512_set1_ps(scores[key]);
             let row = vp.add(key * D);
             let (x0, x1) = (load(row), load(row.add(32)));
@@ -635,9 +648,13 @@ pub(super) unsafe fn attend_head_bf16_64(
 }
 
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
-/// `[len]` scales). A row is one 512-bit load widened in four quarters; a key's scale
-/// multiplies its summed dot product, a value's scale its softmax weight.
-#[target_feature(enable = "avx512f,fma")]
+/// `[len]` scales). Integer products instead of widening every value to f32: the
+/// query is rounded to 16 bits (one scale for the head), each key row sign-extended to
+/// 16 bits and multiplied by `vpdpwssd` (exact in 32 bits); the softmax weights, times
+/// each value row's scale, are rounded to 16 bits too and multiply the value rows the
+/// same way, even and odd dimensions in separate sums. About a third of the
+/// instructions of widening to f32, and no more than 2⁻¹⁵ of relative rounding.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],
     k: (&[i8], &[f32]),
@@ -648,23 +665,44 @@ pub(super) unsafe fn attend_head_q8_64(
     const D: usize = 64;
     // Rows prefetched ahead: 4 KiB, as for bf16 rows.
     const AHEAD: usize = 64;
+    // The largest total of 16-bit weights whose products with values up to 127 still
+    // add up within an i32 (2³¹ / 127, less a margin for rounding up).
+    const WEIGHT_BUDGET: f32 = 16_900_000.0;
     let len = k.1.len();
     assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
-    assert!(v.0.len() == len * D && v.1.len() == len);
+    assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
     let mut scores = vec![0f32; len];
-    // SAFETY: every load below is within k and v (len × 64 values, len scales) as
-    // asserted, every store within scores (len) or o (64).
+    // SAFETY: every load below is within q (64), k and v (len × 64 values, len scales),
+    // q16 (64) or the weight arrays (len, padded to 16), every store within those,
+    // scores (len) or o (64).
     unsafe {
-        let quarter = |p: *const i8| {
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-        };
-        let qv = [0, 16, 32, 48].map(|c| _mm512_loadu_ps(q.as_ptr().add(c)));
+        // The query in 16 bits (the default rounding mode rounds half to even): lane i
+        // of a vector holds dimensions 2i and 2i + 1.
+        let qf = [0, 16, 32, 48].map(|c| _mm512_loadu_ps(q.as_ptr().add(c)));
+        let q_max = qf
+            .iter()
+            .fold(0f32, |m, x| m.max(_mm512_reduce_max_ps(_mm512_abs_ps(*x))));
+        let q_scale = q_max / 32767.0;
+        let q_inv = _mm512_set1_ps(if q_scale > 0.0 { 1.0 / q_scale } else { 0.0 });
+        let mut q16 = [0i16; D];
+        for (c, x) in qf.iter().enumerate() {
+            let i = _mm512_cvtps_epi32(_mm512_mul_ps(*x, q_inv));
+            _mm256_storeu_si256(
+                q16.as_mut_ptr().add(16 * c) as *mut __m256i,
+                _mm512_cvtepi32_epi16(i),
+            );
+        }
+        let wide = |p: *const i8| _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const __m256i));
+        let qv = [0, 32].map(|c| _mm512_loadu_si512(q16.as_ptr().add(c) as *const _));
         let dot = |row: *const i8| -> __m512 {
-            let a = _mm512_mul_ps(qv[0], quarter(row));
-            let b = _mm512_mul_ps(qv[1], quarter(row.add(16)));
-            let a = _mm512_fmadd_ps(qv[2], quarter(row.add(32)), a);
-            let b = _mm512_fmadd_ps(qv[3], quarter(row.add(48)), b);
-            _mm512_add_ps(a, b)
+            let acc = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wide(row), qv[0]);
+            _mm512_castsi512_ps(_mm512_dpwssd_epi32(acc, wide(row.add(32)), qv[1]))
+        };
+        let add_i32 = |x: __m512, y: __m512| {
+            _mm512_castsi512_ps(_mm512_add_epi32(
+                _mm512_castps_si512(x),
+                _mm512_castps_si512(y),
+            ))
         };
         let (kp, vp) = (k.0.as_ptr(), v.0.as_ptr());
         let mut j = 0;
@@ -677,14 +715,21 @@ pub(super) unsafe fn attend_head_q8_64(
                     vp.wrapping_add(ahead - len * D)
                 };
                 _mm_prefetch::<_MM_HINT_T0>(p);
+                // The values too, into L2, so that memory stays busy during the softmax.
+                _mm_prefetch::<_MM_HINT_T1>(vp.add((j + i) * D));
             }
             let d: [__m512; 16] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
-            let s = _mm512_mul_ps(sums_of_16(&d), _mm512_loadu_ps(k.1.as_ptr().add(j)));
-            _mm512_storeu_ps(scores.as_mut_ptr().add(j), s);
+            let sums = _mm512_cvtepi32_ps(_mm512_castps_si512(transpose_add(&d, add_i32)));
+            let scale = _mm512_mul_ps(
+                _mm512_loadu_ps(k.1.as_ptr().add(j)),
+                _mm512_set1_ps(q_scale),
+            );
+            _mm512_storeu_ps(scores.as_mut_ptr().add(j), _mm512_mul_ps(sums, scale));
             j += 16;
         }
         while j < len {
-            scores[j] = _mm512_reduce_add_ps(dot(kp.add(j * D))) * k.1[j];
+            let sum = _mm512_reduce_add_epi32(_mm512_castps_si512(dot(kp.add(j * D))));
+            scores[j] = sum as f32 * (k.1[j] * q_scale);
             j += 1;
         }
         let max = super::math::lanes(&scores, f32::NEG_INFINITY, f32::max);
@@ -692,11 +737,34 @@ pub(super) unsafe fn attend_head_q8_64(
             *s = super::math::exp(*s - max);
         }
         let total = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        // Weights in 16 bits, as the 32-bit lane patterns (w, 0) and (0, w) that pick
+        // the even and the odd dimension of each pair.
         for (s, scale) in scores.iter_mut().zip(v.1) {
             *s *= scale;
         }
-        // Two sets of accumulators (even and odd keys) halve the dependency chains.
-        let mut acc = [_mm512_setzero_ps(); 8];
+        let w_max = super::math::lanes(&scores, 0.0, f32::max);
+        let w_sum = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        let w_scale = (w_max / 32767.0).max(w_sum / WEIGHT_BUDGET);
+        let w_inv = _mm512_set1_ps(if w_scale > 0.0 { 1.0 / w_scale } else { 0.0 });
+        let padded = len.next_multiple_of(16);
+        let (mut even, mut odd) = (vec![0i32; padded], vec![0i32; padded]);
+        scores.resize(padded, 0.0);
+        let top = _mm512_set1_epi32(32767);
+        for j in (0..padded).step_by(16) {
+            let w = _mm512_cvtps_epi32(_mm512_mul_ps(
+                _mm512_loadu_ps(scores.as_ptr().add(j)),
+                w_inv,
+            ));
+            let w = _mm512_min_epi32(w, top);
+            _mm512_storeu_si512(even.as_mut_ptr().add(j) as *mut _, w);
+            _mm512_storeu_si512(
+                odd.as_mut_ptr().add(j) as *mut _,
+                _mm512_slli_epi32::<16>(w),
+            );
+        }
+        // Two sets of accumulators (even and odd keys) halve the dependency chains;
+        // each set is [even, odd] dimensions of 0..32, then of 32..64.
+        let mut acc = [_mm512_setzero_si512(); 8];
         let mut add_row = |set: usize, key: usize| {
             // Past the last value, the next head's first keys.
             _mm_prefetch::<_MM_HINT_T0>(if key + AHEAD < len {
@@ -704,11 +772,16 @@ pub(super) unsafe fn attend_head_q8_64(
             } else {
                 (next as *const i8).wrapping_add((key + AHEAD - len) * D)
             });
-            let p = _mm512_set1_ps(scores[key]);
+            // The next head's keys into L2 meanwhile.
+            _mm_prefetch::<_MM_HINT_T1>((next as *const i8).wrapping_add(key * D));
+            let (even, odd) = (_mm512_set1_epi32(even[key]), _mm512_set1_epi32(odd[key]));
             let row = vp.add(key * D);
-            for (c, a) in acc[4 * set..4 * set + 4].iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(p, quarter(row.add(16 * c)), *a);
-            }
+            let (x0, x1) = (wide(row), wide(row.add(32)));
+            let a = &mut acc[4 * set..4 * set + 4];
+            a[0] = _mm512_dpwssd_epi32(a[0], x0, even);
+            a[1] = _mm512_dpwssd_epi32(a[1], x0, odd);
+            a[2] = _mm512_dpwssd_epi32(a[2], x1, even);
+            a[3] = _mm512_dpwssd_epi32(a[3], x1, odd);
         };
         let mut j = 0;
         while j + 2 <= len {
@@ -719,10 +792,18 @@ pub(super) unsafe fn attend_head_q8_64(
         if j < len {
             add_row(0, j);
         }
-        let inv = _mm512_set1_ps(1.0 / total);
-        for c in 0..4 {
-            let sum = _mm512_mul_ps(_mm512_add_ps(acc[c], acc[4 + c]), inv);
-            _mm512_storeu_ps(o.as_mut_ptr().add(16 * c), sum);
+        let scale = _mm512_set1_ps(w_scale / total);
+        let mut lanes = [[0f32; 16]; 4];
+        for (c, out) in lanes.iter_mut().enumerate() {
+            // Each set's sums fit an i32 on their own; added as floats.
+            let sum = _mm512_add_ps(_mm512_cvtepi32_ps(acc[c]), _mm512_cvtepi32_ps(acc[4 + c]));
+            _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, scale));
+        }
+        for (c, half) in o.chunks_exact_mut(32).enumerate() {
+            for (i, pair) in half.chunks_exact_mut(2).enumerate() {
+                pair[0] = lanes[2 * c][i];
+                pair[1] = lanes[2 * c + 1][i];
+            }
         }
     }
 }
