@@ -117,14 +117,21 @@ impl PackedLinear {
     /// `x · Wᵀ + b` for `m` rows of host activations `[m × in]` → `[m × out]`, with
     /// GELU (tanh) after when `gelu`; the same kernels and rounding as the candle op.
     pub fn forward_rows(&self, x: &[f32], m: usize, gelu: bool) -> Vec<f32> {
-        let mut out = vec![0f32; m * self.weight.n()];
+        let mut out = Vec::new();
+        self.forward_into(x, m, gelu, &mut out);
+        out
+    }
+
+    /// [`Self::forward_rows`] into `out`, resized to `[m × out]` (a buffer reused from
+    /// call to call is only zeroed where it grows).
+    pub fn forward_into(&self, x: &[f32], m: usize, gelu: bool, out: &mut Vec<f32>) {
+        out.resize(m * self.weight.n(), 0.0);
         let bias = self.bias.as_deref().map(|b| &b[..]);
         if gelu {
-            kernels::matmul_gelu(x, m, &self.weight, bias, &mut out);
+            kernels::matmul_gelu(x, m, &self.weight, bias, out);
         } else {
-            kernels::matmul(x, m, &self.weight, bias, &mut out);
+            kernels::matmul(x, m, &self.weight, bias, out);
         }
-        out
     }
 }
 

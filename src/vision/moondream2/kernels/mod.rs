@@ -147,25 +147,26 @@ fn run_blocks(
         let width = BLOCK_N * (b1 - b0);
         let col0 = BLOCK_N * b0;
         let cols = width.min(n.saturating_sub(col0));
-        let mut c = vec![0f32; rows * width];
-        f(b0, b1, &mut c);
-        for i in 0..m {
-            let src = &c[i * width..i * width + cols];
-            // SAFETY: `out` is m × n; each chunk writes only its own columns
-            // col0..col0 + cols of each row, and the chunks' columns are disjoint.
-            let dst = unsafe { target.row(i * n + col0, cols) };
-            match bias {
-                Some(b) => {
-                    for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[col0..col0 + cols]) {
-                        *d = s + b;
+        with_scratch(rows * width, |c| {
+            f(b0, b1, c);
+            for i in 0..m {
+                let src = &c[i * width..i * width + cols];
+                // SAFETY: `out` is m × n; each chunk writes only its own columns
+                // col0..col0 + cols of each row, and the chunks' columns are disjoint.
+                let dst = unsafe { target.row(i * n + col0, cols) };
+                match bias {
+                    Some(b) => {
+                        for ((d, s), b) in dst.iter_mut().zip(src).zip(&b[col0..col0 + cols]) {
+                            *d = s + b;
+                        }
                     }
+                    None => dst.copy_from_slice(src),
                 }
-                None => dst.copy_from_slice(src),
+                if gelu {
+                    math::gelu_tanh_in_place(dst);
+                }
             }
-            if gelu {
-                math::gelu_tanh_in_place(dst);
-            }
-        }
+        });
     };
     if chunks.len() == 1 {
         work(&chunks[0]);
@@ -173,6 +174,32 @@ fn run_blocks(
         use rayon::prelude::*;
         chunks.par_iter().for_each(work);
     }
+}
+
+/// Scratch buffers up to this many floats (1 MiB) are kept by each thread between
+/// products (the decode step's); larger ones (prefill, vision) are allocated each time.
+const KEEP_SCRATCH: usize = 1 << 18;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `len` floats of scratch: this thread's kept buffer when small enough
+/// (its contents are stale: the kernels overwrite every value they hand back).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    if len > KEEP_SCRATCH {
+        return f(&mut vec![0f32; len]);
+    }
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => {
+            if kept.len() < len {
+                kept.resize(len, 0.0);
+            }
+            f(&mut kept[..len])
+        }
+        // Already in use further up this thread's stack.
+        Err(_) => f(&mut vec![0f32; len]),
+    })
 }
 
 /// The output of [`run_blocks`], shared by the threads that fill disjoint columns.

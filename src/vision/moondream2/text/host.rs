@@ -67,6 +67,42 @@ impl HostRope {
     }
 }
 
+/// The output head on the host: the final LayerNorm and the packed `lm_head`.
+#[derive(Debug, Clone)]
+pub(super) struct HostLogits {
+    ln_weight: Vec<f32>,
+    ln_bias: Vec<f32>,
+    lm_head: PackedLinear,
+}
+
+impl HostLogits {
+    /// The host form of `post_ln` and `lm_head`, when the latter is packed.
+    pub(super) fn new(post_ln: &LayerNorm, lm_head: &Linear) -> Result<Option<Self>> {
+        let (Some(lm_head), Some(bias)) = (lm_head.packed(), post_ln.bias()) else {
+            return Ok(None);
+        };
+        let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        Ok(Some(Self {
+            ln_weight: host(post_ln.weight())?,
+            ln_bias: host(bias)?,
+            lm_head: lm_head.clone(),
+        }))
+    }
+
+    /// `lm_head(post_ln(hidden))` for `b` rows `[b × dim]` → `[b × vocab]`.
+    pub(super) fn logits(&self, hidden: &[f32], b: usize) -> Vec<f32> {
+        let mut h = vec![0f32; hidden.len()];
+        layer_norm_rows(
+            hidden,
+            &self.ln_weight,
+            &self.ln_bias,
+            LN_EPS as f32,
+            &mut h,
+        );
+        self.lm_head.forward_rows(&h, b, false)
+    }
+}
+
 impl TextModel {
     /// Feeds row `i` of `x` (`[b × dim]`) to `caches[i]` at its next position through
     /// every block → the last block's output `[b × dim]`. The caches' lengths are not
@@ -92,17 +128,19 @@ impl TextModel {
             }
         }
         let mut h = vec![0f32; b * dim];
+        // Buffers reused by every block.
+        let (mut qkv, mut attn, mut inner, mut mlp) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (layer, block) in self.blocks.iter().enumerate() {
             let Some(w) = &block.host else {
                 candle_core::bail!("host step: block {layer} has no packed weights");
             };
             layer_norm_rows(&x, &w.ln_weight, &w.ln_bias, LN_EPS as f32, &mut h);
-            let qkv = w.qkv.forward_rows(&h, b, false);
-            let attn = block.attend_rows(&qkv, layer, caches, rope)?;
-            let attn = w.proj.forward_rows(&attn, b, false);
-            let mlp = w
-                .fc2
-                .forward_rows(&w.fc1.forward_rows(&h, b, true), b, false);
+            w.qkv.forward_into(&h, b, false, &mut qkv);
+            let heads = block.attend_rows(&qkv, layer, caches, rope)?;
+            w.proj.forward_into(&heads, b, false, &mut attn);
+            w.fc1.forward_into(&h, b, true, &mut inner);
+            w.fc2.forward_into(&inner, b, false, &mut mlp);
             for ((x, a), m) in x.iter_mut().zip(&attn).zip(&mlp) {
                 *x = (*x + a) + m;
             }
@@ -174,7 +212,7 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 mod tests {
     use std::path::Path;
 
-    use candle_core::Device;
+    use candle_core::{Device, Module};
 
     use super::super::KvCache;
     use crate::vision::moondream2::loader::{files_in_dir, load_model_with};
@@ -219,17 +257,34 @@ mod tests {
                 .unwrap();
             let mut refs: Vec<&mut KvCache> = copies.iter_mut().collect();
             let candle = text.run_batch_blocks(&xs, &mut refs).unwrap();
+            // The output head too: host LayerNorm and product against candle's.
+            let head = text.host_logits.as_ref().expect("a packed lm_head");
+            let host_logits = head.logits(&host, 3);
+            let candle_logits = text
+                .lm_head
+                .forward(&text.post_ln.forward(&candle).unwrap())
+                .unwrap();
             let candle = candle.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert_eq!(host.len(), candle.len());
-            let worst = host
-                .iter()
-                .zip(&candle)
-                .map(|(h, c)| (h - c).abs() / (1.0 + c.abs()))
-                .fold(0f32, f32::max);
-            assert!(
-                worst < 1e-4,
-                "{name} {precision:?}: worst difference {worst}"
-            );
+            let candle_logits = candle_logits
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (what, host, candle) in [
+                ("blocks", &host, &candle),
+                ("logits", &host_logits, &candle_logits),
+            ] {
+                assert_eq!(host.len(), candle.len());
+                let worst = host
+                    .iter()
+                    .zip(candle)
+                    .map(|(h, c)| (h - c).abs() / (1.0 + c.abs()))
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst < 1e-4,
+                    "{name} {precision:?} {what}: worst difference {worst}"
+                );
+            }
             // Both appended the new keys and values.
             for (a, b) in caches.iter().zip(&copies) {
                 let (ka, va) = a

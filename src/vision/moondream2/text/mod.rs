@@ -295,6 +295,8 @@ pub struct TextModel {
     /// The rotary table on the host, when every block has its host form: then
     /// single positions are fed by the host decode step.
     host_rope: Option<host::HostRope>,
+    /// The output head on the host, when the decode step runs there.
+    host_logits: Option<host::HostLogits>,
     cfg: TextConfig,
 }
 
@@ -368,17 +370,25 @@ impl TextModel {
                 cos: cos.clone(),
                 sin: sin.clone(),
             });
+        let post_ln = layer_norm(cfg.dim, vb.pp("post_ln"))?;
+        let host_logits = match host_rope {
+            Some(_) => host::HostLogits::new(&post_ln, &lm_head)?,
+            None => None,
+        };
+        // The host step needs both.
+        let host_rope = host_rope.filter(|_| host_logits.is_some());
         let table = |v: Vec<f32>| {
             Tensor::from_vec(v, (cfg.max_context, ROT_DIM / 2), vb.device())?.to_dtype(vb.dtype())
         };
         Ok(Self {
             wte,
             blocks,
-            post_ln: layer_norm(cfg.dim, vb.pp("post_ln"))?,
+            post_ln,
             lm_head,
             cos: table(cos)?,
             sin: table(sin)?,
             host_rope,
+            host_logits,
             cfg: cfg.clone(),
         })
     }
@@ -472,19 +482,26 @@ impl TextModel {
         if b == 0 {
             return Ok(Vec::new());
         }
-        let x = match &self.host_rope {
-            Some(rope) => {
+        let (hidden, logits) = match (&self.host_rope, &self.host_logits) {
+            (Some(rope), Some(head)) => {
                 let out = self.step_host(rope, host_rows(xs)?, caches)?;
-                Tensor::from_vec(out, (1, b, self.cfg.dim), &Device::Cpu)?
+                let logits = head.logits(&out, b);
+                let vocab = logits.len() / b;
+                (
+                    Tensor::from_vec(out, (b, self.cfg.dim), &Device::Cpu)?,
+                    Tensor::from_vec(logits, (b, vocab), &Device::Cpu)?,
+                )
             }
-            None => self.run_batch_blocks(xs, caches)?,
+            _ => {
+                let x = self.run_batch_blocks(xs, caches)?;
+                let h = self.post_ln.forward(&x)?;
+                let logits = self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)?;
+                (x.get(0)?, logits)
+            }
         };
         for c in caches.iter_mut() {
             c.len += 1;
         }
-        let hidden = x.get(0)?;
-        let h = self.post_ln.forward(&x)?;
-        let logits = self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)?;
         (0..b)
             .map(|i| {
                 Ok(Step {
@@ -525,6 +542,10 @@ impl TextModel {
 
     /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        if let Some(head) = &self.host_logits {
+            let logits = head.logits(&host_rows(hidden)?, 1);
+            return Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu);
+        }
         let h = self.post_ln.forward(&hidden.unsqueeze(0)?)?;
         self.lm_head.forward(&h)?.get(0)?.to_dtype(DType::F32)
     }
