@@ -7,7 +7,7 @@
 use candle_core::Result;
 use candle_nn::LayerNorm;
 
-use super::super::kernels::{KvRows, attend_each, math::layer_norm_rows};
+use super::super::kernels::math::layer_norm_rows;
 use super::super::layers::{LN_EPS, Linear, Mlp, PackedLinear};
 use super::{Block, HEAD_DIM, KvCache, ROT_DIM, TextModel};
 
@@ -118,15 +118,7 @@ impl TextModel {
         if x.len() != b * dim {
             candle_core::bail!("host step: {} values for {b} rows of {dim}", x.len());
         }
-        for c in caches.iter() {
-            if c.len + 1 > self.cfg.max_context {
-                candle_core::bail!(
-                    "sequence of {} positions exceeds the model's context of {}",
-                    c.len + 1,
-                    self.cfg.max_context
-                );
-            }
-        }
+        self.check_room(caches)?;
         let mut h = vec![0f32; b * dim];
         // Buffers reused by every block.
         let (mut qkv, mut attn, mut inner, mut mlp) =
@@ -184,15 +176,7 @@ impl Block {
             }
             cache.append_host(layer, self.n_kv_heads, &k, &row[q_w + kv_w..], self.kv);
         }
-        let rows = caches
-            .iter()
-            .map(|c| c.host_rows(layer))
-            .collect::<Result<Vec<_>>>()?;
-        let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
-            rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        let mut out = vec![0f32; q.len()];
-        attend_each(&q, &pairs, HEAD_DIM, &mut out);
-        Ok(out)
+        super::attend_caches(&q, layer, caches)
     }
 }
 

@@ -512,11 +512,9 @@ impl TextModel {
             .collect()
     }
 
-    /// The blocks of [`Self::feed_batch`] on candle tensors (any device, any weights)
-    /// → `[1, b, dim]`; the caches' lengths are not advanced.
-    fn run_batch_blocks(&self, xs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let mut positions = Vec::with_capacity(caches.len());
-        for c in caches.iter() {
+    /// Fails when a sequence has no room left for one more position.
+    fn check_room(&self, caches: &[&mut KvCache]) -> Result<()> {
+        for c in caches {
             if c.len + 1 > self.cfg.max_context {
                 candle_core::bail!(
                     "sequence of {} positions exceeds the model's context of {}",
@@ -524,8 +522,15 @@ impl TextModel {
                     self.cfg.max_context
                 );
             }
-            positions.push(c.len as u32);
         }
+        Ok(())
+    }
+
+    /// The blocks of [`Self::feed_batch`] on candle tensors (any device, any weights)
+    /// → `[1, b, dim]`; the caches' lengths are not advanced.
+    fn run_batch_blocks(&self, xs: &Tensor, caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        self.check_room(caches)?;
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let positions = Tensor::new(positions.as_slice(), self.cos.device())?;
         // The batch rides the sequence axis: row i is "position" i with its own rotary.
         let at = Positions {
@@ -635,14 +640,7 @@ impl Block {
             let rows = i * kv..(i + 1) * kv;
             cache.append_host(layer, self.n_kv_heads, &k[rows.clone()], &v[rows], self.kv);
         }
-        let rows = caches
-            .iter()
-            .map(|c| c.host_rows(layer))
-            .collect::<Result<Vec<_>>>()?;
-        let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
-            rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-        let mut out = vec![0f32; q.len()];
-        attend_each(&q, &pairs, HEAD_DIM, &mut out);
+        let out = attend_caches(&q, layer, caches)?;
         Tensor::from_vec(out, (1, b, self.n_heads * HEAD_DIM), &Device::Cpu)
     }
 
@@ -739,6 +737,21 @@ impl LayerKv {
     fn is_host(&self) -> bool {
         matches!(self, Self::Host(..))
     }
+}
+
+/// Each sequence's new queries (`q` `[b × heads·64]`, row `i` for `caches[i]`) over
+/// its host cache of `layer`, which already holds the new position, in one parallel
+/// pass → `[b × heads·64]`.
+fn attend_caches(q: &[f32], layer: usize, caches: &[&mut KvCache]) -> Result<Vec<f32>> {
+    let rows = caches
+        .iter()
+        .map(|c| c.host_rows(layer))
+        .collect::<Result<Vec<_>>>()?;
+    let pairs: Vec<(&[KvRows<'_>], &[KvRows<'_>])> =
+        rows.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let mut out = vec![0f32; q.len()];
+    attend_each(q, &pairs, HEAD_DIM, &mut out);
+    Ok(out)
 }
 
 /// Unmasked attention on the bf16 kernels: `q` `[b, heads, n, d]`, `k`/`v`
