@@ -653,7 +653,9 @@ pub(super) unsafe fn attend_head_bf16_64(
 /// 16 bits and multiplied by `vpdpwssd` (exact in 32 bits); the softmax weights, times
 /// each value row's scale, are rounded to 16 bits too and multiply the value rows the
 /// same way, even and odd dimensions in separate sums. About a third of the
-/// instructions of widening to f32, and no more than 2⁻¹⁵ of relative rounding.
+/// instructions of widening to f32. Rounding: half a step of 1/32767 of the largest
+/// query value and weight (2⁻¹⁶), coarser for the weights only when their total must
+/// be capped (flat attention past 516 positions: 2⁻¹⁴ at 2,048).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],

@@ -1,5 +1,6 @@
 //! The text decoder (`text.py`, `rope.py`): parallel blocks with partial rotary
-//! embeddings, a bidirectional image prefix and a per-generation KV cache.
+//! embeddings, a bidirectional image prefix and a per-generation KV cache. Single
+//! positions (decode steps) go through `host` when the weights are packed on the CPU.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
