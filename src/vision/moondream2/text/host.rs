@@ -11,11 +11,36 @@ use super::super::kernels::math::layer_norm_rows;
 use super::super::layers::{LN_EPS, Linear, Mlp, PackedLinear};
 use super::{Block, HEAD_DIM, KvCache, ROT_DIM, TextModel};
 
+/// An affine LayerNorm's weight and bias on the host.
+#[derive(Debug, Clone)]
+struct HostNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl HostNorm {
+    /// The host copy of `ln`; `None` when it has no bias (not a Moondream2 norm).
+    fn new(ln: &LayerNorm) -> Result<Option<Self>> {
+        let Some(bias) = ln.bias() else {
+            return Ok(None);
+        };
+        let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
+        Ok(Some(Self {
+            weight: host(ln.weight())?,
+            bias: host(bias)?,
+        }))
+    }
+
+    /// Normalises each row of `x` into `out` (same length).
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        layer_norm_rows(x, &self.weight, &self.bias, LN_EPS as f32, out);
+    }
+}
+
 /// A block's weights as the host step reads them (the packed weights are shared).
 #[derive(Debug, Clone)]
 pub(super) struct HostBlock {
-    ln_weight: Vec<f32>,
-    ln_bias: Vec<f32>,
+    ln: HostNorm,
     qkv: PackedLinear,
     proj: PackedLinear,
     fc1: PackedLinear,
@@ -36,13 +61,11 @@ impl HostBlock {
         else {
             return Ok(None);
         };
-        let Some(bias) = ln.bias() else {
+        let Some(ln) = HostNorm::new(ln)? else {
             return Ok(None);
         };
-        let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
         Ok(Some(Self {
-            ln_weight: host(ln.weight())?,
-            ln_bias: host(bias)?,
+            ln,
             qkv: qkv.clone(),
             proj: proj.clone(),
             fc1: fc1.clone(),
@@ -70,21 +93,18 @@ impl HostRope {
 /// The output head on the host: the final LayerNorm and the packed `lm_head`.
 #[derive(Debug, Clone)]
 pub(super) struct HostLogits {
-    ln_weight: Vec<f32>,
-    ln_bias: Vec<f32>,
+    post_ln: HostNorm,
     lm_head: PackedLinear,
 }
 
 impl HostLogits {
     /// The host form of `post_ln` and `lm_head`, when the latter is packed.
     pub(super) fn new(post_ln: &LayerNorm, lm_head: &Linear) -> Result<Option<Self>> {
-        let (Some(lm_head), Some(bias)) = (lm_head.packed(), post_ln.bias()) else {
+        let (Some(lm_head), Some(post_ln)) = (lm_head.packed(), HostNorm::new(post_ln)?) else {
             return Ok(None);
         };
-        let host = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
         Ok(Some(Self {
-            ln_weight: host(post_ln.weight())?,
-            ln_bias: host(bias)?,
+            post_ln,
             lm_head: lm_head.clone(),
         }))
     }
@@ -92,13 +112,7 @@ impl HostLogits {
     /// `lm_head(post_ln(hidden))` for `b` rows `[b × dim]` → `[b × vocab]`.
     pub(super) fn logits(&self, hidden: &[f32], b: usize) -> Vec<f32> {
         let mut h = vec![0f32; hidden.len()];
-        layer_norm_rows(
-            hidden,
-            &self.ln_weight,
-            &self.ln_bias,
-            LN_EPS as f32,
-            &mut h,
-        );
+        self.post_ln.apply(hidden, &mut h);
         self.lm_head.forward_rows(&h, b, false)
     }
 }
@@ -127,7 +141,7 @@ impl TextModel {
             let Some(w) = &block.host else {
                 candle_core::bail!("host step: block {layer} has no packed weights");
             };
-            layer_norm_rows(&x, &w.ln_weight, &w.ln_bias, LN_EPS as f32, &mut h);
+            w.ln.apply(&x, &mut h);
             w.qkv.forward_into(&h, b, false, &mut qkv);
             let heads = block.attend_rows(&qkv, layer, caches, rope)?;
             w.proj.forward_into(&heads, b, false, &mut attn);
@@ -237,7 +251,7 @@ mod tests {
             let xs = text.embed(&[11, 2, 40]).unwrap();
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
             let host = text
-                .step_host(rope, super::super::host_rows(&xs).unwrap(), &mut refs)
+                .step_host(rope, super::super::host_values(&xs).unwrap(), &mut refs)
                 .unwrap();
             let mut refs: Vec<&mut KvCache> = copies.iter_mut().collect();
             let candle = text.run_batch_blocks(&xs, &mut refs).unwrap();

@@ -207,8 +207,13 @@ impl KvCache {
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor, format: RowFormat) -> Result<()> {
         let slot = &mut self.layers[layer];
         if k.device().is_cpu() && !matches!(slot, LayerKv::Device(..)) {
-            let host = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-            self.append_host(layer, k.dim(1)?, &host(&k)?, &host(&v)?, format);
+            self.append_host(
+                layer,
+                k.dim(1)?,
+                &host_values(&k)?,
+                &host_values(&v)?,
+                format,
+            );
             return Ok(());
         }
         let next = match slot {
@@ -410,7 +415,7 @@ impl TextModel {
     ) -> Result<Step> {
         let n = x.dim(0)?;
         if let (1, Some(rope)) = (n, &self.host_rope) {
-            let out = self.step_host(rope, host_rows(x)?, &mut [&mut *cache])?;
+            let out = self.step_host(rope, host_values(x)?, &mut [&mut *cache])?;
             cache.len += 1;
             let hidden = Tensor::from_vec(out, self.cfg.dim, &Device::Cpu)?;
             let logits = self.logits(&hidden)?;
@@ -449,13 +454,7 @@ impl TextModel {
     ) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let pos = cache.len;
-        if pos + n > self.cfg.max_context {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the model's context of {}",
-                pos + n,
-                self.cfg.max_context
-            );
-        }
+        self.check_fits(pos, n)?;
         let at = Positions {
             mask: attention_mask(pos, n, prefix, x.device(), x.dtype())?,
             cos: self.cos.narrow(0, pos, n)?,
@@ -485,7 +484,7 @@ impl TextModel {
         }
         let (hidden, logits) = match (&self.host_rope, &self.host_logits) {
             (Some(rope), Some(head)) => {
-                let out = self.step_host(rope, host_rows(xs)?, caches)?;
+                let out = self.step_host(rope, host_values(xs)?, caches)?;
                 let logits = head.logits(&out, b);
                 let vocab = logits.len() / b;
                 (
@@ -515,14 +514,17 @@ impl TextModel {
 
     /// Fails when a sequence has no room left for one more position.
     fn check_room(&self, caches: &[&mut KvCache]) -> Result<()> {
-        for c in caches {
-            if c.len + 1 > self.cfg.max_context {
-                candle_core::bail!(
-                    "sequence of {} positions exceeds the model's context of {}",
-                    c.len + 1,
-                    self.cfg.max_context
-                );
-            }
+        caches.iter().try_for_each(|c| self.check_fits(c.len, 1))
+    }
+
+    /// Fails when `n` more positions after `len` exceed the model's context.
+    fn check_fits(&self, len: usize, n: usize) -> Result<()> {
+        if len + n > self.cfg.max_context {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's context of {}",
+                len + n,
+                self.cfg.max_context
+            );
         }
         Ok(())
     }
@@ -549,7 +551,7 @@ impl TextModel {
     /// `lm_head(post_ln(hidden))` in f32 → `[vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         if let Some(head) = &self.host_logits {
-            let logits = head.logits(&host_rows(hidden)?, 1);
+            let logits = head.logits(&host_values(hidden)?, 1);
             return Tensor::from_vec(logits, self.cfg.vocab_size, &Device::Cpu);
         }
         let h = self.post_ln.forward(&hidden.unsqueeze(0)?)?;
@@ -727,7 +729,7 @@ impl Block {
     /// already holds it) → `[1, 1, heads·64]`.
     fn attend_cached(&self, q: &Tensor, layer: usize, cache: &KvCache) -> Result<Tensor> {
         let (k, v) = cache.host_rows(layer)?;
-        let q = q.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let q = host_values(q)?;
         let mut out = vec![0f32; q.len()];
         attend_one(&q, &k, &v, HEAD_DIM, &mut out);
         Tensor::from_vec(out, (1, 1, self.n_heads * HEAD_DIM), &Device::Cpu)
@@ -786,8 +788,8 @@ fn partial_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Tensor::cat(&[&rot, &pass], D::Minus1)
 }
 
-/// Rows of `x` (`[n, dim]`, any float dtype) as host f32 values.
-fn host_rows(x: &Tensor) -> Result<Vec<f32>> {
+/// Every value of `x` (any shape, any float dtype), flattened, as host f32.
+fn host_values(x: &Tensor) -> Result<Vec<f32>> {
     x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
