@@ -228,14 +228,15 @@ pub(super) fn to_bf16(isa: &Isa, src: &[f32], dst: &mut [u16]) {
 }
 
 /// Activations quantized like the weights: per row and 32 inputs, 8-bit values, the
-/// scale, and 128 × the sum of the values (what the weights' +128 offset adds to a product).
+/// scale, and −128 × the sum of the values (where a product with the weights stored as
+/// `q + 128` starts, so that it ends at the product with `q`).
 #[derive(Debug)]
 pub(super) struct QuantActivations {
     pub(super) m: usize,
     pub(super) kp: usize,
     pub(super) q: Vec<i8>,
     pub(super) scale: Vec<f32>,
-    pub(super) offset: Vec<i32>,
+    pub(super) start: Vec<i32>,
 }
 
 impl QuantActivations {
@@ -244,19 +245,19 @@ impl QuantActivations {
         let groups = kp / BLOCK_K;
         let mut q = vec![0i8; m * kp];
         let mut scale = vec![0f32; m * groups];
-        let mut offset = vec![0i32; m * groups];
+        let mut start = vec![0i32; m * groups];
         for (r, row) in a.chunks_exact(k).enumerate().take(m) {
-            let (q, scale, offset) = (
+            let (q, scale, start) = (
                 &mut q[r * kp..(r + 1) * kp],
                 &mut scale[r * groups..(r + 1) * groups],
-                &mut offset[r * groups..(r + 1) * groups],
+                &mut start[r * groups..(r + 1) * groups],
             );
             let mut whole = 0;
             #[cfg(target_arch = "x86_64")]
             if isa.avx512vnni {
                 whole = k / BLOCK_K;
                 // SAFETY: AVX512-F is present with VNNI; the slices hold `whole` groups.
-                unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, offset) };
+                unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, start) };
             }
             let _ = isa;
             for (g, group) in row.chunks(BLOCK_K).enumerate().skip(whole) {
@@ -270,7 +271,7 @@ impl QuantActivations {
                     total += i32::from(qv);
                 }
                 scale[g] = s;
-                offset[g] = 128 * total;
+                start[g] = -128 * total;
             }
         }
         Self {
@@ -278,7 +279,7 @@ impl QuantActivations {
             kp,
             q,
             scale,
-            offset,
+            start,
         }
     }
 }

@@ -128,7 +128,8 @@ unsafe fn bf16_tile<const MR: usize>(
 }
 
 /// The q8 product for blocks `b0..b1` into `c` (`m × 16·(b1−b0)`): `vpdpbusd` of the
-/// weights (`q + 128`, unsigned) with the activations (signed), per 32-input group.
+/// weights (`q + 128`, unsigned) with the activations (signed), per 32-input group,
+/// each sum starting at the activations' `start` so that it ends at the signed product.
 #[target_feature(enable = "avx512f,avx512vnni,f16c")]
 pub(super) unsafe fn q8_rows(
     a: &QuantActivations,
@@ -184,16 +185,16 @@ pub(super) unsafe fn q8_rows(
 
 /// Activations → 8 bits per 32-input group, as [`QuantActivations`] does it (a scale of
 /// `max |x| / 127`, rounding half to even): whole groups of `row` into `q`, `scale` and
-/// `offset` (128 × the group's values added up).
+/// `start` (−128 × the group's values added up).
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn quantize_groups(
     row: &[f32],
     q: &mut [i8],
     scale: &mut [f32],
-    offset: &mut [i32],
+    start: &mut [i32],
 ) {
     let groups = row.len() / BLOCK_K;
-    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && offset.len() >= groups);
+    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && start.len() >= groups);
     // SAFETY: group g reads row[32g..32g + 32] and writes q[32g..32g + 32], in bounds by
     // the assert above.
     unsafe {
@@ -220,7 +221,7 @@ pub(super) unsafe fn quantize_groups(
                 );
             }
             scale[g] = s;
-            offset[g] = 128 * _mm512_reduce_add_epi32(total);
+            start[g] = -128 * _mm512_reduce_add_epi32(total);
         }
     }
 }
@@ -241,7 +242,8 @@ unsafe fn q8_tile<const MR: usize>(
         let scales = w.scales.as_ptr().add(b * groups * BLOCK_N) as *const __m256i;
         let aq = a.q.as_ptr();
         for g in 0..groups {
-            let mut dot = [_mm512_setzero_si512(); MR];
+            let mut dot: [__m512i; MR] =
+                std::array::from_fn(|r| _mm512_set1_epi32(a.start[r * groups + g]));
             for quad in 0..BLOCK_K / 4 {
                 let wv = _mm512_loadu_si512(q.add(g * 512 + quad * 64) as *const _);
                 for (r, d) in dot.iter_mut().enumerate() {
@@ -252,9 +254,8 @@ unsafe fn q8_tile<const MR: usize>(
             }
             let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(g)));
             for r in 0..MR {
-                let fixed = _mm512_sub_epi32(dot[r], _mm512_set1_epi32(a.offset[r * groups + g]));
                 let s = _mm512_mul_ps(sw, _mm512_set1_ps(a.scale[r * groups + g]));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), s, acc[r]);
             }
         }
         for (r, v) in acc.iter().enumerate() {
@@ -293,24 +294,25 @@ unsafe fn q8_tile2<const MR: usize>(
             w.scales.as_ptr().add((b + 1) * groups * BLOCK_N) as *const __m256i,
         ];
         let aq = a.q.as_ptr().add(r0 * kp);
-        // Raw reads in the epilogue: rows r0..r0 + MR of `offset` and `scale` exist.
-        let (offset, scale) = (
-            a.offset.as_ptr().add(r0 * groups),
+        // Raw reads: rows r0..r0 + MR of `start` and `scale` exist.
+        let (start, scale) = (
+            a.start.as_ptr().add(r0 * groups),
             a.scale.as_ptr().add(r0 * groups),
         );
         for g in 0..groups {
-            if r0 == 0 {
-                // The first pass streams from memory: ask for a later group of both
-                // blocks now (past the last group, the start of the next blocks).
-                for block in q {
-                    let next = block.wrapping_add((g + Q8_AHEAD) * 512);
-                    for line in 0..8 {
-                        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * line) as *const i8);
+            let first: [__m512i; MR] =
+                std::array::from_fn(|r| _mm512_set1_epi32(*start.add(r * groups + g)));
+            let mut dot = [first; 2];
+            for quad in 0..BLOCK_K / 4 {
+                if r0 == 0 {
+                    // The first pass streams from memory: one line of a later group of
+                    // both blocks per quad (past the last group, the start of the next
+                    // blocks), spread between the products.
+                    for block in q {
+                        let next = block.wrapping_add((g + Q8_AHEAD) * 512 + quad * 64);
+                        _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
                     }
                 }
-            }
-            let mut dot = [[_mm512_setzero_si512(); MR]; 2];
-            for quad in 0..BLOCK_K / 4 {
                 let wv = [
                     _mm512_loadu_si512(q[0].add(g * 512 + quad * 64) as *const _),
                     _mm512_loadu_si512(q[1].add(g * 512 + quad * 64) as *const _),
@@ -327,10 +329,8 @@ unsafe fn q8_tile2<const MR: usize>(
             for (h, acc) in acc.iter_mut().enumerate() {
                 let sw = _mm512_cvtph_ps(_mm256_loadu_si256(scales[h].add(g)));
                 for r in 0..MR {
-                    let fixed =
-                        _mm512_sub_epi32(dot[h][r], _mm512_set1_epi32(*offset.add(r * groups + g)));
                     let s = _mm512_mul_ps(sw, _mm512_set1_ps(*scale.add(r * groups + g)));
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fixed), s, acc[r]);
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[h][r]), s, acc[r]);
                 }
             }
         }
@@ -647,6 +647,37 @@ pub(super) unsafe fn attend_head_bf16_64(
     }
 }
 
+/// Scratch of [`attend_head_q8_64`] kept by each thread between heads: the scores and
+/// the 16-bit weights in their even and odd lane patterns.
+#[derive(Default)]
+struct HeadScratch {
+    scores: Vec<f32>,
+    even: Vec<i32>,
+    odd: Vec<i32>,
+}
+
+thread_local! {
+    static HEAD_SCRATCH: std::cell::RefCell<HeadScratch> =
+        std::cell::RefCell::new(HeadScratch::default());
+}
+
+/// Runs `f` on `n` floats and two sets of `n` integers: this thread's kept buffers
+/// (stale contents: `f` writes before it reads), fresh ones if they are in use.
+fn with_head_scratch<R>(n: usize, f: impl FnOnce(&mut [f32], &mut [i32], &mut [i32]) -> R) -> R {
+    HEAD_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut kept) => {
+            let HeadScratch { scores, even, odd } = &mut *kept;
+            if scores.len() < n {
+                scores.resize(n, 0.0);
+                even.resize(n, 0);
+                odd.resize(n, 0);
+            }
+            f(&mut scores[..n], &mut even[..n], &mut odd[..n])
+        }
+        Err(_) => f(&mut vec![0.0; n], &mut vec![0; n], &mut vec![0; n]),
+    })
+}
+
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
 /// `[len]` scales). Integer products instead of widening every value to f32: the
 /// query is rounded to 16 bits (one scale for the head), each key row sign-extended to
@@ -665,15 +696,39 @@ pub(super) unsafe fn attend_head_q8_64(
     o: &mut [f32],
 ) {
     const D: usize = 64;
+    let len = k.1.len();
+    assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
+    assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
+    let padded = len.next_multiple_of(16);
+    with_head_scratch(padded, |scores, even, odd| {
+        // SAFETY: the caller's guarantees (the CPU features) hold; the buffers hold
+        // `padded` values each.
+        unsafe { q8_head(q, k, v, next, o, scores, even, odd) }
+    })
+}
+
+/// The body of [`attend_head_q8_64`], on scratch buffers of `len` rounded up to 16.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
+unsafe fn q8_head(
+    q: &[f32],
+    k: (&[i8], &[f32]),
+    v: (&[i8], &[f32]),
+    next: *const u8,
+    o: &mut [f32],
+    scores: &mut [f32],
+    even: &mut [i32],
+    odd: &mut [i32],
+) {
+    const D: usize = 64;
     // Rows prefetched ahead: 4 KiB, as for bf16 rows.
     const AHEAD: usize = 64;
     // The largest total of 16-bit weights whose products with values up to 127 still
     // add up within an i32 (2³¹ / 127, less a margin for rounding up).
     const WEIGHT_BUDGET: f32 = 16_900_000.0;
     let len = k.1.len();
-    assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
-    assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
-    let mut scores = vec![0f32; len];
+    let padded = len.next_multiple_of(16);
+    assert!(scores.len() == padded && even.len() == padded && odd.len() == padded);
     // SAFETY: every load below is within q (64), k and v (len × 64 values, len scales),
     // q16 (64) or the weight arrays (len, padded to 16), every store within those,
     // scores (len) or o (64).
@@ -734,23 +789,21 @@ pub(super) unsafe fn attend_head_q8_64(
             scores[j] = sum as f32 * (k.1[j] * q_scale);
             j += 1;
         }
-        let max = super::math::lanes(&scores, f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
+        let max = super::math::lanes(&scores[..len], f32::NEG_INFINITY, f32::max);
+        for s in scores[..len].iter_mut() {
             *s = super::math::exp(*s - max);
         }
-        let total = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        let total = super::math::lanes(&scores[..len], 0.0, |a, b| a + b);
         // Weights in 16 bits, as the 32-bit lane patterns (w, 0) and (0, w) that pick
         // the even and the odd dimension of each pair.
         for (s, scale) in scores.iter_mut().zip(v.1) {
             *s *= scale;
         }
-        let w_max = super::math::lanes(&scores, 0.0, f32::max);
-        let w_sum = super::math::lanes(&scores, 0.0, |a, b| a + b);
+        let w_max = super::math::lanes(&scores[..len], 0.0, f32::max);
+        let w_sum = super::math::lanes(&scores[..len], 0.0, |a, b| a + b);
         let w_scale = (w_max / 32767.0).max(w_sum / WEIGHT_BUDGET);
         let w_inv = _mm512_set1_ps(if w_scale > 0.0 { 1.0 / w_scale } else { 0.0 });
-        let padded = len.next_multiple_of(16);
-        let (mut even, mut odd) = (vec![0i32; padded], vec![0i32; padded]);
-        scores.resize(padded, 0.0);
+        scores[len..].fill(0.0);
         let top = _mm512_set1_epi32(32767);
         for j in (0..padded).step_by(16) {
             let w = _mm512_cvtps_epi32(_mm512_mul_ps(
