@@ -177,7 +177,8 @@ fn run_blocks(
 }
 
 /// Scratch buffers up to this many floats (1 MiB) are kept by each thread between
-/// products (the decode step's); larger ones (prefill, vision) are allocated each time.
+/// products and 8-bit attention heads (the decode step's); larger ones (prefill,
+/// vision) are allocated each time.
 const KEEP_SCRATCH: usize = 1 << 18;
 
 thread_local! {

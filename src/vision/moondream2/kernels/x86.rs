@@ -647,37 +647,6 @@ pub(super) unsafe fn attend_head_bf16_64(
     }
 }
 
-/// Scratch of [`attend_head_q8_64`] kept by each thread between heads: the scores and
-/// the 16-bit weights in their even and odd lane patterns.
-#[derive(Default)]
-struct HeadScratch {
-    scores: Vec<f32>,
-    even: Vec<i32>,
-    odd: Vec<i32>,
-}
-
-thread_local! {
-    static HEAD_SCRATCH: std::cell::RefCell<HeadScratch> =
-        std::cell::RefCell::new(HeadScratch::default());
-}
-
-/// Runs `f` on `n` floats and two sets of `n` integers: this thread's kept buffers
-/// (stale contents: `f` writes before it reads), fresh ones if they are in use.
-fn with_head_scratch<R>(n: usize, f: impl FnOnce(&mut [f32], &mut [i32], &mut [i32]) -> R) -> R {
-    HEAD_SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut kept) => {
-            let HeadScratch { scores, even, odd } = &mut *kept;
-            if scores.len() < n {
-                scores.resize(n, 0.0);
-                even.resize(n, 0);
-                odd.resize(n, 0);
-            }
-            f(&mut scores[..n], &mut even[..n], &mut odd[..n])
-        }
-        Err(_) => f(&mut vec![0.0; n], &mut vec![0; n], &mut vec![0; n]),
-    })
-}
-
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
 /// `[len]` scales). Integer products instead of widening every value to f32: the
 /// query is rounded to 16 bits (one scale for the head), each key row sign-extended to
@@ -700,14 +669,19 @@ pub(super) unsafe fn attend_head_q8_64(
     assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
     assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
     let padded = len.next_multiple_of(16);
-    with_head_scratch(padded, |scores, even, odd| {
+    // The thread's kept scratch, as the products use it: scores, then the weights'
+    // two lane patterns (i32 lanes carried as f32 bits).
+    super::with_scratch(3 * padded, |buf| {
+        let (scores, rest) = buf.split_at_mut(padded);
+        let (even, odd) = rest.split_at_mut(padded);
         // SAFETY: the caller's guarantees (the CPU features) hold; the buffers hold
         // `padded` values each.
         unsafe { q8_head(q, k, v, next, o, scores, even, odd) }
     })
 }
 
-/// The body of [`attend_head_q8_64`], on scratch buffers of `len` rounded up to 16.
+/// The body of [`attend_head_q8_64`], on scratch buffers of `len` rounded up to 16
+/// (`even` and `odd` hold i32 lanes as f32 bits; their contents on entry are stale).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 unsafe fn q8_head(
@@ -717,8 +691,8 @@ unsafe fn q8_head(
     next: *const u8,
     o: &mut [f32],
     scores: &mut [f32],
-    even: &mut [i32],
-    odd: &mut [i32],
+    even: &mut [f32],
+    odd: &mut [f32],
 ) {
     const D: usize = 64;
     // Rows prefetched ahead: 4 KiB, as for bf16 rows.
@@ -829,7 +803,10 @@ unsafe fn q8_head(
             });
             // The next head's keys into L2 meanwhile.
             _mm_prefetch::<_MM_HINT_T1>((next as *const i8).wrapping_add(key * D));
-            let (even, odd) = (_mm512_set1_epi32(even[key]), _mm512_set1_epi32(odd[key]));
+            let (even, odd) = (
+                _mm512_set1_epi32(even[key].to_bits() as i32),
+                _mm512_set1_epi32(odd[key].to_bits() as i32),
+            );
             let row = vp.add(key * D);
             let (x0, x1) = (wide(row), wide(row.add(32)));
             let a = &mut acc[4 * set..4 * set + 4];
