@@ -117,21 +117,19 @@ impl KvRows<'_> {
     }
 }
 
-/// Appends `rows` (f32) to a bf16 cache head, rounding to nearest even.
-pub fn store_bf16(rows: &[f32], out: &mut Vec<u16>) {
-    let start = out.len();
-    out.resize(start + rows.len(), 0);
-    super::pack::to_bf16(isa(), rows, &mut out[start..]);
+/// Stores `rows` (f32) as bf16 cache rows into `out` (as long), rounding to nearest
+/// even.
+pub fn store_bf16(rows: &[f32], out: &mut [u16]) {
+    assert_eq!(rows.len(), out.len(), "bf16 rows: room for every value");
+    super::pack::to_bf16(isa(), rows, out);
 }
 
-/// Appends `rows` (f32, `[n × dim]`) to an 8-bit cache head: per row the scale
-/// `max |x| / 127` and the values divided by it, rounded half to even.
-pub fn store_q8(rows: &[f32], dim: usize, q: &mut Vec<i8>, scale: &mut Vec<f32>) {
+/// Stores `rows` (f32, `[n × dim]`) as 8-bit cache rows into `q` (as long) and `scale`
+/// (`n`): per row the scale `max |x| / 127` and the values divided by it, rounded half
+/// to even.
+pub fn store_q8(rows: &[f32], dim: usize, q: &mut [i8], scale: &mut [f32]) {
     assert!(dim > 0 && rows.len().is_multiple_of(dim));
-    let (q0, s0) = (q.len(), scale.len());
-    q.resize(q0 + rows.len(), 0);
-    scale.resize(s0 + rows.len() / dim, 0.0);
-    let (q, scale) = (&mut q[q0..], &mut scale[s0..]);
+    assert!(q.len() == rows.len() && scale.len() == rows.len() / dim);
     #[cfg(target_arch = "x86_64")]
     if dim == 64 && (isa().avx512bf16 || isa().avx512vnni) {
         // SAFETY: AVX512-F is present whenever either AVX512 family is; the slices

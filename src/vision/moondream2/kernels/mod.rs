@@ -8,6 +8,7 @@
 //! `[k/4][16][4]`), so one 64-byte row is one AMX tile row and one 512-bit vector.
 
 mod attention;
+mod huge;
 mod isa;
 pub mod math;
 mod pack;
@@ -17,6 +18,7 @@ mod scalar;
 mod x86;
 
 pub use attention::{KvRows, attend_all, attend_each, attend_one, store_bf16, store_q8};
+pub use huge::{HugeVec, Plain};
 pub use isa::{Isa, isa};
 pub use pack::{PackedBf16, PackedQ8, PackedWeight};
 pub use peak::instruction_peak_gflops;
@@ -174,6 +176,30 @@ fn run_blocks(
         use rayon::prelude::*;
         chunks.par_iter().for_each(work);
     }
+}
+
+/// Starts loading, for writing, the cache lines that hold `values`, so that writing
+/// them a little later finds them in cache instead of waiting on memory. A hint only;
+/// nothing on other CPUs.
+pub fn prefetch_lines<T>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_ET0, _mm_prefetch};
+        let bytes = size_of_val(values);
+        if bytes == 0 {
+            return;
+        }
+        let start = values.as_ptr() as *const i8;
+        // From the line that holds the first byte to the one that holds the last.
+        let skew = start as usize % 64;
+        let first = start.wrapping_sub(skew);
+        for line in 0..(skew + bytes).div_ceil(64) {
+            // SAFETY: a prefetch only hints; it reads nothing and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_ET0>(first.wrapping_add(64 * line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 /// Scratch buffers up to this many floats (1 MiB) are kept by each thread between

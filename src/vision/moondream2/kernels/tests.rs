@@ -232,14 +232,14 @@ fn kv_rows_are_stored_rounded_to_nearest_even() {
     for (i, v) in x[128..192].iter_mut().enumerate() {
         *v = if i == 0 { 127.0 } else { (i % 9) as f32 - 4.5 };
     }
-    let (mut q, mut scale) = (vec![3i8], vec![0.5f32]);
-    store_q8(&x, 64, &mut q, &mut scale);
+    let (mut q, mut scale) = (vec![3i8; 1 + x.len()], vec![0.5f32; 1 + x.len() / 64]);
+    store_q8(&x, 64, &mut q[1..], &mut scale[1..]);
     let want = quantize_rows(&x, 64);
     assert_eq!((&q[1..], &scale[1..]), (&want.0[..], &want.1[..]));
-    assert_eq!((q[0], scale[0]), (3, 0.5), "appends after what was there");
+    assert_eq!((q[0], scale[0]), (3, 0.5), "writes only where told");
     assert_eq!(&q[1 + 128..1 + 134], &[127, -4, -2, -2, 0, 0]);
-    let mut b = vec![7u16];
-    store_bf16(&x, &mut b);
+    let mut b = vec![7u16; 1 + x.len()];
+    store_bf16(&x, &mut b[1..]);
     let want: Vec<u16> = x
         .iter()
         .map(|v| half::bf16::from_f32(*v).to_bits())

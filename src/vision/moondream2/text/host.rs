@@ -169,6 +169,11 @@ impl Block {
         let (q_w, kv_w) = (self.n_heads * HEAD_DIM, self.n_kv_heads * HEAD_DIM);
         let width = q_w + 2 * kv_w;
         let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        // The appends below write one new row in each head of each sequence; their
+        // lines load together instead of one miss after another.
+        for cache in caches.iter() {
+            cache.prefetch_append(layer);
+        }
         let mut q = vec![0f32; caches.len() * q_w];
         let mut k = vec![0f32; kv_w];
         for ((row, qi), cache) in qkv

@@ -6,7 +6,9 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::kernels::{KvRows, attend_each, attend_one, store_bf16, store_q8};
+use super::kernels::{
+    HugeVec, KvRows, Plain, attend_each, attend_one, prefetch_lines, store_bf16, store_q8,
+};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 mod host;
@@ -30,8 +32,8 @@ enum LayerKv {
     Empty,
     /// `[1, kv_heads, len, 64]` device tensors.
     Device(Tensor, Tensor),
-    /// Per KV head, `[len × 64]` keys and values (each head's rows contiguous).
-    Host(Vec<HeadRows>, Vec<HeadRows>),
+    /// Keys and values, per KV head `[len × 64]`.
+    Host(HostRows, HostRows),
 }
 
 /// How the host KV cache keeps keys and values (`--kv-cache`).
@@ -81,77 +83,177 @@ enum RowFormat {
     Q8,
 }
 
-/// One KV head's rows on the host, `[len × 64]`: f32, bf16 bits (half the bytes per
-/// decode step) or 8-bit values with one scale per row (a quarter).
+/// One layer's keys (or values) on the host: each KV head's rows `[len × 64]` at a
+/// stride of `cap` rows in one buffer (one to four huge pages for a full-size layer, not
+/// 32 scattered allocations: the attention reads them all every step, and each page is
+/// a TLB miss), stored as f32, bf16 bits (half the bytes per decode step) or 8-bit
+/// values with one scale per row (a quarter).
 #[derive(Debug, Clone)]
-enum HeadRows {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-    Q8 { q: Vec<i8>, scale: Vec<f32> },
+struct HostRows {
+    heads: usize,
+    len: usize,
+    cap: usize,
+    values: RowValues,
+    /// 8-bit rows: one scale per row, at the same stride of `cap`.
+    scale: HugeVec<f32>,
 }
 
-impl HeadRows {
-    fn new(format: RowFormat) -> Self {
-        match format {
-            RowFormat::F32 => Self::F32(Vec::new()),
-            RowFormat::Bf16 => Self::Bf16(Vec::new()),
-            RowFormat::Q8 => Self::Q8 {
-                q: Vec::new(),
-                scale: Vec::new(),
-            },
+/// The values of [`HostRows`], `[heads × cap × 64]`.
+#[derive(Debug, Clone)]
+enum RowValues {
+    F32(HugeVec<f32>),
+    Bf16(HugeVec<u16>),
+    Q8(HugeVec<i8>),
+}
+
+impl HostRows {
+    fn new(format: RowFormat, heads: usize) -> Self {
+        let values = match format {
+            RowFormat::F32 => RowValues::F32(HugeVec::new()),
+            RowFormat::Bf16 => RowValues::Bf16(HugeVec::new()),
+            RowFormat::Q8 => RowValues::Q8(HugeVec::new()),
+        };
+        Self {
+            heads,
+            len: 0,
+            cap: 0,
+            values,
+            scale: HugeVec::new(),
         }
     }
 
-    /// Appends rows (`[n × 64]`); 8-bit rows get the scale `max |x| / 127` and round
-    /// half to even.
-    fn extend(&mut self, rows: &[f32]) {
-        match self {
-            Self::F32(v) => v.extend_from_slice(rows),
-            Self::Bf16(v) => store_bf16(rows, v),
-            Self::Q8 { q, scale } => store_q8(rows, HEAD_DIM, q, scale),
+    /// Bytes of one row of every head.
+    fn row_bytes(&self) -> usize {
+        let value = match self.values {
+            RowValues::F32(_) => 4,
+            RowValues::Bf16(_) => 2,
+            RowValues::Q8(_) => 1,
+        };
+        self.heads * HEAD_DIM * value
+    }
+
+    /// Room for `positions` rows per head in all: the same rows moved to a larger
+    /// buffer when they do not fit.
+    fn grow_to(&mut self, positions: usize) {
+        if positions > self.cap {
+            *self = self.relaid(self.capacity_for(positions));
         }
     }
 
-    /// Room for `positions` more rows.
-    fn reserve(&mut self, positions: usize) {
-        match self {
-            Self::F32(v) => v.reserve(positions * HEAD_DIM),
-            Self::Bf16(v) => v.reserve(positions * HEAD_DIM),
-            Self::Q8 { q, scale } => {
-                q.reserve(positions * HEAD_DIM);
-                scale.reserve(positions);
+    /// A capacity of at least `positions` rows per head, rounded up to fill whole
+    /// 2 MiB pages once the buffer spans half of one.
+    fn capacity_for(&self, positions: usize) -> usize {
+        const PAGE: usize = 2 << 20;
+        let row = self.row_bytes().max(1);
+        if positions * row >= PAGE / 2 {
+            (positions * row).next_multiple_of(PAGE) / row
+        } else {
+            positions
+        }
+    }
+
+    /// A copy of the rows with capacity `cap` (at least `len`) per head.
+    fn relaid(&self, cap: usize) -> Self {
+        fn copy<T: Plain + Default>(
+            src: &[T],
+            per_row: usize,
+            heads: usize,
+            (len, old, cap): (usize, usize, usize),
+        ) -> HugeVec<T> {
+            let mut out = HugeVec::filled(heads * cap * per_row, T::default());
+            for h in 0..heads {
+                out[h * cap * per_row..(h * cap + len) * per_row]
+                    .copy_from_slice(&src[h * old * per_row..(h * old + len) * per_row]);
+            }
+            out
+        }
+        let shape = (self.len, self.cap, cap);
+        let values = match &self.values {
+            RowValues::F32(v) => RowValues::F32(copy(v, HEAD_DIM, self.heads, shape)),
+            RowValues::Bf16(v) => RowValues::Bf16(copy(v, HEAD_DIM, self.heads, shape)),
+            RowValues::Q8(v) => RowValues::Q8(copy(v, HEAD_DIM, self.heads, shape)),
+        };
+        let scale = match self.values {
+            RowValues::Q8(_) => copy(&self.scale, 1, self.heads, shape),
+            _ => HugeVec::new(),
+        };
+        Self {
+            heads: self.heads,
+            len: self.len,
+            cap,
+            values,
+            scale,
+        }
+    }
+
+    /// Appends rows `[heads × n × 64]` (head-major); 8-bit rows get the scale
+    /// `max |x| / 127` and round half to even.
+    fn extend(&mut self, data: &[f32]) {
+        let n = data.len() / (self.heads * HEAD_DIM).max(1);
+        if n == 0 {
+            return;
+        }
+        let need = self.len + n;
+        if need > self.cap {
+            self.grow_to(need.max(2 * self.cap));
+        }
+        let (len, cap) = (self.len, self.cap);
+        for (h, rows) in data.chunks_exact(n * HEAD_DIM).enumerate() {
+            let at = (h * cap + len) * HEAD_DIM..(h * cap + len + n) * HEAD_DIM;
+            match &mut self.values {
+                RowValues::F32(v) => v[at].copy_from_slice(rows),
+                RowValues::Bf16(v) => store_bf16(rows, &mut v[at]),
+                RowValues::Q8(v) => {
+                    let scale = &mut self.scale[h * cap + len..h * cap + len + n];
+                    store_q8(rows, HEAD_DIM, &mut v[at], scale);
+                }
+            }
+        }
+        self.len = need;
+    }
+
+    /// Starts loading, for writing, the memory the next row's append fills in every
+    /// head (see [`prefetch_lines`]).
+    fn prefetch_next(&self) {
+        if self.len >= self.cap {
+            return;
+        }
+        for h in 0..self.heads {
+            let row = h * self.cap + self.len;
+            match &self.values {
+                RowValues::F32(v) => prefetch_lines(&v[row * HEAD_DIM..(row + 1) * HEAD_DIM]),
+                RowValues::Bf16(v) => prefetch_lines(&v[row * HEAD_DIM..(row + 1) * HEAD_DIM]),
+                RowValues::Q8(v) => {
+                    prefetch_lines(&v[row * HEAD_DIM..(row + 1) * HEAD_DIM]);
+                    prefetch_lines(&self.scale[row..row + 1]);
+                }
             }
         }
     }
 
-    /// A copy with room for `positions` more rows.
-    fn with_room(&self, positions: usize) -> Self {
-        fn grow<T: Copy>(v: &[T], extra: usize) -> Vec<T> {
-            let mut out = Vec::with_capacity(v.len() + extra);
-            out.extend_from_slice(v);
-            out
-        }
-        let values = positions * HEAD_DIM;
-        match self {
-            Self::F32(v) => Self::F32(grow(v, values)),
-            Self::Bf16(v) => Self::Bf16(grow(v, values)),
-            Self::Q8 { q, scale } => Self::Q8 {
-                q: grow(q, values),
-                scale: grow(scale, positions),
+    /// Head `h`'s rows, as the decode kernels read them.
+    fn rows(&self, h: usize) -> KvRows<'_> {
+        let at = h * self.cap * HEAD_DIM..(h * self.cap + self.len) * HEAD_DIM;
+        match &self.values {
+            RowValues::F32(v) => KvRows::F32(&v[at]),
+            RowValues::Bf16(v) => KvRows::Bf16(&v[at]),
+            RowValues::Q8(v) => KvRows::Q8 {
+                q: &v[at],
+                scale: &self.scale[h * self.cap..h * self.cap + self.len],
             },
         }
     }
 
-    fn rows(&self) -> KvRows<'_> {
-        match self {
-            Self::F32(v) => KvRows::F32(v),
-            Self::Bf16(v) => KvRows::Bf16(v),
-            Self::Q8 { q, scale } => KvRows::Q8 { q, scale },
-        }
+    /// Every head's rows.
+    fn all_rows(&self) -> Vec<KvRows<'_>> {
+        (0..self.heads).map(|h| self.rows(h)).collect()
     }
 
+    /// `[heads × len × 64]` in f32.
     fn to_f32(&self) -> Vec<f32> {
-        self.rows().to_f32()
+        (0..self.heads)
+            .flat_map(|h| self.rows(h).to_f32())
+            .collect()
     }
 }
 
@@ -176,7 +278,7 @@ impl KvCache {
 
     /// A copy that can grow by `extra` positions without reallocating.
     pub fn with_room(&self, extra: usize) -> Self {
-        let grow = |heads: &[HeadRows]| heads.iter().map(|h| h.with_room(extra)).collect();
+        let grow = |rows: &HostRows| rows.relaid(rows.capacity_for(rows.len + extra));
         let layers = self
             .layers
             .iter()
@@ -195,8 +297,8 @@ impl KvCache {
     pub fn reserve(&mut self, extra: usize) {
         for layer in &mut self.layers {
             if let LayerKv::Host(k, v) = layer {
-                for head in k.iter_mut().chain(v.iter_mut()) {
-                    head.reserve(extra);
+                for rows in [k, v] {
+                    rows.grow_to(rows.len + extra);
                 }
             }
         }
@@ -231,18 +333,21 @@ impl KvCache {
     fn append_host(&mut self, layer: usize, heads: usize, k: &[f32], v: &[f32], format: RowFormat) {
         let slot = &mut self.layers[layer];
         if matches!(slot, LayerKv::Empty) {
-            *slot = LayerKv::Host(
-                (0..heads).map(|_| HeadRows::new(format)).collect(),
-                (0..heads).map(|_| HeadRows::new(format)).collect(),
-            );
+            *slot = LayerKv::Host(HostRows::new(format, heads), HostRows::new(format, heads));
         }
         if let LayerKv::Host(hk, hv) = slot {
-            for (rows, data) in [(hk, k), (hv, v)] {
-                let per = data.len() / rows.len().max(1);
-                for (head, chunk) in rows.iter_mut().zip(data.chunks_exact(per.max(1))) {
-                    head.extend(chunk);
-                }
-            }
+            hk.extend(k);
+            hv.extend(v);
+        }
+    }
+
+    /// Starts loading the memory that the next append to a host `layer` writes: one
+    /// new row in each head's keys and values (the host step issues this ahead of the
+    /// appends, so that their misses overlap instead of coming one after another).
+    fn prefetch_append(&self, layer: usize) {
+        if let LayerKv::Host(k, v) = &self.layers[layer] {
+            k.prefetch_next();
+            v.prefetch_next();
         }
     }
 
@@ -251,10 +356,7 @@ impl KvCache {
         let LayerKv::Host(k, v) = &self.layers[layer] else {
             candle_core::bail!("decode attention needs a host cache for layer {layer}");
         };
-        Ok((
-            k.iter().map(HeadRows::rows).collect(),
-            v.iter().map(HeadRows::rows).collect(),
-        ))
+        Ok((k.all_rows(), v.all_rows()))
     }
 
     /// The layer's keys and values as `[1, kv_heads, len, 64]` tensors in `dtype`.
@@ -262,8 +364,8 @@ impl KvCache {
         match &self.layers[layer] {
             LayerKv::Device(k, v) => Ok((k.clone(), v.clone())),
             LayerKv::Host(k, v) => {
-                let t = |heads: &[HeadRows]| -> Result<Tensor> {
-                    let data: Vec<f32> = heads.iter().flat_map(|h| h.to_f32()).collect();
+                let t = |rows: &HostRows| -> Result<Tensor> {
+                    let data = rows.to_f32();
                     let len = data.len() / (kv_heads * HEAD_DIM);
                     Tensor::from_vec(data, (1, kv_heads, len, HEAD_DIM), &Device::Cpu)?
                         .to_dtype(dtype)
@@ -840,4 +942,60 @@ fn attention_mask(
     Ok(Some(
         Tensor::from_vec(m, (n, total), device)?.to_dtype(dtype)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{HEAD_DIM, HostRows, RowFormat};
+
+    /// Rows appended in pieces, through growth into whole-page buffers and copies with
+    /// room, read back per head exactly as they were stored (8-bit: as quantised, bf16:
+    /// as rounded).
+    #[test]
+    fn host_rows_keep_each_head_through_growth_and_copies() {
+        let heads = 32;
+        let value =
+            |h: usize, pos: usize, d: usize| ((h * 131 + pos * 7 + d) % 97) as f32 / 9.0 - 5.0;
+        // Positions [from, to) of every head, head-major as the cache takes them.
+        let piece = |from: usize, to: usize| -> Vec<f32> {
+            (0..heads)
+                .flat_map(|h| {
+                    (from..to).flat_map(move |p| (0..HEAD_DIM).map(move |d| value(h, p, d)))
+                })
+                .collect()
+        };
+        for format in [RowFormat::Q8, RowFormat::Bf16, RowFormat::F32] {
+            let mut rows = HostRows::new(format, heads);
+            // 600 positions span over half a 2 MiB page (8-bit) and get whole pages.
+            let mut fed = 0;
+            for n in [600, 1, 1, 30] {
+                rows.extend(&piece(fed, fed + n));
+                fed += n;
+            }
+            assert!(rows.cap >= fed);
+            assert_eq!(
+                (rows.cap * rows.row_bytes()) % (2 << 20),
+                0,
+                "{format:?}: whole pages"
+            );
+            let mut copy = rows.relaid(rows.capacity_for(fed + 256));
+            copy.grow_to(fed + 256);
+            copy.extend(&piece(fed, fed + 5));
+            let mut alone = HostRows::new(format, heads);
+            alone.extend(&piece(0, fed + 5));
+            for h in 0..heads {
+                let got = copy.rows(h).to_f32();
+                assert_eq!(got.len(), (fed + 5) * HEAD_DIM);
+                assert_eq!(got, alone.rows(h).to_f32(), "{format:?} head {h}");
+                assert_eq!(
+                    rows.rows(h).to_f32(),
+                    got[..fed * HEAD_DIM],
+                    "{format:?} head {h}"
+                );
+            }
+            if format == RowFormat::F32 {
+                assert_eq!(alone.to_f32(), piece(0, fed + 5));
+            }
+        }
+    }
 }
