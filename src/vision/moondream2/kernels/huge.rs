@@ -1,8 +1,8 @@
-//! Buffers that the OS is asked to back with 2 MiB pages (transparent huge pages).
-//! The packed weights and the KV cache rows are read whole on every decode step; on
-//! 4 KiB pages that is a TLB miss, and a page walk (dearer in a VM), every few KiB.
-//! On this project's 2-core VM (q8 weights, 8-bit cache) a decode step went from
-//! 57 to 53–55 ms at batch 1 and from 75–77 to 68–72 ms at batch 4.
+//! Buffers that the OS is asked to back with 2 MiB pages (transparent huge pages), for
+//! the packed weights: a decode step reads all of them (1.4 GB in q8); on 4 KiB pages
+//! that is a TLB miss, and a page walk (dearer in a VM), every few KiB. On this
+//! project's 2-core VM a q8 decode step went from 57 to 53–55 ms at batch 1.
+//! (The KV cache stays on base pages: a huge page makes its reserved room resident.)
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -20,8 +20,9 @@ impl Plain for half::f16 {}
 const HUGE: usize = 2 << 20;
 
 /// A growable buffer of plain values; from 2 MiB up it lives on its own anonymous
-/// mapping, aligned to 2 MiB and advised for huge pages (a hint: with transparent huge
-/// pages off, or off Linux, it is ordinary memory). Smaller ones use the allocator.
+/// mapping, aligned to 2 MiB, whose whole 2 MiB pages are advised for huge pages (a
+/// hint: with transparent huge pages off, or off Linux, it is ordinary memory).
+/// Smaller ones use the allocator.
 pub struct HugeVec<T: Plain> {
     ptr: NonNull<T>,
     len: usize,
@@ -207,8 +208,8 @@ unsafe fn free<T: Plain>(ptr: NonNull<T>, cap: usize) {
     }
     #[cfg(target_os = "linux")]
     if mapped(size) {
-        // SAFETY: per the contract, a mapping of `size` rounded up to HUGE.
-        unsafe { libc::munmap(ptr.as_ptr().cast(), size.next_multiple_of(HUGE)) };
+        // SAFETY: per the contract, the mapping `map_huge(size)` made.
+        unsafe { libc::munmap(ptr.as_ptr().cast(), mapped_len(size)) };
         return;
     }
     // SAFETY: per the contract, allocated with this layout.
@@ -219,11 +220,20 @@ fn small_layout<T>(size: usize) -> std::alloc::Layout {
     std::alloc::Layout::from_size_align(size, align_of::<T>().max(64)).expect("buffer layout")
 }
 
-/// A zeroed anonymous mapping of `size` bytes rounded up to 2 MiB, starting on a 2 MiB
-/// boundary and advised for huge pages before anything touches it.
+/// Bytes a mapping of `size` bytes spans: whole base pages.
+#[cfg(target_os = "linux")]
+fn mapped_len(size: usize) -> usize {
+    // SAFETY: sysconf only reads a system value.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    size.next_multiple_of(page.max(1))
+}
+
+/// A zeroed anonymous mapping of `size` bytes starting on a 2 MiB boundary, its whole
+/// 2 MiB pages advised for huge pages before anything touches them (the tail of a
+/// last, partial one stays on base pages, so no memory is wasted).
 #[cfg(target_os = "linux")]
 fn map_huge(size: usize) -> NonNull<u8> {
-    let len = size.next_multiple_of(HUGE);
+    let len = mapped_len(size);
     // SAFETY: a fresh private anonymous mapping; nothing else is affected.
     let raw = unsafe {
         libc::mmap(
@@ -245,13 +255,13 @@ fn map_huge(size: usize) -> NonNull<u8> {
         if aligned > start {
             libc::munmap(raw, aligned - start);
         }
-        let tail = aligned + len;
-        let end = start + len + HUGE;
+        let (tail, end) = (aligned + len, start + len + HUGE);
         if end > tail {
             libc::munmap(tail as *mut libc::c_void, end - tail);
         }
         // A hint: refused (THP off) it changes nothing.
-        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        let whole = size / HUGE * HUGE;
+        libc::madvise(aligned as *mut libc::c_void, whole, libc::MADV_HUGEPAGE);
     }
     NonNull::new(aligned as *mut u8).expect("mapping is not null")
 }

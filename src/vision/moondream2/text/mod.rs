@@ -6,9 +6,7 @@ use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::TextConfig;
-use super::kernels::{
-    HugeVec, KvRows, Plain, attend_each, attend_one, prefetch_lines, store_bf16, store_q8,
-};
+use super::kernels::{KvRows, attend_each, attend_one, prefetch_lines, store_bf16, store_q8};
 use super::layers::{Linear, LinearFormat, Mlp, layer_norm, linear};
 
 mod host;
@@ -84,10 +82,10 @@ enum RowFormat {
 }
 
 /// One layer's keys (or values) on the host: each KV head's rows `[len × 64]` at a
-/// stride of `cap` rows in one buffer (one to four huge pages for a full-size layer, not
-/// 32 scattered allocations: the attention reads them all every step, and each page is
-/// a TLB miss), stored as f32, bf16 bits (half the bytes per decode step) or 8-bit
-/// values with one scale per row (a quarter).
+/// stride of `cap` rows in one buffer (not one growing allocation per head), stored as
+/// f32, bf16 bits (half the bytes per decode step) or 8-bit values with one scale per
+/// row (a quarter). Base pages, not huge ones: the room reserved past `len` stays
+/// untouched, so it takes no memory until rows are written there.
 #[derive(Debug, Clone)]
 struct HostRows {
     heads: usize,
@@ -95,72 +93,52 @@ struct HostRows {
     cap: usize,
     values: RowValues,
     /// 8-bit rows: one scale per row, at the same stride of `cap`.
-    scale: HugeVec<f32>,
+    scale: Vec<f32>,
 }
 
 /// The values of [`HostRows`], `[heads × cap × 64]`.
 #[derive(Debug, Clone)]
 enum RowValues {
-    F32(HugeVec<f32>),
-    Bf16(HugeVec<u16>),
-    Q8(HugeVec<i8>),
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    Q8(Vec<i8>),
 }
 
 impl HostRows {
     fn new(format: RowFormat, heads: usize) -> Self {
         let values = match format {
-            RowFormat::F32 => RowValues::F32(HugeVec::new()),
-            RowFormat::Bf16 => RowValues::Bf16(HugeVec::new()),
-            RowFormat::Q8 => RowValues::Q8(HugeVec::new()),
+            RowFormat::F32 => RowValues::F32(Vec::new()),
+            RowFormat::Bf16 => RowValues::Bf16(Vec::new()),
+            RowFormat::Q8 => RowValues::Q8(Vec::new()),
         };
         Self {
             heads,
             len: 0,
             cap: 0,
             values,
-            scale: HugeVec::new(),
+            scale: Vec::new(),
         }
-    }
-
-    /// Bytes of one row of every head.
-    fn row_bytes(&self) -> usize {
-        let value = match self.values {
-            RowValues::F32(_) => 4,
-            RowValues::Bf16(_) => 2,
-            RowValues::Q8(_) => 1,
-        };
-        self.heads * HEAD_DIM * value
     }
 
     /// Room for `positions` rows per head in all: the same rows moved to a larger
     /// buffer when they do not fit.
     fn grow_to(&mut self, positions: usize) {
         if positions > self.cap {
-            *self = self.relaid(self.capacity_for(positions));
-        }
-    }
-
-    /// A capacity of at least `positions` rows per head, rounded up to fill whole
-    /// 2 MiB pages once the buffer spans half of one.
-    fn capacity_for(&self, positions: usize) -> usize {
-        const PAGE: usize = 2 << 20;
-        let row = self.row_bytes().max(1);
-        if positions * row >= PAGE / 2 {
-            (positions * row).next_multiple_of(PAGE) / row
-        } else {
-            positions
+            *self = self.relaid(positions);
         }
     }
 
     /// A copy of the rows with capacity `cap` (at least `len`) per head.
     fn relaid(&self, cap: usize) -> Self {
-        fn copy<T: Plain + Default>(
+        fn copy<T: Copy + Default>(
             src: &[T],
             per_row: usize,
             heads: usize,
             (len, old, cap): (usize, usize, usize),
-        ) -> HugeVec<T> {
-            let mut out = HugeVec::filled(heads * cap * per_row, T::default());
+        ) -> Vec<T> {
+            // Zeroed from the allocator (fresh pages for a large buffer): the room past
+            // each head's rows is not touched here.
+            let mut out = vec![T::default(); heads * cap * per_row];
             for h in 0..heads {
                 out[h * cap * per_row..(h * cap + len) * per_row]
                     .copy_from_slice(&src[h * old * per_row..(h * old + len) * per_row]);
@@ -175,7 +153,7 @@ impl HostRows {
         };
         let scale = match self.values {
             RowValues::Q8(_) => copy(&self.scale, 1, self.heads, shape),
-            _ => HugeVec::new(),
+            _ => Vec::new(),
         };
         Self {
             heads: self.heads,
@@ -278,7 +256,7 @@ impl KvCache {
 
     /// A copy that can grow by `extra` positions without reallocating.
     pub fn with_room(&self, extra: usize) -> Self {
-        let grow = |rows: &HostRows| rows.relaid(rows.capacity_for(rows.len + extra));
+        let grow = |rows: &HostRows| rows.relaid(rows.len + extra);
         let layers = self
             .layers
             .iter()
@@ -948,9 +926,8 @@ fn attention_mask(
 mod tests {
     use super::{HEAD_DIM, HostRows, RowFormat};
 
-    /// Rows appended in pieces, through growth into whole-page buffers and copies with
-    /// room, read back per head exactly as they were stored (8-bit: as quantised, bf16:
-    /// as rounded).
+    /// Rows appended in pieces, through growth and copies with room, read back per head
+    /// exactly as they were stored (8-bit: as quantised, bf16: as rounded).
     #[test]
     fn host_rows_keep_each_head_through_growth_and_copies() {
         let heads = 32;
@@ -966,19 +943,14 @@ mod tests {
         };
         for format in [RowFormat::Q8, RowFormat::Bf16, RowFormat::F32] {
             let mut rows = HostRows::new(format, heads);
-            // 600 positions span over half a 2 MiB page (8-bit) and get whole pages.
             let mut fed = 0;
             for n in [600, 1, 1, 30] {
                 rows.extend(&piece(fed, fed + n));
                 fed += n;
             }
             assert!(rows.cap >= fed);
-            assert_eq!(
-                (rows.cap * rows.row_bytes()) % (2 << 20),
-                0,
-                "{format:?}: whole pages"
-            );
-            let mut copy = rows.relaid(rows.capacity_for(fed + 256));
+            let mut copy = rows.relaid(fed + 256);
+            assert_eq!(copy.cap, fed + 256);
             copy.grow_to(fed + 256);
             copy.extend(&piece(fed, fed + 5));
             let mut alone = HostRows::new(format, heads);
