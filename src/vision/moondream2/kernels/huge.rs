@@ -8,166 +8,77 @@ use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 
 /// Plain values: valid as all-zero bytes, nothing to drop, shareable between threads.
-pub trait Plain: Copy + Send + Sync + 'static {}
+pub(super) trait Plain: Copy + Send + Sync + 'static {}
 
 impl Plain for u8 {}
-impl Plain for i8 {}
 impl Plain for u16 {}
-impl Plain for f32 {}
 impl Plain for half::f16 {}
 
 /// Size (and alignment) of a huge page.
 const HUGE: usize = 2 << 20;
 
-/// A growable buffer of plain values; from 2 MiB up it lives on its own anonymous
+/// A fixed-size buffer of plain values; from 2 MiB up it lives on its own anonymous
 /// mapping, aligned to 2 MiB, whose whole 2 MiB pages are advised for huge pages (a
 /// hint: with transparent huge pages off, or off Linux, it is ordinary memory).
 /// Smaller ones use the allocator.
-pub struct HugeVec<T: Plain> {
+pub(super) struct HugeBuf<T: Plain> {
     ptr: NonNull<T>,
     len: usize,
-    cap: usize,
 }
 
-// SAFETY: HugeVec owns its values (plain data) like a Vec does.
-unsafe impl<T: Plain> Send for HugeVec<T> {}
+// SAFETY: HugeBuf owns its values (plain data) like a Vec does.
+unsafe impl<T: Plain> Send for HugeBuf<T> {}
 // SAFETY: as above; shared access only reads.
-unsafe impl<T: Plain> Sync for HugeVec<T> {}
+unsafe impl<T: Plain> Sync for HugeBuf<T> {}
 
-impl<T: Plain> HugeVec<T> {
-    /// An empty buffer (allocates nothing).
-    pub fn new() -> Self {
-        Self {
-            ptr: NonNull::dangling(),
-            len: 0,
-            cap: 0,
-        }
-    }
-
-    /// An empty buffer with room for `cap` values.
-    pub fn with_capacity(cap: usize) -> Self {
-        let mut v = Self::new();
-        v.reserve(cap);
-        v
-    }
-
+impl<T: Plain> HugeBuf<T> {
     /// `len` copies of `value`.
-    pub fn filled(len: usize, value: T) -> Self {
-        let mut v = Self::with_capacity(len);
-        v.resize(len, value);
-        v
-    }
-
-    /// Values held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no value is held.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Values it can hold without reallocating.
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    /// Room for `extra` more values (grows to at least twice the capacity when it must).
-    pub fn reserve(&mut self, extra: usize) {
-        let need = self.len.checked_add(extra).expect("capacity overflow");
-        if need <= self.cap {
-            return;
-        }
-        let cap = need.max(2 * self.cap);
-        let ptr = alloc::<T>(cap);
-        // SAFETY: both regions hold at least `len` values and do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr(), ptr.as_ptr(), self.len) };
-        // SAFETY: the old region came from `alloc` with `self.cap`.
-        unsafe { free(self.ptr, self.cap) };
-        (self.ptr, self.cap) = (ptr, cap);
-    }
-
-    /// Sets the length to `len`, new values being `value`.
-    pub fn resize(&mut self, len: usize, value: T) {
-        if len > self.len {
-            self.reserve(len - self.len);
-            // SAFETY: capacity covers `len`; the values are plain.
-            let tail = unsafe {
-                std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(self.len), len - self.len)
-            };
-            tail.fill(value);
-        }
-        self.len = len;
-    }
-
-    /// Appends `values`.
-    pub fn extend_from_slice(&mut self, values: &[T]) {
-        self.reserve(values.len());
-        // SAFETY: capacity covers the new values; `values` cannot alias our spare room.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                values.as_ptr(),
-                self.ptr.as_ptr().add(self.len),
-                values.len(),
-            )
+    pub(super) fn filled(len: usize, value: T) -> Self {
+        let mut buf = Self {
+            ptr: alloc::<T>(len),
+            len,
         };
-        self.len += values.len();
-    }
-
-    /// A copy with room for `extra` more values.
-    pub fn copy_with_room(&self, extra: usize) -> Self {
-        let mut v = Self::with_capacity(self.len + extra);
-        v.extend_from_slice(self);
-        v
+        buf.fill(value);
+        buf
     }
 }
 
-impl<T: Plain> Default for HugeVec<T> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<T: Plain> Drop for HugeVec<T> {
+impl<T: Plain> Drop for HugeBuf<T> {
     fn drop(&mut self) {
-        // SAFETY: the region came from `alloc` with `self.cap` (or is dangling and 0).
-        unsafe { free(self.ptr, self.cap) };
+        // SAFETY: the region came from `alloc` with `self.len`.
+        unsafe { free(self.ptr, self.len) };
     }
 }
 
-impl<T: Plain> Deref for HugeVec<T> {
+impl<T: Plain> Deref for HugeBuf<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        // SAFETY: the first `len` values are initialised.
+        // SAFETY: `len` values, initialised (zeroed, then filled).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl<T: Plain> DerefMut for HugeVec<T> {
+impl<T: Plain> DerefMut for HugeBuf<T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        // SAFETY: the first `len` values are initialised and ours alone.
+        // SAFETY: as above, and ours alone.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl<T: Plain> Clone for HugeVec<T> {
+impl<T: Plain> Clone for HugeBuf<T> {
     fn clone(&self) -> Self {
-        self.copy_with_room(0)
+        let mut copy = Self {
+            ptr: alloc::<T>(self.len),
+            len: self.len,
+        };
+        copy.copy_from_slice(self);
+        copy
     }
 }
 
-impl<T: Plain> std::fmt::Debug for HugeVec<T> {
+impl<T: Plain> std::fmt::Debug for HugeBuf<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HugeVec({} values)", self.len)
-    }
-}
-
-impl<T: Plain> From<&[T]> for HugeVec<T> {
-    fn from(values: &[T]) -> Self {
-        let mut v = Self::with_capacity(values.len());
-        v.extend_from_slice(values);
-        v
+        write!(f, "HugeBuf({} values)", self.len)
     }
 }
 
@@ -181,7 +92,7 @@ fn mapped(bytes: usize) -> bool {
     cfg!(target_os = "linux") && bytes >= HUGE
 }
 
-/// Room for `cap` values (`cap > 0`), zeroed.
+/// Room for `cap` values, zeroed (dangling when that is no bytes).
 fn alloc<T: Plain>(cap: usize) -> NonNull<T> {
     let size = bytes::<T>(cap);
     if size == 0 {
@@ -268,30 +179,19 @@ fn map_huge(size: usize) -> NonNull<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::HugeVec;
+    use super::HugeBuf;
 
     #[test]
-    fn grows_copies_and_clones_like_a_vec() {
-        let mut v: HugeVec<u16> = HugeVec::new();
-        let mut model = Vec::new();
-        // Through the small path into the mapped one (2 MiB = 1 Mi u16 values).
-        for round in 0..40u16 {
-            let chunk: Vec<u16> = (0..50_000).map(|i| (i as u16) ^ round).collect();
-            v.extend_from_slice(&chunk);
-            model.extend_from_slice(&chunk);
-        }
-        assert_eq!(&v[..], &model[..]);
-        v.resize(10, 7);
-        model.resize(10, 7);
-        v.resize(20, 7);
-        model.resize(20, 7);
-        assert_eq!(&v[..], &model[..]);
-        let c = v.copy_with_room(3_000_000);
-        assert!(c.capacity() >= 3_000_020);
-        assert_eq!(&c[..], &model[..]);
-        let big = HugeVec::filled(3 << 20, 128u8);
+    fn filled_buffers_hold_their_values_small_and_mapped() {
+        // Under 2 MiB (the allocator) and over it (an aligned mapping).
+        let small = HugeBuf::filled(50_000, 7u16);
+        assert!(small.iter().all(|&v| v == 7));
+        let mut big = HugeBuf::filled(3 << 20, 128u8);
         assert!(big.iter().all(|&b| b == 128));
         assert_eq!(big.as_ptr() as usize % (2 << 20), 0, "2 MiB aligned");
-        assert_eq!(big.clone()[..], big[..]);
+        big[(3 << 20) - 1] = 5;
+        let copy = big.clone();
+        assert_eq!(copy[..], big[..]);
+        assert_eq!(small.clone()[..], small[..]);
     }
 }

@@ -18,7 +18,6 @@ mod scalar;
 mod x86;
 
 pub use attention::{KvRows, attend_all, attend_each, attend_one, store_bf16, store_q8};
-pub use huge::{HugeVec, Plain};
 pub use isa::{Isa, isa};
 pub use pack::{PackedBf16, PackedQ8, PackedWeight};
 pub use peak::instruction_peak_gflops;

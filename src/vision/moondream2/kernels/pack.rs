@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use super::huge::HugeVec;
+use super::huge::HugeBuf;
 use super::{BLOCK_K, BLOCK_N, Isa};
 
 /// A Linear weight `[n, k]` packed for the kernels.
@@ -67,7 +67,7 @@ pub struct PackedBf16 {
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) kp: usize,
-    pub(super) data: HugeVec<u16>,
+    pub(super) data: HugeBuf<u16>,
 }
 
 impl PackedBf16 {
@@ -75,7 +75,7 @@ impl PackedBf16 {
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(w.len(), n * k, "weight is not n × k");
         let (blocks, kp) = padded(n, k);
-        let mut data = HugeVec::filled(blocks * BLOCK_N * kp, 0u16);
+        let mut data = HugeBuf::filled(blocks * BLOCK_N * kp, 0u16);
         for (row, values) in w.chunks_exact(k).enumerate() {
             let (b, c) = (row / BLOCK_N, row % BLOCK_N);
             let block = &mut data[b * BLOCK_N * kp..(b + 1) * BLOCK_N * kp];
@@ -90,7 +90,7 @@ impl PackedBf16 {
     pub fn from_cols(v: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(v.len(), n * k, "matrix is not k × n");
         let (blocks, kp) = padded(n, k);
-        let mut data = HugeVec::filled(blocks * BLOCK_N * kp, 0u16);
+        let mut data = HugeBuf::filled(blocks * BLOCK_N * kp, 0u16);
         for (kk, row) in v.chunks_exact(n).enumerate() {
             for (col, &x) in row.iter().enumerate() {
                 let (b, c) = (col / BLOCK_N, col % BLOCK_N);
@@ -118,8 +118,8 @@ pub struct PackedQ8 {
     pub(super) n: usize,
     pub(super) k: usize,
     pub(super) kp: usize,
-    pub(super) q: HugeVec<u8>,
-    pub(super) scales: HugeVec<f16>,
+    pub(super) q: HugeBuf<u8>,
+    pub(super) scales: HugeBuf<f16>,
 }
 
 impl PackedQ8 {
@@ -129,8 +129,8 @@ impl PackedQ8 {
         assert_eq!(w.len(), n * k, "weight is not n × k");
         let (blocks, kp) = padded(n, k);
         let groups = kp / BLOCK_K;
-        let mut q = HugeVec::filled(blocks * BLOCK_N * kp, 128u8);
-        let mut scales = HugeVec::filled(blocks * BLOCK_N * groups, f16::ZERO);
+        let mut q = HugeBuf::filled(blocks * BLOCK_N * kp, 128u8);
+        let mut scales = HugeBuf::filled(blocks * BLOCK_N * groups, f16::ZERO);
         for (row, values) in w.chunks_exact(k).enumerate() {
             let (b, c) = (row / BLOCK_N, row % BLOCK_N);
             let block = &mut q[b * BLOCK_N * kp..(b + 1) * BLOCK_N * kp];
