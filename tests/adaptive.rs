@@ -356,6 +356,59 @@ async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_bat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_memory_error_in_a_batched_encode_requeues_every_job_of_that_pass() {
+    let model = watched(vec![]);
+    let engine = model.inner.engine();
+    // Held, so that both jobs' images wait and go in one encode pass.
+    let hold = engine.hold_encodes();
+    let app = start_with(
+        TestOptions {
+            workers: 2,
+            adaptive: false,
+            ..TestOptions::default()
+        },
+        model.clone(),
+        Box::new(ScriptedProbe::new(vec![gib(0.5)], true)),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let (_, job) = app
+            .enqueue(&png(40, 30, 90 + i), json!({"max_tokens": 8}))
+            .await;
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    let mut waiting = false;
+    for _ in 0..2000 {
+        if engine.stats().encodes_waiting == 2 {
+            waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(waiting, "both images never waited: {:?}", engine.stats());
+    engine.fail_next_encode("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)");
+    drop(hold);
+    for id in &ids {
+        let j = app.wait_job(id).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(
+            j["oom_count"], 1,
+            "both jobs of the failed pass were requeued: {j}"
+        );
+        assert_eq!(j["attempt"], 1, "without consuming an attempt: {j}");
+    }
+    let stats = app.get("/v1/stats").await.1;
+    assert_eq!(stats["workers"]["out_of_memory"], 2, "{stats}");
+    assert_eq!(stats["decode"]["largest_encode"], 2, "{stats}");
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("captiond_encode_batch_largest 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_out_of_memory_at_one_blocks_claiming_then_resumes_by_itself() {
     let image = png(40, 30, 200);
     let model = watched(vec![]);

@@ -13,7 +13,7 @@ use captiond::vision::moondream2::loader::{
 };
 use captiond::vision::moondream2::precision::Precision;
 use captiond::vision::{
-    CaptionLength, Captioner, DeviceChoice, ModelOptions, Moondream, RunControl, Skill,
+    CaptionLength, Captioner, DeviceChoice, ModelOptions, Moondream, RunControl, Skill, SkillError,
     SkillOutput, SkillSettings,
 };
 
@@ -381,4 +381,121 @@ fn concurrent_generations_share_the_weights_and_match_a_sequential_run() {
         .collect();
     let parallel: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(parallel, sequential);
+}
+
+/// Polls until `n` images wait for the encode thread (it is held), or fails.
+fn wait_for_encodes(model: &Moondream, n: usize) {
+    for _ in 0..2000 {
+        if model.engine().stats().encodes_waiting == n {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("{n} encodes never waited: {:?}", model.engine().stats());
+}
+
+#[test]
+fn images_waiting_together_are_encoded_in_one_pass_with_the_results_they_get_alone() {
+    let model = std::sync::Arc::new(tiny_moondream());
+    let wide = std::fs::read(fixture("tiny/image_wide_720x430.png")).unwrap();
+    let jobs = [
+        (
+            wide.clone(),
+            Skill::Caption {
+                length: CaptionLength::Normal,
+            },
+        ),
+        (
+            small_png(),
+            Skill::Query {
+                question: "t200 t201".into(),
+                reasoning: false,
+            },
+        ),
+        (
+            wide,
+            Skill::Detect {
+                object: "t150".into(),
+            },
+        ),
+        (
+            small_png(),
+            Skill::Point {
+                object: "t150".into(),
+            },
+        ),
+    ];
+    let settings = SkillSettings {
+        max_tokens: 12,
+        max_objects: 2,
+        ..SkillSettings::default()
+    };
+    let alone: Vec<_> = jobs
+        .iter()
+        .map(|(img, s)| {
+            model
+                .run(img, s, &settings, &RunControl::default())
+                .unwrap()
+                .output
+        })
+        .collect();
+    let before = model.engine().stats();
+    assert_eq!(
+        before.largest_encode, 1,
+        "alone, one image per pass: {before:?}"
+    );
+    let hold = model.engine().hold_encodes();
+    let handles: Vec<_> = jobs
+        .iter()
+        .cloned()
+        .map(|(img, s)| {
+            let m = model.clone();
+            std::thread::spawn(move || m.run(&img, &s, &settings, &RunControl::default()))
+        })
+        .collect();
+    wait_for_encodes(&model, jobs.len());
+    drop(hold);
+    let together: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap().output)
+        .collect();
+    assert_eq!(together, alone);
+    let after = model.engine().stats();
+    assert_eq!(after.encode_passes, before.encode_passes + 1, "{after:?}");
+    assert_eq!(after.largest_encode, jobs.len(), "{after:?}");
+    assert_eq!(after.images_encoded, 2 * jobs.len() as u64, "{after:?}");
+}
+
+#[test]
+fn an_out_of_memory_error_in_a_batched_encode_fails_each_of_its_images_as_out_of_memory() {
+    let model = std::sync::Arc::new(tiny_moondream());
+    let skill = Skill::Caption {
+        length: CaptionLength::Short,
+    };
+    let settings = SkillSettings {
+        max_tokens: 4,
+        ..SkillSettings::default()
+    };
+    let hold = model.engine().hold_encodes();
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (m, s) = (model.clone(), skill.clone());
+            std::thread::spawn(move || m.run(&small_png(), &s, &settings, &RunControl::default()))
+        })
+        .collect();
+    wait_for_encodes(&model, 2);
+    model
+        .engine()
+        .fail_next_encode("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)");
+    drop(hold);
+    for h in handles {
+        match h.join().unwrap() {
+            Err(SkillError::OutOfMemory(msg)) => assert!(msg.contains("injected"), "{msg}"),
+            other => panic!("expected an out-of-memory error, got {other:?}"),
+        }
+    }
+    // The engine goes on: the next encode succeeds.
+    let ok = model.run(&small_png(), &skill, &settings, &RunControl::default());
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(model.engine().stats().largest_encode, 2);
 }

@@ -8,10 +8,13 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use candle_core::Tensor;
+use captiond::vision::image::Tiling;
 use captiond::vision::image::{DecodeLimits, decode_rgb};
 use captiond::vision::moondream2::KvFormat;
 use captiond::vision::moondream2::batch::decode_together;
 use captiond::vision::moondream2::precision::Precision;
+use captiond::vision::moondream2::vision::VisionModel;
 use captiond::vision::moondream2::{
     AnswerSequence, BatchEvent, DecodeBatch, EncodedImage, GenerateOptions, Generation, Moondream2,
     Sampling, StopReason,
@@ -23,6 +26,16 @@ fn encode(m: &Moondream2, name: &str) -> EncodedImage {
     m.encode_image(&decode_rgb(&bytes, DecodeLimits::default()).unwrap())
         .unwrap()
 }
+
+/// A fixture image's crops as the encoder takes them, and their count.
+fn crops(m: &Moondream2, name: &str) -> ((Tensor, Tiling), usize) {
+    let bytes = std::fs::read(fixtures().join("tiny").join(name)).unwrap();
+    let c = m.prepare(&decode_rgb(&bytes, DecodeLimits::default()).unwrap());
+    let t = VisionModel::crops_tensor(&c, m.device(), m.dtype()).unwrap();
+    ((t, c.tiling), c.n_crops)
+}
+
+const IMAGES: [&str; 2] = ["image_small_50x40.png", "image_wide_720x430.png"];
 
 /// One generation to run alone and in a batch: an image, prompt ids and options.
 struct Case {
@@ -77,10 +90,7 @@ impl Fixture {
 
     fn with_kv(name: &str, precision: Precision, kv: KvFormat) -> Self {
         let model = load_tiny_with(name, precision, kv);
-        let images = [
-            encode(&model, "image_small_50x40.png"),
-            encode(&model, "image_wide_720x430.png"),
-        ];
+        let images = IMAGES.map(|name| encode(&model, name));
         let cases = cases(&model);
         Self {
             model,
@@ -90,9 +100,14 @@ impl Fixture {
     }
 
     fn begin(&self, c: &Case) -> AnswerSequence {
+        self.begin_on(&self.images[c.image], c)
+    }
+
+    /// [`Self::begin`] after the prefix of `image` (an encoding of the case's image).
+    fn begin_on(&self, image: &EncodedImage, c: &Case) -> AnswerSequence {
         let prompt = self.model.text().embed(&c.prompt).unwrap();
         self.model
-            .begin_answer(self.images[c.image].cache(), &prompt, &c.opts)
+            .begin_answer(image.cache(), &prompt, &c.opts)
             .unwrap()
     }
 
@@ -222,5 +237,44 @@ fn a_sequence_joining_a_running_batch_gets_the_tokens_it_gets_alone() {
         assert_eq!(got[0], &f.alone(first));
         assert_eq!(got[1], &f.alone(late[0]));
         assert_eq!(got[2], &f.alone(late[1]));
+    }
+}
+
+#[test]
+fn images_encoded_together_give_each_sequence_its_tokens_alone() {
+    for (name, precision, kv) in SETUPS {
+        let f = Fixture::with_kv(name, precision, kv);
+        // Images of different crop counts, one of them twice, in one vision and
+        // prefill pass.
+        let order = [1, 0, 1];
+        let inputs: Vec<((Tensor, Tiling), usize)> =
+            order.iter().map(|&i| crops(&f.model, IMAGES[i])).collect();
+        assert!(
+            inputs[0].1 > inputs[1].1,
+            "{name}: the images must differ in crop count ({} and {})",
+            inputs[0].1,
+            inputs[1].1
+        );
+        let inputs: Vec<(Tensor, Tiling)> = inputs.into_iter().map(|(t, _)| t).collect();
+        let together = f.model.encode_many(&inputs).unwrap();
+        assert_eq!(together.len(), order.len());
+        for (slot, &image) in order.iter().enumerate() {
+            for c in f.cases.iter().filter(|c| c.image == image) {
+                let mut batch = DecodeBatch::new();
+                batch.admit(0, f.begin_on(&together[slot], c));
+                let done = drive(&f, &mut batch, |_, _| {});
+                assert_eq!(
+                    done[0].1,
+                    f.alone(c),
+                    "{name} {precision:?} KV {kv}: image {image} encoded in slot {slot}"
+                );
+            }
+        }
+        // The images lead to different tokens, so a mix-up of slots would show.
+        let c = &f.cases[1];
+        let mut batch = DecodeBatch::new();
+        batch.admit(0, f.begin_on(&together[1], c));
+        assert_ne!(drive(&f, &mut batch, |_, _| {})[0].1.ids, f.alone(c).ids);
+        assert!(f.model.encode_many(&[]).unwrap().is_empty());
     }
 }

@@ -370,6 +370,24 @@ async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, Api
             "Most sequences decoded in one pass so far.",
             d.largest_batch as f64,
         );
+        counter(
+            &mut out,
+            "captiond_encode_passes_total",
+            "Batched encode passes (vision and prefix prefill) run.",
+            d.encode_passes,
+        );
+        counter(
+            &mut out,
+            "captiond_images_encoded_total",
+            "Images encoded in them.",
+            d.images_encoded,
+        );
+        gauge(
+            &mut out,
+            "captiond_encode_batch_largest",
+            "Most images encoded in one pass so far.",
+            d.largest_encode as f64,
+        );
     }
     if let Some(w) = &s.workers {
         gauge(

@@ -1,16 +1,22 @@
-//! The decode engine: one thread per loaded model that advances every running answer
-//! generation together, one batched forward pass per token ([`DecodeBatch`]). Threads
-//! running skills prefill their own prompt, hand the sequence over and wait for its
-//! tokens; sequences join and leave between steps (continuous batching), so N
-//! concurrent captions cost about one weight read per token instead of N.
+//! The model engine: per loaded model, one thread that advances every running answer
+//! generation together, one batched forward pass per token ([`DecodeBatch`]), and one
+//! that encodes images (vision and prefix prefill) in batches. Threads running skills
+//! decode and crop their image themselves, hand the crops to the encode thread (which
+//! takes every image waiting, up to its cap, in one pass), prefill their own prompt,
+//! then hand the sequence over and wait for its tokens. Sequences join and leave
+//! between steps (continuous batching), so N concurrent captions cost about one
+//! weight read per token instead of N.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
-use candle_core::Error;
+use candle_core::{Error, Tensor};
 
-use super::moondream2::{AnswerSequence, BatchEvent, DecodeBatch, Generation, Moondream2};
+use super::image::Tiling;
+use super::moondream2::{
+    AnswerSequence, BatchEvent, DecodeBatch, EncodedImage, Generation, Moondream2,
+};
 
 /// What the engine tells a waiting sequence.
 enum Event {
@@ -24,6 +30,12 @@ struct Admission {
     events: Sender<Event>,
 }
 
+/// One image waiting to be encoded, and where its prefix goes.
+struct EncodeRequest {
+    image: (Tensor, Tiling),
+    reply: Sender<candle_core::Result<EncodedImage>>,
+}
+
 /// Counters of the engine, for logs, benchmarks and tests.
 #[derive(Debug, Default)]
 struct Counters {
@@ -31,6 +43,14 @@ struct Counters {
     sequence_steps: AtomicU64,
     largest_batch: AtomicUsize,
     fault: Mutex<Option<String>>,
+    encode_passes: AtomicU64,
+    images_encoded: AtomicU64,
+    largest_encode: AtomicUsize,
+    encodes_waiting: AtomicUsize,
+    encode_fault: Mutex<Option<String>>,
+    /// While true, the encode thread leaves requests waiting ([`EncodeHold`]).
+    encode_held: Mutex<bool>,
+    encode_released: Condvar,
 }
 
 /// What the engine has done so far.
@@ -42,11 +62,36 @@ pub struct EngineStats {
     pub sequence_steps: u64,
     /// The most sequences decoded in one pass.
     pub largest_batch: usize,
+    /// Batched encode passes (vision and prefix prefill) run.
+    pub encode_passes: u64,
+    /// Images encoded in them.
+    pub images_encoded: u64,
+    /// The most images encoded in one pass.
+    pub largest_encode: usize,
+    /// Images waiting for the encode thread now.
+    pub encodes_waiting: usize,
+}
+
+/// While alive, the encode thread leaves images waiting; dropping it lets everything
+/// waiting (up to the cap) go in one pass. For tests and benchmarks that need a
+/// batch of a known size.
+pub struct EncodeHold {
+    counters: Arc<Counters>,
+}
+
+impl Drop for EncodeHold {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.counters.encode_held.lock() {
+            *held = false;
+        }
+        self.counters.encode_released.notify_all();
+    }
 }
 
 /// A running decode engine; dropping it lets the thread end once its batch is empty.
 pub struct DecodeEngine {
     admit: Sender<Admission>,
+    encode: Sender<EncodeRequest>,
     counters: Arc<Counters>,
 }
 
@@ -59,16 +104,61 @@ impl std::fmt::Debug for DecodeEngine {
 }
 
 impl DecodeEngine {
-    /// Starts the engine thread for `model`, decoding at most `max_batch` sequences
-    /// per pass (more wait for a place).
-    pub fn start(model: Arc<Moondream2>, max_batch: usize) -> std::io::Result<Self> {
+    /// Starts the engine's threads for `model`: decoding at most `max_batch` sequences
+    /// per pass and encoding at most `max_encode` images per pass (more wait).
+    pub fn start(
+        model: Arc<Moondream2>,
+        max_batch: usize,
+        max_encode: usize,
+    ) -> std::io::Result<Self> {
         let (admit, queue) = mpsc::channel();
+        let (encode, images) = mpsc::channel();
         let counters = Arc::new(Counters::default());
+        let (m, c) = (model.clone(), counters.clone());
+        std::thread::Builder::new()
+            .name("captiond-encode".into())
+            .spawn(move || run_encodes(&m, &images, &c, max_encode.max(1)))?;
         let c = counters.clone();
         std::thread::Builder::new()
             .name("captiond-decode".into())
             .spawn(move || run(&model, &queue, &c, max_batch.max(1)))?;
-        Ok(Self { admit, counters })
+        Ok(Self {
+            admit,
+            encode,
+            counters,
+        })
+    }
+
+    /// Encodes one image's crops (`[n, 3, side, side]` on the model's device) with the
+    /// images of other callers waiting at the same time, in one vision and prefill
+    /// pass. Blocking. An error in a pass fails every image of that pass.
+    pub fn encode(&self, crops: Tensor, tiling: Tiling) -> candle_core::Result<EncodedImage> {
+        let (reply, rx) = mpsc::channel();
+        self.counters
+            .encodes_waiting
+            .fetch_add(1, Ordering::Relaxed);
+        let sent = self.encode.send(EncodeRequest {
+            image: (crops, tiling),
+            reply,
+        });
+        if sent.is_err() {
+            self.counters
+                .encodes_waiting
+                .fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::Msg("the encode thread has stopped".into()));
+        }
+        rx.recv()
+            .map_err(|_| Error::Msg("the encode thread stopped during an encode".into()))?
+    }
+
+    /// Holds the encode thread until the returned guard is dropped (see [`EncodeHold`]).
+    pub fn hold_encodes(&self) -> EncodeHold {
+        if let Ok(mut held) = self.counters.encode_held.lock() {
+            *held = true;
+        }
+        EncodeHold {
+            counters: self.counters.clone(),
+        }
     }
 
     /// Decodes `seq` to its end in the shared batch, calling `on_token` for each
@@ -102,6 +192,10 @@ impl DecodeEngine {
             steps: c.steps.load(Ordering::Relaxed),
             sequence_steps: c.sequence_steps.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            encode_passes: c.encode_passes.load(Ordering::Relaxed),
+            images_encoded: c.images_encoded.load(Ordering::Relaxed),
+            largest_encode: c.largest_encode.load(Ordering::Relaxed),
+            encodes_waiting: c.encodes_waiting.load(Ordering::Relaxed),
         }
     }
 
@@ -110,6 +204,79 @@ impl DecodeEngine {
     pub fn fail_next_step(&self, error: &str) {
         if let Ok(mut f) = self.counters.fault.lock() {
             *f = Some(error.to_string());
+        }
+    }
+
+    /// Fault injection for tests: the next encode pass fails with `error` before it runs.
+    pub fn fail_next_encode(&self, error: &str) {
+        if let Ok(mut f) = self.counters.encode_fault.lock() {
+            *f = Some(error.to_string());
+        }
+    }
+}
+
+/// The encode loop: wait for an image, take every image waiting up to the cap (once
+/// no [`EncodeHold`] holds them), encode them in one pass and hand each its prefix.
+fn run_encodes(
+    model: &Moondream2,
+    queue: &Receiver<EncodeRequest>,
+    counters: &Counters,
+    max_images: usize,
+) {
+    while let Ok(first) = queue.recv() {
+        if let Ok(mut held) = counters.encode_held.lock() {
+            while *held {
+                held = match counters.encode_released.wait(held) {
+                    Ok(h) => h,
+                    Err(_) => break,
+                };
+            }
+        }
+        let mut batch = vec![first];
+        while batch.len() < max_images {
+            match queue.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let size = batch.len();
+        counters.encodes_waiting.fetch_sub(size, Ordering::Relaxed);
+        let images: Vec<(Tensor, Tiling)> = batch.iter().map(|r| r.image.clone()).collect();
+        let injected = counters.encode_fault.lock().ok().and_then(|mut f| f.take());
+        let result = match injected {
+            Some(msg) => Err(Error::Msg(msg)),
+            // A panic inside a pass fails that pass's images instead of the thread.
+            None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model.encode_many(&images)
+            }))
+            .unwrap_or_else(|_| Err(Error::Msg("a batched encode panicked".into()))),
+        };
+        counters.encode_passes.fetch_add(1, Ordering::Relaxed);
+        counters.largest_encode.fetch_max(size, Ordering::Relaxed);
+        match result {
+            Ok(encoded) if encoded.len() == size => {
+                counters
+                    .images_encoded
+                    .fetch_add(size as u64, Ordering::Relaxed);
+                for (request, image) in batch.into_iter().zip(encoded) {
+                    let _ = request.reply.send(Ok(image));
+                }
+            }
+            Ok(encoded) => {
+                let text = format!("{size} images gave {} encodings", encoded.len());
+                for request in batch {
+                    let _ = request.reply.send(Err(Error::Msg(text.clone())));
+                }
+            }
+            Err(e) => {
+                // Each caller gets the error and decides (an out-of-memory error
+                // requeues the job without counting an attempt).
+                let text = format!("{e:?}");
+                tracing::warn!(images = size, error = %e, "batched encode failed");
+                for request in batch {
+                    let _ = request.reply.send(Err(Error::Msg(text.clone())));
+                }
+            }
         }
     }
 }

@@ -22,6 +22,7 @@ use self::moondream2::loader::{
     LoadError, LoadReport, ModelFiles, ModelSource, files_from_hub, files_in_dir, load_model_with,
 };
 use self::moondream2::precision::{LoadPlan, Precision};
+use self::moondream2::vision::VisionModel;
 use self::moondream2::{GenerateOptions, Moondream2, Sampling, StopReason};
 
 /// Caption length, selecting one of the three caption prompts.
@@ -368,8 +369,9 @@ impl Moondream {
         id: String,
     ) -> Result<Self, LoadError> {
         let model = Arc::new(model);
-        let max_batch = max_batch(model.device());
-        let engine = DecodeEngine::start(model.clone(), max_batch).map_err(LoadError::Thread)?;
+        let (max_batch, max_encode) = batch_caps(model.device());
+        let engine =
+            DecodeEngine::start(model.clone(), max_batch, max_encode).map_err(LoadError::Thread)?;
         Ok(Self {
             model,
             engine,
@@ -489,9 +491,10 @@ impl Moondream {
         }
         let started = Instant::now();
         let rgb = decode_rgb(image, self.limits)?;
-        let encoded = self
-            .model
-            .encode_image(&rgb)
+        let crops = self.model.prepare(&rgb);
+        drop(rgb);
+        let encoded = VisionModel::crops_tensor(&crops, self.model.device(), self.model.dtype())
+            .and_then(|t| self.engine.encode(t, crops.tiling))
             .map_err(SkillError::from_candle)?;
         let encode_seconds = started.elapsed().as_secs_f64();
         let gen_started = Instant::now();
@@ -614,10 +617,11 @@ impl Moondream {
     }
 }
 
-/// Most sequences one batched decode pass takes: on the CPU, 8 (the row count up to
-/// which the vector kernels read each weight once for all rows); on a GPU, 32.
-fn max_batch(device: &Device) -> usize {
-    if device.is_cpu() { 8 } else { 32 }
+/// Most sequences one batched decode pass takes, and most images one encode pass
+/// takes: on the CPU, 8 sequences (the row count up to which the vector kernels read
+/// each weight once for all rows) and 4 images; on a GPU, 32 and 8.
+fn batch_caps(device: &Device) -> (usize, usize) {
+    if device.is_cpu() { (8, 4) } else { (32, 8) }
 }
 
 fn box_out(b: &BoundingBox) -> BoxOut {

@@ -27,7 +27,7 @@ pub use text::KvFormat;
 use text::{KvCache, TextModel};
 use vision::VisionModel;
 
-use crate::vision::image::{CropGeometry, Crops, prepare_crops};
+use crate::vision::image::{CropGeometry, Crops, Tiling, prepare_crops};
 
 /// Moondream2 weights, loaded once and shared by all generations (no mutable state).
 #[derive(Debug, Clone)]
@@ -154,11 +154,7 @@ impl Moondream2 {
     }
 
     /// Same as [`Self::encode_image`] from a crops tensor `[n, 3, side, side]`.
-    pub fn encode_crops(
-        &self,
-        crops: &Tensor,
-        tiling: crate::vision::image::Tiling,
-    ) -> Result<EncodedImage> {
+    pub fn encode_crops(&self, crops: &Tensor, tiling: Tiling) -> Result<EncodedImage> {
         let img_emb = self.vision.embed(crops, tiling)?;
         self.encode_embeddings(&img_emb)
     }
@@ -170,5 +166,32 @@ impl Moondream2 {
         let mut cache = KvCache::new(self.cfg.text.n_layers);
         self.text.feed(&prefix, &mut cache, self.cfg.prefix_len())?;
         Ok(EncodedImage { cache })
+    }
+
+    /// [`Self::encode_crops`] of several images in one pass: the vision encoder over
+    /// all their crops together, then one batched prefill of their prefixes (every
+    /// prefix has the same length). Each result equals encoding that image alone.
+    pub fn encode_many(&self, images: &[(Tensor, Tiling)]) -> Result<Vec<EncodedImage>> {
+        let embedded = self.vision.embed_many(images)?;
+        let bos = self.text.embed(&[self.cfg.tokenizer.bos_id])?;
+        let prefixes = embedded
+            .iter()
+            .map(|e| Tensor::cat(&[&bos, &e.to_dtype(self.dtype)?], 0))
+            .collect::<Result<Vec<_>>>()?;
+        if prefixes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n_layers = self.cfg.text.n_layers;
+        let mut caches: Vec<KvCache> = prefixes.iter().map(|_| KvCache::new(n_layers)).collect();
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        self.text.feed_many(
+            &Tensor::stack(&prefixes, 0)?,
+            &mut refs,
+            self.cfg.prefix_len(),
+        )?;
+        Ok(caches
+            .into_iter()
+            .map(|cache| EncodedImage { cache })
+            .collect())
     }
 }

@@ -118,14 +118,21 @@ impl VisionModel {
         .to_dtype(dtype)
     }
 
-    /// Runs the encoder on all crops → `[n_crops, grid², enc_dim]`: as one batch on
-    /// candle's matmul; one crop at a time on the packed kernels (729 rows per product
-    /// keep a crop's activations in cache, and hold a thirteenth of the memory).
+    /// Runs the encoder on all crops → `[n_crops, grid², enc_dim]`: on candle's matmul
+    /// in batches of at most one image's worth of crops (`max_crops + 1`, bounding the
+    /// activations whatever the count); one crop at a time on the packed kernels (729
+    /// rows per product keep a crop's activations in cache, and hold a thirteenth of
+    /// the memory).
     pub fn encode(&self, crops: &Tensor) -> Result<Tensor> {
         let b = crops.dim(0)?;
-        if b > 1 && self.patch_emb.is_packed() {
+        let step = match self.patch_emb.is_packed() {
+            true => 1,
+            false => self.cfg.max_crops + 1,
+        };
+        if b > step {
             let each = (0..b)
-                .map(|i| self.encode_batch(&crops.narrow(0, i, 1)?))
+                .step_by(step)
+                .map(|i| self.encode_batch(&crops.narrow(0, i, step.min(b - i))?))
                 .collect::<Result<Vec<_>>>()?;
             return Tensor::cat(&each, 0);
         }
@@ -206,18 +213,52 @@ impl VisionModel {
     /// Full image path: encoder, stitching, pooling and projection → `[grid², dim]`.
     /// With a 1 × 1 tiling the local crop equals the global one, so it is encoded once.
     pub fn embed(&self, crops: &Tensor, tiling: Tiling) -> Result<Tensor> {
-        let out = if tiling.rows * tiling.cols == 1 && crops.dim(0)? == 2 {
-            let one = self.encode(&crops.narrow(0, 0, 1)?)?;
-            Tensor::cat(&[&one, &one], 0)?
-        } else {
-            self.encode(crops)?
+        let mut out = self.embed_many(&[(crops.clone(), tiling)])?;
+        out.pop()
+            .ok_or_else(|| candle_core::Error::Msg("no image embedded".into()))
+    }
+
+    /// [`Self::embed`] of several images at once: the encoder runs over all their
+    /// crops together and the projection over all their features, so each weight is
+    /// read once per batch of crops rather than once per image. Each result equals
+    /// [`Self::embed`] of that image alone.
+    pub fn embed_many(&self, images: &[(Tensor, Tiling)]) -> Result<Vec<Tensor>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let once = |crops: &Tensor, tiling: Tiling| -> Result<bool> {
+            Ok(tiling.rows * tiling.cols == 1 && crops.dim(0)? == 2)
         };
-        let n = out.dim(0)?;
-        let global = out.get(0)?;
-        let local = out.narrow(0, 1, n - 1)?;
-        let grid = self.reconstruct(&local, tiling)?;
-        let pooled = self.pool(&grid)?;
-        self.project(&global, &pooled)
+        let mut own = Vec::with_capacity(images.len());
+        for (crops, tiling) in images {
+            own.push(match once(crops, *tiling)? {
+                true => crops.narrow(0, 0, 1)?,
+                false => crops.clone(),
+            });
+        }
+        let features = self.encode(&Tensor::cat(&own, 0)?)?;
+        let mut joined = Vec::with_capacity(images.len());
+        let mut at = 0;
+        for ((crops, tiling), mine) in images.iter().zip(&own) {
+            let n = mine.dim(0)?;
+            let out = features.narrow(0, at, n)?;
+            at += n;
+            let out = match once(crops, *tiling)? {
+                true => Tensor::cat(&[&out, &out], 0)?,
+                false => out,
+            };
+            let n = out.dim(0)?;
+            let global = out.get(0)?;
+            let grid = self.reconstruct(&out.narrow(0, 1, n - 1)?, *tiling)?;
+            let g2 = self.cfg.grid() * self.cfg.grid();
+            let pooled = self.pool(&grid)?.reshape((g2, self.cfg.enc_dim))?;
+            joined.push(Tensor::cat(&[&global, &pooled], D::Minus1)?);
+        }
+        let rows = joined[0].dim(0)?;
+        let projected = self.proj_mlp.forward(&Tensor::cat(&joined, 0)?)?;
+        (0..images.len())
+            .map(|i| projected.narrow(0, i * rows, rows))
+            .collect()
     }
 }
 

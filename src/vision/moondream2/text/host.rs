@@ -244,7 +244,8 @@ mod tests {
                     let ids: Vec<u32> = (0..n as u32).map(|i| 3 + 7 * i).collect();
                     if n == 1 {
                         // One position alone would take the host step itself.
-                        text.run_blocks(&text.embed(&ids).unwrap(), &mut c, 0, &mut |_| Ok(()))
+                        let x = text.embed(&ids).unwrap().unsqueeze(0).unwrap();
+                        text.run_blocks(&x, &mut [&mut c], 0, &mut |_| Ok(()))
                             .unwrap();
                     } else {
                         text.feed(&text.embed(&ids).unwrap(), &mut c, 0).unwrap();

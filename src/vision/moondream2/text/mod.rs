@@ -501,7 +501,12 @@ impl TextModel {
             let logits = self.logits(&hidden)?;
             return Ok(Step { hidden, logits });
         }
-        let x = self.run_blocks(x, cache, bidirectional_prefix, &mut |_| Ok(()))?;
+        let x = self.run_blocks(
+            &x.unsqueeze(0)?,
+            &mut [cache],
+            bidirectional_prefix,
+            &mut |_| Ok(()),
+        )?;
         let hidden = x.get(0)?.get(n - 1)?;
         let logits = self.logits(&hidden)?;
         Ok(Step { hidden, logits })
@@ -516,36 +521,68 @@ impl TextModel {
         prefix: usize,
     ) -> Result<Vec<Tensor>> {
         let mut out = Vec::with_capacity(self.blocks.len());
-        self.run_blocks(x, cache, prefix, &mut |h| {
+        self.run_blocks(&x.unsqueeze(0)?, &mut [cache], prefix, &mut |h| {
             out.push(h.get(0)?);
             Ok(())
         })?;
         Ok(out)
     }
 
-    /// Runs every block over `x` at the cache's next positions, showing each block's
-    /// output to `after_block`; returns the last block's output `[1, n, dim]`.
+    /// Feeds the same number of positions to each of several sequences whose caches
+    /// hold equally many positions (e.g. image prefixes into fresh caches): `xs` is
+    /// `[batch, n, dim]`, entry `i` going to `caches[i]`. The Linear layers read their
+    /// weights once for all `batch × n` rows; each cache ends as [`Self::feed`] of its
+    /// entry alone leaves it (the kernels compute every row the same way whatever the
+    /// batch). No logits are computed.
+    pub fn feed_many(
+        &self,
+        xs: &Tensor,
+        caches: &mut [&mut KvCache],
+        bidirectional_prefix: usize,
+    ) -> Result<()> {
+        let b = xs.dim(0)?;
+        if b != caches.len() {
+            candle_core::bail!("feed_many: {b} entries for {} caches", caches.len());
+        }
+        if let Some(c) = caches.iter().find(|c| c.len != caches[0].len) {
+            candle_core::bail!(
+                "feed_many: caches of {} and {} positions cannot be fed together",
+                caches[0].len,
+                c.len
+            );
+        }
+        if b > 0 {
+            self.run_blocks(xs, caches, bidirectional_prefix, &mut |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
+    /// Runs every block over `x` (`[b, n, dim]`, entry `i` for `caches[i]`, all of the
+    /// same length) at the caches' next positions, showing each block's output to
+    /// `after_block`; returns the last block's output `[b, n, dim]`.
     fn run_blocks(
         &self,
         x: &Tensor,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         prefix: usize,
         after_block: &mut dyn FnMut(&Tensor) -> Result<()>,
     ) -> Result<Tensor> {
-        let (n, _) = x.dims2()?;
-        let pos = cache.len;
+        let (_, n, _) = x.dims3()?;
+        let pos = caches.first().map_or(0, |c| c.len);
         self.check_fits(pos, n)?;
         let at = Positions {
             mask: attention_mask(pos, n, prefix, x.device(), x.dtype())?,
             cos: self.cos.narrow(0, pos, n)?,
             sin: self.sin.narrow(0, pos, n)?,
         };
-        let mut x = x.unsqueeze(0)?;
+        let mut x = x.clone();
         for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, i, cache, &at)?;
+            x = block.forward(&x, i, caches, &at)?;
             after_block(&x)?;
         }
-        cache.len += n;
+        for c in caches.iter_mut() {
+            c.len += n;
+        }
         Ok(x)
     }
 
@@ -655,16 +692,16 @@ struct Positions {
 }
 
 impl Block {
-    /// `x + attn(ln(x)) + mlp(ln(x))`.
+    /// `x + attn(ln(x)) + mlp(ln(x))` for `x` `[b, n, dim]`, entry `i` of `caches[i]`.
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         at: &Positions,
     ) -> Result<Tensor> {
         let h = self.ln.forward(x)?;
-        let attn = self.attention(&h, layer, cache, at)?;
+        let attn = self.attention(&h, layer, caches, at)?;
         let mlp = self.mlp.forward(&h)?;
         (x + attn)? + mlp
     }
@@ -781,20 +818,34 @@ impl Block {
             .reshape((b, n, self.n_heads * HEAD_DIM))
     }
 
+    /// Attention of `h` `[b, n, dim]` (entry `i` of `caches[i]`, all of one length):
+    /// each entry's keys and values are appended to its cache, then its queries attend
+    /// over that cache as stored (so rounded as the cache format rounds).
     fn attention(
         &self,
         h: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        caches: &mut [&mut KvCache],
         at: &Positions,
     ) -> Result<Tensor> {
         let (b, n, dim) = h.dims3()?;
         let (q, k, v) = self.qkv_heads(h, at)?;
-        cache.append(layer, k, v, self.kv)?;
-        if n == 1 && b == 1 {
-            return self.proj.forward(&self.attend_last(&q, layer, cache)?);
+        if let [cache] = caches {
+            cache.append(layer, k, v, self.kv)?;
+            if n == 1 {
+                return self.proj.forward(&self.attend_last(&q, layer, cache)?);
+            }
+        } else {
+            for (i, cache) in caches.iter_mut().enumerate() {
+                cache.append(layer, k.narrow(0, i, 1)?, v.narrow(0, i, 1)?, self.kv)?;
+            }
         }
-        let (k, v) = cache.tensors(layer, self.n_kv_heads, q.dtype())?;
+        let stored = caches
+            .iter()
+            .map(|c| c.tensors(layer, self.n_kv_heads, q.dtype()))
+            .collect::<Result<Vec<_>>>()?;
+        let (k, v): (Vec<Tensor>, Vec<Tensor>) = stored.into_iter().unzip();
+        let (k, v) = (Tensor::cat(&k, 0)?, Tensor::cat(&v, 0)?);
         if at.mask.is_none() && self.qkv.is_packed() {
             let out = attend_packed(&q, &k, &v, self.n_heads, self.n_kv_heads)?;
             return self
