@@ -103,15 +103,23 @@ impl KvRows<'_> {
 
     /// The rows in f32.
     pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.extend_f32(&mut out);
+        out
+    }
+
+    /// Appends the rows in f32 to `out` (a row or a whole slice at a time, so that
+    /// the conversion vectorises).
+    pub fn extend_f32(&self, out: &mut Vec<f32>) {
         match self {
-            Self::F32(v) => v.to_vec(),
-            Self::Bf16(v) => v.iter().map(|b| u16::get(*b)).collect(),
+            Self::F32(v) => out.extend_from_slice(v),
+            Self::Bf16(v) => out.extend(v.iter().map(|b| u16::get(*b))),
             Self::Q8 { q, scale } => {
                 let dim = q.len() / scale.len().max(1);
-                q.chunks_exact(dim.max(1))
-                    .zip(scale.iter())
-                    .flat_map(|(row, s)| row.iter().map(move |x| f32::from(*x) * s))
-                    .collect()
+                out.reserve(q.len());
+                for (row, s) in q.chunks_exact(dim.max(1)).zip(scale.iter()) {
+                    out.extend(row.iter().map(|x| f32::from(*x) * s));
+                }
             }
         }
     }

@@ -199,6 +199,48 @@ impl Block {
     }
 }
 
+/// Splits the qkv product of `b × n` positions (`[b·n × (heads + 2·kv_heads)·64]`, row
+/// `i·n + p` for position `p` of entry `i`) into head-major queries `[b × heads × n ×
+/// 64]` (rotated, then scaled by 1/8), keys `[b × kv_heads × n × 64]` (rotated) and
+/// values, in one parallel pass; `cos`/`sin` are the positions' rotary rows `[n × 16]`.
+/// The same arithmetic as the candle ops of [`Block::qkv_heads`].
+pub(super) fn split_heads(
+    qkv: &[f32],
+    (b, n): (usize, usize),
+    (heads, kv_heads): (usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+) -> [Vec<f32>; 3] {
+    use rayon::prelude::*;
+    let width = (heads + 2 * kv_heads) * HEAD_DIM;
+    let half = ROT_DIM / 2;
+    let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+    let part = |first: usize, count: usize, rotary: bool, scaled: bool| -> Vec<f32> {
+        let mut out = vec![0f32; b * count * n * HEAD_DIM];
+        out.par_chunks_mut(n * HEAD_DIM)
+            .enumerate()
+            .for_each(|(entry_head, dst)| {
+                let (entry, head) = (entry_head / count, entry_head % count);
+                for (p, d) in dst.chunks_exact_mut(HEAD_DIM).enumerate() {
+                    let at = (entry * n + p) * width + (first + head) * HEAD_DIM;
+                    d.copy_from_slice(&qkv[at..at + HEAD_DIM]);
+                    if rotary {
+                        let rows = p * half..(p + 1) * half;
+                        rotate(d, &cos[rows.clone()], &sin[rows]);
+                    }
+                    if scaled {
+                        d.iter_mut().for_each(|v| *v *= scale);
+                    }
+                }
+            });
+        out
+    };
+    [
+        part(0, heads, true, true),
+        part(heads, kv_heads, true, false),
+        part(heads + kv_heads, kv_heads, false, false),
+    ]
+}
+
 /// The half-split rotary embedding of a head's first 32 dimensions, as candle's
 /// `rope` computes it; the other 32 pass through.
 fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -220,6 +262,35 @@ mod tests {
     use super::super::KvCache;
     use crate::vision::moondream2::loader::{files_in_dir, load_model_with};
     use crate::vision::moondream2::precision::Precision;
+
+    /// The host split of a multi-position qkv product into rotated, scaled heads is
+    /// the candle ops' split value for value, for two entries at positions past 0.
+    #[test]
+    fn the_host_head_split_equals_the_candle_ops() {
+        use super::super::{HEAD_DIM, ROT_DIM, rotary_values, split_heads_candle};
+        let (b, n, heads, kv_heads) = (2, 5, 4, 2);
+        let width = (heads + 2 * kv_heads) * HEAD_DIM;
+        let data: Vec<f32> = (0..b * n * width)
+            .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 97.0)
+            .collect();
+        let (cos, sin) = rotary_values(16);
+        let half = ROT_DIM / 2;
+        let (cos, sin) = (&cos[3 * half..8 * half], &sin[3 * half..8 * half]);
+        let host = super::split_heads(&data, (b, n), (heads, kv_heads), (cos, sin));
+        let qkv = candle_core::Tensor::from_vec(data, (b, n, width), &Device::Cpu).unwrap();
+        let table = |v: &[f32]| candle_core::Tensor::from_slice(v, (n, half), &Device::Cpu);
+        let (q, k, v) = split_heads_candle(
+            &qkv,
+            (heads, kv_heads),
+            &table(cos).unwrap(),
+            &table(sin).unwrap(),
+        )
+        .unwrap();
+        for (got, want) in host.iter().zip([q, k, v]) {
+            let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(got, &want);
+        }
+    }
 
     /// The host step and the candle blocks (the path of other devices and f32 weights)
     /// agree to float rounding on the tiny checkpoints, for sequences at different

@@ -229,9 +229,11 @@ impl HostRows {
 
     /// `[heads × len × 64]` in f32.
     fn to_f32(&self) -> Vec<f32> {
-        (0..self.heads)
-            .flat_map(|h| self.rows(h).to_f32())
-            .collect()
+        let mut out = Vec::with_capacity(self.heads * self.len * HEAD_DIM);
+        for h in 0..self.heads {
+            self.rows(h).extend_f32(&mut out);
+        }
+        out
     }
 }
 
@@ -769,19 +771,25 @@ impl Block {
     fn qkv_heads(&self, h: &Tensor, at: &Positions) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n, _) = h.dims3()?;
         let qkv = self.qkv.forward(h)?;
-        let q_w = self.n_heads * HEAD_DIM;
-        let kv_w = self.n_kv_heads * HEAD_DIM;
-        let heads = |start: usize, width: usize, count: usize| -> Result<Tensor> {
-            qkv.narrow(D::Minus1, start, width)?
-                .reshape((b, n, count, HEAD_DIM))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = (partial_rope(&heads(0, q_w, self.n_heads)?, &at.cos, &at.sin)?
-            * (1.0 / (HEAD_DIM as f64).sqrt()))?;
-        let k = partial_rope(&heads(q_w, kv_w, self.n_kv_heads)?, &at.cos, &at.sin)?;
-        let v = heads(q_w + kv_w, kv_w, self.n_kv_heads)?;
-        Ok((q, k, v))
+        if self.host.is_some() {
+            // Packed weights on the CPU: split, rotate and scale in one pass over host
+            // rows instead of a strided copy, two rotary ops and a scaling op apiece.
+            let [q, k, v] = host::split_heads(
+                &host_values(&qkv)?,
+                (b, n),
+                (self.n_heads, self.n_kv_heads),
+                (&host_values(&at.cos)?, &host_values(&at.sin)?),
+            );
+            let t = |data: Vec<f32>, heads: usize| {
+                Tensor::from_vec(data, (b, heads, n, HEAD_DIM), &Device::Cpu)
+            };
+            return Ok((
+                t(q, self.n_heads)?,
+                t(k, self.n_kv_heads)?,
+                t(v, self.n_kv_heads)?,
+            ));
+        }
+        split_heads_candle(&qkv, (self.n_heads, self.n_kv_heads), &at.cos, &at.sin)
     }
 
     /// The newest position's query `[1, heads, 1, 64]` over every position of the
@@ -909,6 +917,29 @@ pub(super) fn attend_packed(
         })
         .collect::<Result<Vec<_>>>()?;
     Tensor::cat(&per_entry, 0)
+}
+
+/// The qkv product `[b, n, (heads + 2·kv_heads)·64]` split into queries (rotated, then
+/// scaled by 1/8), keys (rotated) and values, each `[b, heads, n, 64]`, with candle ops.
+fn split_heads_candle(
+    qkv: &Tensor,
+    (n_heads, n_kv_heads): (usize, usize),
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, _) = qkv.dims3()?;
+    let q_w = n_heads * HEAD_DIM;
+    let kv_w = n_kv_heads * HEAD_DIM;
+    let heads = |start: usize, width: usize, count: usize| -> Result<Tensor> {
+        qkv.narrow(D::Minus1, start, width)?
+            .reshape((b, n, count, HEAD_DIM))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = (partial_rope(&heads(0, q_w, n_heads)?, cos, sin)? * (1.0 / (HEAD_DIM as f64).sqrt()))?;
+    let k = partial_rope(&heads(q_w, kv_w, n_kv_heads)?, cos, sin)?;
+    let v = heads(q_w + kv_w, kv_w, n_kv_heads)?;
+    Ok((q, k, v))
 }
 
 /// Half-split rotary embedding on the first 32 dims of each head; the rest pass through.
