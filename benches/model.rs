@@ -777,6 +777,8 @@ fn arg_value(name: &str) -> Option<String> {
 }
 
 fn main() {
+    // As `captiond` does (peak RSS figures are the service's).
+    captiond::vision::moondream2::loader::single_heap_arena();
     let dir = checkpoint_dir();
     std::fs::create_dir_all(&dir).unwrap();
     if !dir.join("model.safetensors").is_file() {

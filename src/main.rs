@@ -169,6 +169,7 @@ fn parse_length(s: &str) -> Result<CaptionLength, String> {
 }
 
 fn main() -> ExitCode {
+    captiond::vision::moondream2::loader::single_heap_arena();
     let _ = dotenvy::dotenv();
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {

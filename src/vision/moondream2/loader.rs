@@ -649,6 +649,19 @@ fn keep_large_buffers() {
     }
 }
 
+/// Makes glibc keep one heap arena for all threads. With one per thread, each arena
+/// keeps its own freed blocks (up to 256 MiB, see `keep_large_buffers`), so a buffer
+/// freed by one thread (a worker's vision pass) is not reused by another (the encode
+/// thread's prefill): peak RSS rose by 50 MB in bf16 and 240 MB in f32 once encodes
+/// moved to their own thread. Call it first in `main`, before other threads allocate.
+pub fn single_heap_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Memory in use on GPU 0 according to NVML; `None` without a driver.
 fn nvml_used_bytes() -> Option<u64> {
     let nvml = nvml_wrapper::Nvml::init().ok()?;
