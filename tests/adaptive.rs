@@ -295,10 +295,10 @@ async fn jobs_hit_by_out_of_memory_complete_later_with_their_attempt_unchanged()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_batch() {
-    let model = watched(vec![]);
-    let app = start_with(
+/// A service with two workers at a fixed concurrency (no controller), half its memory
+/// in use.
+async fn two_fixed_workers(model: &Arc<Watched>) -> TestApp {
+    start_with(
         TestOptions {
             workers: 2,
             adaptive: false,
@@ -307,7 +307,30 @@ async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_bat
         model.clone(),
         Box::new(ScriptedProbe::new(vec![gib(0.5)], true)),
     )
-    .await;
+    .await
+}
+
+/// Waits for every job in `ids`: each succeeded after one out-of-memory requeue that
+/// used no attempt, and the workers counted one OOM per job. Returns `/v1/stats`.
+async fn requeued_once_each(app: &TestApp, ids: &[String]) -> Value {
+    for id in ids {
+        let j = app.wait_job(id).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(
+            j["oom_count"], 1,
+            "requeued once after the failed pass: {j}"
+        );
+        assert_eq!(j["attempt"], 1, "without consuming an attempt: {j}");
+    }
+    let stats = app.get("/v1/stats").await.1;
+    assert_eq!(stats["workers"]["out_of_memory"], ids.len(), "{stats}");
+    stats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_batch() {
+    let model = watched(vec![]);
+    let app = two_fixed_workers(&model).await;
     let images: Vec<Vec<u8>> = (0..2).map(|i| png(40, 30, 120 + i)).collect();
     let mut ids = Vec::new();
     for img in &images {
@@ -333,17 +356,7 @@ async fn an_out_of_memory_error_in_a_batched_step_requeues_every_job_of_that_bat
         "two running captions never shared a batch: {:?}",
         engine.stats()
     );
-    for id in &ids {
-        let j = app.wait_job(id).await;
-        assert_eq!(j["state"], "succeeded", "{j}");
-        assert_eq!(
-            j["oom_count"], 1,
-            "both jobs of the failed batch were requeued: {j}"
-        );
-        assert_eq!(j["attempt"], 1, "without consuming an attempt: {j}");
-    }
-    let stats = app.get("/v1/stats").await.1;
-    assert_eq!(stats["workers"]["out_of_memory"], 2, "{stats}");
+    let stats = requeued_once_each(&app, &ids).await;
     assert!(
         stats["decode"]["largest_batch"].as_u64() >= Some(2),
         "/v1/stats shows the batching: {stats}"
@@ -361,16 +374,7 @@ async fn an_out_of_memory_error_in_a_batched_encode_requeues_every_job_of_that_p
     let engine = model.inner.engine();
     // Held, so that both jobs' images wait and go in one encode pass.
     let hold = engine.hold_encodes();
-    let app = start_with(
-        TestOptions {
-            workers: 2,
-            adaptive: false,
-            ..TestOptions::default()
-        },
-        model.clone(),
-        Box::new(ScriptedProbe::new(vec![gib(0.5)], true)),
-    )
-    .await;
+    let app = two_fixed_workers(&model).await;
     let mut ids = Vec::new();
     for i in 0..2 {
         let (_, job) = app
@@ -389,17 +393,7 @@ async fn an_out_of_memory_error_in_a_batched_encode_requeues_every_job_of_that_p
     assert!(waiting, "both images never waited: {:?}", engine.stats());
     engine.fail_next_encode("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)");
     drop(hold);
-    for id in &ids {
-        let j = app.wait_job(id).await;
-        assert_eq!(j["state"], "succeeded", "{j}");
-        assert_eq!(
-            j["oom_count"], 1,
-            "both jobs of the failed pass were requeued: {j}"
-        );
-        assert_eq!(j["attempt"], 1, "without consuming an attempt: {j}");
-    }
-    let stats = app.get("/v1/stats").await.1;
-    assert_eq!(stats["workers"]["out_of_memory"], 2, "{stats}");
+    let stats = requeued_once_each(&app, &ids).await;
     assert_eq!(stats["decode"]["largest_encode"], 2, "{stats}");
     let metrics = app.get_text("/metrics").await;
     assert!(
