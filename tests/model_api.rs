@@ -499,3 +499,50 @@ fn an_out_of_memory_error_in_a_batched_encode_fails_each_of_its_images_as_out_of
     assert!(ok.is_ok(), "{ok:?}");
     assert_eq!(model.engine().stats().largest_encode, 2);
 }
+
+#[test]
+fn an_image_that_fails_in_a_batched_encode_fails_alone_and_the_others_are_encoded() {
+    use captiond::vision::image::Tiling;
+    use captiond::vision::moondream2::vision::VisionModel;
+    let model = tiny_moondream();
+    let m = model.model();
+    let good = |name: &str| {
+        let bytes = std::fs::read(fixture(&format!("tiny/{name}"))).unwrap();
+        let crops = m.prepare(&decode_rgb(&bytes, DecodeLimits::default()).unwrap());
+        let t = VisionModel::crops_tensor(&crops, m.device(), m.dtype()).unwrap();
+        (t, crops.tiling)
+    };
+    // Crops of the wrong size: the pass that holds them cannot stack its crops.
+    let bad = (
+        candle_core::Tensor::zeros((1, 3, 10, 10), m.dtype(), m.device()).unwrap(),
+        Tiling { rows: 1, cols: 1 },
+    );
+    let inputs = [
+        good("image_small_50x40.png"),
+        bad,
+        good("image_wide_720x430.png"),
+    ];
+    let engine = model.engine();
+    let hold = engine.hold_encodes();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .iter()
+            .cloned()
+            .map(|(t, tiling)| s.spawn(move || engine.encode(t, tiling)))
+            .collect();
+        wait_for_encodes(&model, inputs.len());
+        drop(hold);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results[0].is_ok(), "{:?}", results[0].as_ref().err());
+    assert!(results[1].is_err(), "the bad image fails");
+    assert!(results[2].is_ok(), "{:?}", results[2].as_ref().err());
+    let stats = engine.stats();
+    assert_eq!(stats.largest_encode, 3, "{stats:?}");
+    // One failed pass of three, then each alone: two encoded.
+    assert_eq!(
+        (stats.encode_passes, stats.images_encoded),
+        (4, 2),
+        "{stats:?}"
+    );
+}

@@ -88,7 +88,8 @@ impl Drop for EncodeHold {
     }
 }
 
-/// A running decode engine; dropping it lets the thread end once its batch is empty.
+/// A running engine (its decode and encode threads); dropping it lets each thread end
+/// once its work is done.
 pub struct DecodeEngine {
     admit: Sender<Admission>,
     encode: Sender<EncodeRequest>,
@@ -217,6 +218,8 @@ impl DecodeEngine {
 
 /// The encode loop: wait for an image, take every image waiting up to the cap (once
 /// no [`EncodeHold`] holds them), encode them in one pass and hand each its prefix.
+/// When a pass of several fails for any reason but a lack of memory, each of its images
+/// is encoded again alone.
 fn run_encodes(
     model: &Moondream2,
     queue: &Receiver<EncodeRequest>,
@@ -241,31 +244,25 @@ fn run_encodes(
         }
         let size = batch.len();
         counters.encodes_waiting.fetch_sub(size, Ordering::Relaxed);
-        let images: Vec<(Tensor, Tiling)> = batch.iter().map(|r| r.image.clone()).collect();
+        counters.largest_encode.fetch_max(size, Ordering::Relaxed);
         let injected = counters.encode_fault.lock().ok().and_then(|mut f| f.take());
         let result = match injected {
             Some(msg) => Err(Error::Msg(msg)),
-            // A panic inside a pass fails that pass's images instead of the thread.
-            None => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                model.encode_many(&images)
-            }))
-            .unwrap_or_else(|_| Err(Error::Msg("a batched encode panicked".into()))),
+            None => encode_pass(model, &batch, counters),
         };
-        counters.encode_passes.fetch_add(1, Ordering::Relaxed);
-        counters.largest_encode.fetch_max(size, Ordering::Relaxed);
         match result {
-            Ok(encoded) if encoded.len() == size => {
-                counters
-                    .images_encoded
-                    .fetch_add(size as u64, Ordering::Relaxed);
+            Ok(encoded) => {
                 for (request, image) in batch.into_iter().zip(encoded) {
                     let _ = request.reply.send(Ok(image));
                 }
             }
-            Ok(encoded) => {
-                let text = format!("{size} images gave {} encodings", encoded.len());
+            Err(e) if size > 1 && !super::says_out_of_memory(&format!("{e:?}")) => {
+                // Not a lack of memory, so possibly one image's fault: each goes again
+                // alone, so that one bad image fails only its own job.
+                tracing::warn!(images = size, error = %e, "batched encode failed; encoding each alone");
                 for request in batch {
-                    let _ = request.reply.send(Err(Error::Msg(text.clone())));
+                    let alone = encode_pass(model, std::slice::from_ref(&request), counters);
+                    let _ = request.reply.send(alone.map(|mut one| one.remove(0)));
                 }
             }
             Err(e) => {
@@ -279,6 +276,27 @@ fn run_encodes(
             }
         }
     }
+}
+
+/// One encode pass over `batch`'s images, counted; a panic inside fails the pass
+/// instead of the thread, and every image gets exactly one encoding or the pass fails.
+fn encode_pass(
+    model: &Moondream2,
+    batch: &[EncodeRequest],
+    counters: &Counters,
+) -> candle_core::Result<Vec<EncodedImage>> {
+    let images: Vec<(Tensor, Tiling)> = batch.iter().map(|r| r.image.clone()).collect();
+    counters.encode_passes.fetch_add(1, Ordering::Relaxed);
+    let encoded =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.encode_many(&images)))
+            .unwrap_or_else(|_| Err(Error::Msg("a batched encode panicked".into())))?;
+    if encoded.len() != images.len() {
+        candle_core::bail!("{} images gave {} encodings", images.len(), encoded.len());
+    }
+    counters
+        .images_encoded
+        .fetch_add(images.len() as u64, Ordering::Relaxed);
+    Ok(encoded)
 }
 
 /// The engine loop: wait for work when idle, admit what is waiting up to the cap, step.

@@ -201,7 +201,7 @@ impl SkillError {
     /// from the rest, also when wrapped with a backtrace.
     pub fn from_candle(e: candle_core::Error) -> Self {
         let text = format!("{e:?}");
-        if text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("out of memory") {
+        if says_out_of_memory(&text) {
             Self::OutOfMemory(e.to_string())
         } else if [
             "CUDA_ERROR_ILLEGAL_ADDRESS",
@@ -216,6 +216,12 @@ impl SkillError {
             Self::Model(e.to_string())
         }
     }
+}
+
+/// Whether a model error's text (its `Debug` form, with any backtrace or context)
+/// tells of a device out of memory.
+fn says_out_of_memory(text: &str) -> bool {
+    text.contains("CUDA_ERROR_OUT_OF_MEMORY") || text.contains("out of memory")
 }
 
 /// Per-run controls: cancellation and an optional stream of text deltas.
