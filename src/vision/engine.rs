@@ -203,17 +203,25 @@ impl DecodeEngine {
     /// Fault injection for tests: the next batched pass fails with `error` (as a
     /// device error would, e.g. "CUDA_ERROR_OUT_OF_MEMORY") before it runs.
     pub fn fail_next_step(&self, error: &str) {
-        if let Ok(mut f) = self.counters.fault.lock() {
-            *f = Some(error.to_string());
-        }
+        arm(&self.counters.fault, error);
     }
 
     /// Fault injection for tests: the next encode pass fails with `error` before it runs.
     pub fn fail_next_encode(&self, error: &str) {
-        if let Ok(mut f) = self.counters.encode_fault.lock() {
-            *f = Some(error.to_string());
-        }
+        arm(&self.counters.encode_fault, error);
     }
+}
+
+/// Sets an injected fault for the next pass to take ([`take`]).
+fn arm(fault: &Mutex<Option<String>>, error: &str) {
+    if let Ok(mut f) = fault.lock() {
+        *f = Some(error.to_string());
+    }
+}
+
+/// The injected fault, if one is set, clearing it.
+fn take(fault: &Mutex<Option<String>>) -> Option<String> {
+    fault.lock().ok().and_then(|mut f| f.take())
 }
 
 /// The encode loop: wait for an image, take every image waiting up to the cap (once
@@ -245,7 +253,7 @@ fn run_encodes(
         let size = batch.len();
         counters.encodes_waiting.fetch_sub(size, Ordering::Relaxed);
         counters.largest_encode.fetch_max(size, Ordering::Relaxed);
-        let injected = counters.encode_fault.lock().ok().and_then(|mut f| f.take());
+        let injected = take(&counters.encode_fault);
         let result = match injected {
             Some(msg) => Err(Error::Msg(msg)),
             None => encode_pass(model, &batch, counters),
@@ -322,7 +330,7 @@ fn run(model: &Moondream2, queue: &Receiver<Admission>, counters: &Counters, max
         }
         let size = batch.len();
         let mut gone = Vec::new();
-        let injected = counters.fault.lock().ok().and_then(|mut f| f.take());
+        let injected = take(&counters.fault);
         let result = match injected {
             Some(msg) => Err(Error::Msg(msg)),
             // A panic inside a step fails that step's sequences instead of the engine.

@@ -161,22 +161,27 @@ impl Moondream2 {
 
     /// Prefills BOS and projected image embeddings `[grid², dim]` into a fresh cache.
     pub fn encode_embeddings(&self, img_emb: &Tensor) -> Result<EncodedImage> {
-        let bos = self.text.embed(&[self.cfg.tokenizer.bos_id])?;
-        let prefix = Tensor::cat(&[&bos, &img_emb.to_dtype(self.dtype)?], 0)?;
+        let prefix = self.image_prefix(img_emb)?;
         let mut cache = KvCache::new(self.cfg.text.n_layers);
         self.text.feed(&prefix, &mut cache, self.cfg.prefix_len())?;
         Ok(EncodedImage { cache })
+    }
+
+    /// BOS and projected image embeddings `[grid², dim]` as one `[1 + grid², dim]` prefix.
+    fn image_prefix(&self, img_emb: &Tensor) -> Result<Tensor> {
+        let bos = self.text.embed(&[self.cfg.tokenizer.bos_id])?;
+        Tensor::cat(&[&bos, &img_emb.to_dtype(self.dtype)?], 0)
     }
 
     /// [`Self::encode_crops`] of several images in one pass: the vision encoder over
     /// all their crops together, then one batched prefill of their prefixes (every
     /// prefix has the same length). Each result equals encoding that image alone.
     pub fn encode_many(&self, images: &[(Tensor, Tiling)]) -> Result<Vec<EncodedImage>> {
-        let embedded = self.vision.embed_many(images)?;
-        let bos = self.text.embed(&[self.cfg.tokenizer.bos_id])?;
-        let prefixes = embedded
+        let prefixes = self
+            .vision
+            .embed_many(images)?
             .iter()
-            .map(|e| Tensor::cat(&[&bos, &e.to_dtype(self.dtype)?], 0))
+            .map(|e| self.image_prefix(e))
             .collect::<Result<Vec<_>>>()?;
         if prefixes.is_empty() {
             return Ok(Vec::new());

@@ -204,10 +204,15 @@ impl VisionModel {
 
     /// Projects `[global | pooled local]` features to text embeddings `[grid², dim]`.
     pub fn project(&self, global: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        self.proj_mlp.forward(&self.joined(global, pooled)?)
+    }
+
+    /// The projection's input: global features beside the pooled local grid,
+    /// `[grid², 2·enc_dim]`.
+    fn joined(&self, global: &Tensor, pooled: &Tensor) -> Result<Tensor> {
         let g2 = self.cfg.grid() * self.cfg.grid();
         let pooled = pooled.reshape((g2, self.cfg.enc_dim))?;
-        self.proj_mlp
-            .forward(&Tensor::cat(&[global, &pooled], D::Minus1)?)
+        Tensor::cat(&[global, &pooled], D::Minus1)
     }
 
     /// Full image path: encoder, stitching, pooling and projection → `[grid², dim]`.
@@ -250,9 +255,7 @@ impl VisionModel {
             let n = out.dim(0)?;
             let global = out.get(0)?;
             let grid = self.reconstruct(&out.narrow(0, 1, n - 1)?, *tiling)?;
-            let g2 = self.cfg.grid() * self.cfg.grid();
-            let pooled = self.pool(&grid)?.reshape((g2, self.cfg.enc_dim))?;
-            joined.push(Tensor::cat(&[&global, &pooled], D::Minus1)?);
+            joined.push(self.joined(&global, &self.pool(&grid)?)?);
         }
         let rows = joined[0].dim(0)?;
         let projected = self.proj_mlp.forward(&Tensor::cat(&joined, 0)?)?;

@@ -84,8 +84,13 @@ pub(super) struct HostRope {
 impl HostRope {
     /// The cosines and sines of position `pos`.
     fn at(&self, pos: usize) -> (&[f32], &[f32]) {
+        self.span(pos, 1)
+    }
+
+    /// The cosines and sines of positions `pos..pos + n`, `[n × 16]` each.
+    pub(super) fn span(&self, pos: usize, n: usize) -> (&[f32], &[f32]) {
         let half = ROT_DIM / 2;
-        let range = pos * half..(pos + 1) * half;
+        let range = pos * half..(pos + n) * half;
         (&self.cos[range.clone()], &self.sin[range])
     }
 }

@@ -576,6 +576,7 @@ impl TextModel {
             mask: attention_mask(pos, n, prefix, x.device(), x.dtype())?,
             cos: self.cos.narrow(0, pos, n)?,
             sin: self.sin.narrow(0, pos, n)?,
+            host_rope: self.host_rope.as_ref().map(|r| r.span(pos, n)),
         };
         let mut x = x.clone();
         for (i, block) in self.blocks.iter().enumerate() {
@@ -659,6 +660,7 @@ impl TextModel {
             mask: None,
             cos: self.cos.index_select(&positions, 0)?,
             sin: self.sin.index_select(&positions, 0)?,
+            host_rope: None,
         };
         let mut x = xs.unsqueeze(0)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -684,13 +686,16 @@ impl TextModel {
 }
 
 /// What every block needs about the positions being fed.
-struct Positions {
+struct Positions<'a> {
     /// Additive attention mask, or `None` when everything is visible.
     mask: Option<Tensor>,
     /// Rotary cosines of these positions `[n, 16]`.
     cos: Tensor,
     /// Rotary sines of these positions `[n, 16]`.
     sin: Tensor,
+    /// The same cosines and sines on the host, when the blocks run on packed weights
+    /// on the CPU (their heads are then split on host rows, `host::split_heads`).
+    host_rope: Option<(&'a [f32], &'a [f32])>,
 }
 
 impl Block {
@@ -771,14 +776,14 @@ impl Block {
     fn qkv_heads(&self, h: &Tensor, at: &Positions) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, n, _) = h.dims3()?;
         let qkv = self.qkv.forward(h)?;
-        if self.host.is_some() {
+        if let Some(rope) = at.host_rope {
             // Packed weights on the CPU: split, rotate and scale in one pass over host
             // rows instead of a strided copy, two rotary ops and a scaling op apiece.
             let [q, k, v] = host::split_heads(
                 &host_values(&qkv)?,
                 (b, n),
                 (self.n_heads, self.n_kv_heads),
-                (&host_values(&at.cos)?, &host_values(&at.sin)?),
+                rope,
             );
             let t = |data: Vec<f32>, heads: usize| {
                 Tensor::from_vec(data, (b, heads, n, HEAD_DIM), &Device::Cpu)
