@@ -243,7 +243,7 @@ fn q8_weights_stay_within_tolerance_of_f32_and_differ_only_at_near_ties() {
 fn auto_picks_8_bit_weights_where_bf16_is_native_and_says_why() {
     let plan = Precision::Auto.plan(&Device::Cpu).unwrap();
     let isa = captiond::vision::moondream2::kernels::isa();
-    if isa.fast_bf16() {
+    if isa.vector_packed() {
         assert_eq!(plan.precision, Precision::Q8, "{}", plan.why);
         assert!(plan.why.contains(isa.best()), "{}", plan.why);
     } else {

@@ -38,6 +38,12 @@ pub fn attend_all(
             unsafe { attend_head_avx512(qh, kh, vh, dim, o) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa().avx2 {
+            // SAFETY: AVX2 and FMA are present (checked at start-up).
+            unsafe { attend_head_avx2(qh, kh, vh, dim, o) };
+            return;
+        }
         let _ = wide;
         attend_head(qh, kh, vh, dim, o);
     });
@@ -46,6 +52,12 @@ pub fn attend_all(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_head_avx512(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
+    attend_head(q, k, v, dim, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2(q: &[f32], k: &[f32], v: &[f32], dim: usize, o: &mut [f32]) {
     attend_head(q, k, v, dim, o)
 }
 
@@ -247,6 +259,12 @@ pub fn attend_each(
             unsafe { head_avx512(qh, kg, vg, o) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa().avx2 {
+            // SAFETY: AVX2 and FMA are present (checked at start-up).
+            unsafe { head_avx2(qh, kg, vg, o) };
+            return;
+        }
         let _ = wide;
         head_any(qh, kg, vg, o);
     });
@@ -255,6 +273,12 @@ pub fn attend_each(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn head_avx512(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, o: &mut [f32]) {
+    head_any(q, k, v, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_avx2(q: &[f32], k: KvRows<'_>, v: KvRows<'_>, o: &mut [f32]) {
     head_any(q, k, v, o)
 }
 

@@ -11,6 +11,9 @@ pub struct Isa {
     pub avx512bf16: bool,
     /// AVX512-F with AVX512-VNNI (`vpdpbusd`) and F16C.
     pub avx512vnni: bool,
+    /// AVX2 with FMA and F16C: the vector kernels of CPUs without AVX512 (most
+    /// desktop and laptop CPUs), which widen bf16 and 8-bit values to f32.
+    pub avx2: bool,
 }
 
 impl Isa {
@@ -20,6 +23,8 @@ impl Isa {
             "amx-bf16"
         } else if self.avx512bf16 {
             "avx512-bf16"
+        } else if self.avx2 {
+            "avx2"
         } else {
             "scalar"
         }
@@ -29,21 +34,32 @@ impl Isa {
     pub fn fast_bf16(&self) -> bool {
         self.amx || self.avx512bf16
     }
+
+    /// Whether the packed bf16 and 8-bit formats run on vector kernels here (natively,
+    /// or widened to f32 on AVX2), so that they beat candle's f32 weights, which read
+    /// two to four times the bytes per decoded token.
+    pub fn vector_packed(&self) -> bool {
+        self.fast_bf16() || self.avx512vnni || self.avx2
+    }
 }
 
-/// The detected instruction sets. `CAPTIOND_KERNELS=avx512` skips AMX and
-/// `CAPTIOND_KERNELS=scalar` skips every vector kernel (to test or compare them).
+/// The detected instruction sets. `CAPTIOND_KERNELS=avx512` skips AMX,
+/// `CAPTIOND_KERNELS=avx2` skips AMX and AVX512, and `CAPTIOND_KERNELS=scalar` skips
+/// every vector kernel (to test or compare them).
 pub fn isa() -> &'static Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     ISA.get_or_init(|| {
         let limit = std::env::var("CAPTIOND_KERNELS").unwrap_or_default();
         let mut found = detect();
-        if limit == "avx512" || limit == "scalar" {
+        if matches!(limit.as_str(), "avx512" | "avx2" | "scalar") {
             found.amx = false;
         }
-        if limit == "scalar" {
+        if matches!(limit.as_str(), "avx2" | "scalar") {
             found.avx512bf16 = false;
             found.avx512vnni = false;
+        }
+        if limit == "scalar" {
+            found.avx2 = false;
         }
         found
     })
@@ -57,6 +73,7 @@ fn detect() -> Isa {
         amx: avx512 && has!("avx512bf16") && amx_enabled(),
         avx512bf16: avx512 && has!("avx512bf16"),
         avx512vnni: avx512 && has!("avx512vnni") && has!("f16c"),
+        avx2: has!("avx2") && has!("fma") && has!("f16c"),
     }
 }
 
@@ -66,6 +83,7 @@ fn detect() -> Isa {
         amx: false,
         avx512bf16: false,
         avx512vnni: false,
+        avx2: false,
     }
 }
 

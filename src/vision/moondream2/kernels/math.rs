@@ -34,7 +34,19 @@ pub fn gelu_tanh_in_place(xs: &mut [f32]) {
         unsafe { gelu_avx512(xs) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx2 {
+        // SAFETY: AVX2 and FMA are present (checked at start-up).
+        unsafe { gelu_avx2(xs) };
+        return;
+    }
     gelu(xs);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_avx2(xs: &mut [f32]) {
+    gelu(xs)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -63,7 +75,19 @@ pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32
         unsafe { layer_norm_avx512(x, w, b, eps, out) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx2 {
+        // SAFETY: AVX2 and FMA are present (checked at start-up).
+        unsafe { layer_norm_avx2(x, w, b, eps, out) };
+        return;
+    }
     layer_norm(x, w, b, eps, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn layer_norm_avx2(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+    layer_norm(x, w, b, eps, out)
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -8,6 +8,8 @@
 //! `[k/4][16][4]`), so one 64-byte row is one AMX tile row and one 512-bit vector.
 
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod huge;
 mod isa;
 pub mod math;
@@ -98,6 +100,26 @@ fn matmul_on(
                 out,
                 parallel,
                 |b0, b1, c| small_q8(isa, &a, w, b0, b1, c),
+            );
+        }
+        #[cfg(target_arch = "x86_64")]
+        _ if isa.avx2 && !isa.amx && !isa.avx512bf16 => {
+            // Activations rounded to bf16 as on every other path, then held in f32.
+            let kp = w.kp();
+            let rounded = pack::activations_bf16(isa, a, m, k, kp, m);
+            let mut a = vec![0f32; m * kp];
+            // SAFETY: AVX2 is present; `a` is as long as `rounded`.
+            unsafe { avx2::bf16_to_f32(&rounded, &mut a) };
+            run_blocks(
+                w.blocks(),
+                m,
+                n,
+                (bias, gelu),
+                out,
+                parallel,
+                // SAFETY: AVX2, FMA and F16C are present; `a` holds m rows of kp and
+                // `c` m rows of the chunk's columns (run_blocks sizes it).
+                |b0, b1, c| unsafe { avx2::tiled(&a, m, w, b0, b1, c) },
             );
         }
         _ => {
@@ -267,6 +289,22 @@ fn small_bf16(isa: &Isa, a: &[u16], m: usize, w: &PackedBf16, b0: usize, b1: usi
         };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (checked at start-up); slices are sized by pack.
+        unsafe {
+            avx2::bf16_rows_into(
+                a,
+                m,
+                w.kp,
+                w.block_range(b0, b1),
+                b1 - b0,
+                c,
+                BLOCK_N * (b1 - b0),
+            )
+        };
+        return;
+    }
     let _ = isa;
     scalar::bf16_rows_into(
         a,
@@ -291,6 +329,13 @@ fn small_q8(
     if isa.avx512vnni {
         // SAFETY: the CPU has AVX512-VNNI (checked at start-up); slices are sized by pack.
         unsafe { x86::q8_rows(a, w, b0, b1, c) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked at start-up); slices are sized
+        // by pack.
+        unsafe { avx2::q8_rows(a, w, b0, b1, c) };
         return;
     }
     let _ = isa;

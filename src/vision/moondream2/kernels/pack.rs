@@ -222,6 +222,12 @@ pub(super) fn to_bf16(isa: &Isa, src: &[f32], dst: &mut [u16]) {
         unsafe { super::x86::f32_to_bf16(src, dst) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2 {
+        // SAFETY: AVX2 is present; `dst` is as long as `src`.
+        unsafe { super::avx2::f32_to_bf16(src, dst) };
+        return;
+    }
     let _ = isa;
     for (d, s) in dst.iter_mut().zip(src) {
         *d = bf16::from_f32(*s).to_bits();
@@ -259,21 +265,15 @@ impl QuantActivations {
                 whole = k / BLOCK_K;
                 // SAFETY: AVX512-F is present with VNNI; the slices hold `whole` groups.
                 unsafe { super::x86::quantize_groups(&row[..whole * BLOCK_K], q, scale, start) };
+            } else if isa.avx2 {
+                whole = k / BLOCK_K;
+                // SAFETY: AVX2 and FMA are present; the slices hold `whole` groups.
+                unsafe { super::avx2::quantize_groups(&row[..whole * BLOCK_K], q, scale, start) };
             }
             let _ = isa;
-            for (g, group) in row.chunks(BLOCK_K).enumerate().skip(whole) {
-                let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let s = amax / 127.0;
-                let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                let mut total = 0i32;
-                for (i, &v) in group.iter().enumerate() {
-                    let qv = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
-                    q[g * BLOCK_K + i] = qv;
-                    total += i32::from(qv);
-                }
-                scale[g] = s;
-                start[g] = -128 * total;
-            }
+            let tail = &row[whole * BLOCK_K..];
+            let at = whole * BLOCK_K;
+            quantize_groups_portable(tail, &mut q[at..], &mut scale[whole..], &mut start[whole..]);
         }
         Self {
             m,
@@ -282,5 +282,31 @@ impl QuantActivations {
             scale,
             start,
         }
+    }
+}
+
+/// The 8-bit quantization of [`QuantActivations`] for `row` (its last group may be
+/// short): per 32 inputs the scale `max |x| / 127`, the values divided by it and rounded
+/// half to even, and −128 × their sum.
+#[inline(always)]
+pub(super) fn quantize_groups_portable(
+    row: &[f32],
+    q: &mut [i8],
+    scale: &mut [f32],
+    start: &mut [i32],
+) {
+    for (g, group) in row.chunks(BLOCK_K).enumerate() {
+        let amax = group.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = amax / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        let mut total = 0i32;
+        for (i, &v) in group.iter().enumerate() {
+            // Within −127..=127 before the cast, so the cast cannot saturate.
+            let qv = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i32;
+            q[g * BLOCK_K + i] = qv as i8;
+            total += qv;
+        }
+        scale[g] = s;
+        start[g] = -128 * total;
     }
 }

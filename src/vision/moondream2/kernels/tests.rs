@@ -24,8 +24,15 @@ fn paths() -> Vec<Isa> {
         amx: false,
         avx512bf16: false,
         avx512vnni: false,
+        avx2: false,
     };
     let mut out = vec![scalar];
+    if best.avx2 {
+        out.push(Isa {
+            avx2: true,
+            ..scalar
+        });
+    }
     if best.avx512bf16 || best.avx512vnni {
         out.push(Isa { amx: false, ..best });
     }
@@ -245,6 +252,40 @@ fn kv_rows_are_stored_rounded_to_nearest_even() {
         .map(|v| half::bf16::from_f32(*v).to_bits())
         .collect();
     assert_eq!(&b[1..], &want[..]);
+}
+
+#[test]
+fn bf16_conversion_equals_the_half_crate_bit_for_bit_on_every_path() {
+    let mut rng = Rng(0xB16);
+    let mut x: Vec<f32> = rng.vec(1000).iter().map(|v| v * 3e4).collect();
+    // Exact ties (even and odd below), signed zeros, infinities, NaNs, subnormals,
+    // values that round up into the next exponent or to infinity.
+    x.extend([
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::from_bits(0xbf81_8000),
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7fff_ffff),
+        f32::from_bits(0xffc0_0001),
+        f32::from_bits(0x0000_8001),
+        f32::from_bits(0x3fff_ffff),
+        f32::MAX,
+    ]);
+    let want: Vec<u16> = x
+        .iter()
+        .map(|v| half::bf16::from_f32(*v).to_bits())
+        .collect();
+    for isa in paths() {
+        let mut got = vec![0u16; x.len()];
+        pack::to_bf16(&isa, &x, &mut got);
+        for ((g, w), v) in got.iter().zip(&want).zip(&x) {
+            assert_eq!(g, w, "{isa:?}: {v:e} ({:#x})", v.to_bits());
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,365 @@
+//! AVX2 kernels for CPUs without AVX512 (most desktop and laptop CPUs): few rows with
+//! the weights widened in registers, many rows with a panel of the weights widened to
+//! f32 and handed to the `gemm` crate. Every result equals the scalar path's up to the
+//! order of f32 additions: the same bf16 rounding of activations and of widened 8-bit
+//! weights, the same exact integer dot products. Every function here requires the
+//! instruction sets named in its `target_feature` (the caller checks [`super::isa`]).
+
+use std::arch::x86_64::*;
+
+use super::pack::{PackedQ8, PackedWeight, QuantActivations};
+use super::{BLOCK_K, BLOCK_N};
+
+/// f32 → bf16 bits (round to nearest even, NaN kept a quiet NaN), 8 at a time.
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    // SAFETY: every load and store covers i..i + 8 with i + 8 ≤ n.
+    unsafe {
+        let (one, bias) = (_mm256_set1_epi32(1), _mm256_set1_epi32(0x7fff));
+        let quiet = _mm256_set1_epi32(0x0040);
+        while i + 8 <= n {
+            let x = _mm256_loadu_ps(src.as_ptr().add(i));
+            let bits = _mm256_castps_si256(x);
+            let odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+            let rounded =
+                _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), odd), 16);
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+            let kept = _mm256_or_si256(_mm256_srli_epi32(bits, 16), quiet);
+            let v = _mm256_blendv_epi8(rounded, kept, nan);
+            // Narrow the eight 32-bit lanes (each below 2¹⁶) to 16 bits, in order.
+            let packed = _mm256_packus_epi32(v, v);
+            let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
+            _mm_storeu_si128(
+                dst.as_mut_ptr().add(i) as *mut __m128i,
+                _mm256_castsi256_si128(ordered),
+            );
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = half::bf16::from_f32(src[j]).to_bits();
+    }
+}
+
+/// bf16 bits → f32 (exact).
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(*s) << 16);
+    }
+}
+
+/// The q8 product for blocks `b0..b1` into `c` (`m × 16·(b1−b0)`): per 32-input group
+/// the exact integer dot product of the weights `q` (stored `q + 128`) with the 8-bit
+/// activations, as `vpmaddubsw(|q|, sign(a, q))` (no pair reaches the 16-bit limit,
+/// as both sides lie in −127..=127), then scaled into f32 sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q8_rows(
+    a: &QuantActivations,
+    w: &PackedQ8,
+    b0: usize,
+    b1: usize,
+    c: &mut [f32],
+) {
+    assert!(a.m >= 1 && a.m <= 8 && a.kp == w.kp);
+    assert!(c.len() >= a.m * BLOCK_N * (b1 - b0) && b1 * BLOCK_N * w.kp <= w.q.len());
+    let ldc = BLOCK_N * (b1 - b0);
+    for b in b0..b1 {
+        // Up to four rows per pass over the block (more would spill the sums); a second
+        // pass reads the block from cache.
+        let mut r0 = 0;
+        while r0 < a.m {
+            let rows = (a.m - r0).min(4);
+            // SAFETY: the asserts above bound every offset (block b and rows
+            // r0..r0 + rows exist; c holds m rows of ldc).
+            unsafe {
+                let out = c.as_mut_ptr().add((b - b0) * BLOCK_N + r0 * ldc);
+                match rows {
+                    1 => q8_block::<1>(a, w, b, r0, out, ldc),
+                    2 => q8_block::<2>(a, w, b, r0, out, ldc),
+                    3 => q8_block::<3>(a, w, b, r0, out, ldc),
+                    _ => q8_block::<4>(a, w, b, r0, out, ldc),
+                }
+            }
+            r0 += rows;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_block<const MR: usize>(
+    a: &QuantActivations,
+    w: &PackedQ8,
+    b: usize,
+    r0: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let (kp, groups) = (w.kp, w.kp / BLOCK_K);
+    // SAFETY: the caller checked that block b and rows r0..r0 + MR of `a` exist and
+    // that `c` has MR rows of 16 at stride ldc.
+    unsafe {
+        let q = w.q.as_ptr().add(b * BLOCK_N * kp);
+        let scales = w.scales.as_ptr().add(b * groups * BLOCK_N) as *const __m128i;
+        let aq = a.q.as_ptr().add(r0 * kp);
+        let scale = a.scale.as_ptr().add(r0 * groups);
+        let (flip, ones) = (_mm256_set1_epi8(-128), _mm256_set1_epi16(1));
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for g in 0..groups {
+            let mut dot = [[_mm256_setzero_si256(); 2]; MR];
+            for quad in 0..BLOCK_K / 4 {
+                let at = q.add(g * 512 + quad * 64);
+                // Signed weights, −127..=127.
+                let w = [
+                    _mm256_xor_si256(_mm256_loadu_si256(at as *const __m256i), flip),
+                    _mm256_xor_si256(_mm256_loadu_si256(at.add(32) as *const __m256i), flip),
+                ];
+                let mag = [_mm256_abs_epi8(w[0]), _mm256_abs_epi8(w[1])];
+                for (r, d) in dot.iter_mut().enumerate() {
+                    let four = _mm256_set1_epi32(
+                        (aq.add(r * kp + g * BLOCK_K + quad * 4) as *const i32).read_unaligned(),
+                    );
+                    for h in 0..2 {
+                        let pairs = _mm256_maddubs_epi16(mag[h], _mm256_sign_epi8(four, w[h]));
+                        d[h] = _mm256_add_epi32(d[h], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            let sw = [
+                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * g))),
+                _mm256_cvtph_ps(_mm_loadu_si128(scales.add(2 * g + 1))),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let sa = _mm256_set1_ps(*scale.add(r * groups + g));
+                for h in 0..2 {
+                    let s = _mm256_mul_ps(sw[h], sa);
+                    acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][h]), s, acc[h]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(r * ldc), acc[0]);
+            _mm256_storeu_ps(c.add(r * ldc + 8), acc[1]);
+        }
+    }
+}
+
+/// `m ≤ 8` bf16 rows (`a`, `m × kp`) times `blocks` packed bf16 column blocks (`w`)
+/// into `c` (stride `ldc`): the weights widened to f32 in registers, two rows per pass
+/// with four independent sums each.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn bf16_rows_into(
+    a: &[u16],
+    m: usize,
+    kp: usize,
+    w: &[u16],
+    blocks: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(a.len() >= m * kp && w.len() >= blocks * BLOCK_N * kp);
+    assert!(m >= 1 && c.len() >= (m - 1) * ldc + blocks * BLOCK_N);
+    for b in 0..blocks {
+        for r0 in (0..m).step_by(2) {
+            // SAFETY: the asserts above bound block b, rows r0..r0 + 2 (or the last
+            // row) and their outputs.
+            unsafe {
+                let wb = w.as_ptr().add(b * BLOCK_N * kp);
+                let out = c.as_mut_ptr().add(r0 * ldc + b * BLOCK_N);
+                let ar = a.as_ptr().add(r0 * kp);
+                if m - r0 >= 2 {
+                    bf16_block::<2>(ar, kp, wb, out, ldc);
+                } else {
+                    bf16_block::<1>(ar, kp, wb, out, ldc);
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bf16_block<const MR: usize>(
+    a: *const u16,
+    kp: usize,
+    w: *const u16,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: the caller bounds MR rows of kp from `a`, one block from `w` and MR rows
+    // of 16 outputs at stride ldc from `c`.
+    unsafe {
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        // Per row: [columns 0–7, 8–15] × [even input, odd input].
+        let mut acc = [[_mm256_setzero_ps(); 4]; MR];
+        for pair in 0..kp / 2 {
+            let at = w.add(pair * 2 * BLOCK_N);
+            let x = [
+                _mm256_loadu_si256(at as *const __m256i),
+                _mm256_loadu_si256(at.add(16) as *const __m256i),
+            ];
+            // Each 32-bit lane holds one column's even input (low half) and odd input.
+            let wide = [
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x[0])),
+                _mm256_castsi256_ps(_mm256_and_si256(x[0], high)),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x[1])),
+                _mm256_castsi256_ps(_mm256_and_si256(x[1], high)),
+            ];
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let two = (a.add(r * kp + 2 * pair) as *const u32).read_unaligned();
+                let even = _mm256_set1_ps(f32::from_bits(two << 16));
+                let odd = _mm256_set1_ps(f32::from_bits(two & 0xffff_0000));
+                acc[0] = _mm256_fmadd_ps(wide[0], even, acc[0]);
+                acc[1] = _mm256_fmadd_ps(wide[1], odd, acc[1]);
+                acc[2] = _mm256_fmadd_ps(wide[2], even, acc[2]);
+                acc[3] = _mm256_fmadd_ps(wide[3], odd, acc[3]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(c.add(r * ldc), _mm256_add_ps(acc[0], acc[1]));
+            _mm256_storeu_ps(c.add(r * ldc + 8), _mm256_add_ps(acc[2], acc[3]));
+        }
+    }
+}
+
+/// Column blocks `b0..b1` of `w` widened to f32, row-major over the inputs
+/// (`[kp × 16·(b1−b0)]`, the right-hand side of a product): bf16 exactly, 8-bit values
+/// times their scale rounded to bf16 (as the scalar path widens them).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn widen_panel(w: &PackedWeight, b0: usize, b1: usize, out: &mut Vec<f32>) {
+    let kp = w.kp();
+    let width = BLOCK_N * (b1 - b0);
+    out.clear();
+    out.resize(kp * width, 0.0);
+    assert!(b0 <= b1 && b1 <= w.blocks());
+    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    for b in b0..b1 {
+        let col = BLOCK_N * (b - b0);
+        match w {
+            PackedWeight::Bf16(w) => {
+                let src = w.block_range(b, b + 1);
+                for pair in 0..kp / 2 {
+                    for h in 0..2 {
+                        // SAFETY: the block holds kp/2 pairs of 16 columns; `out` holds
+                        // kp rows of `width`, of which these write columns col..col + 16.
+                        unsafe {
+                            let x = _mm256_loadu_si256(
+                                src.as_ptr().add(pair * 2 * BLOCK_N + 16 * h) as *const __m256i,
+                            );
+                            let row = out.as_mut_ptr().add(2 * pair * width + col + 8 * h);
+                            _mm256_storeu_ps(row, _mm256_castsi256_ps(_mm256_slli_epi32::<16>(x)));
+                            _mm256_storeu_ps(
+                                row.add(width),
+                                _mm256_castsi256_ps(_mm256_and_si256(x, high)),
+                            );
+                        }
+                    }
+                }
+            }
+            PackedWeight::Q8(w) => {
+                let groups = kp / BLOCK_K;
+                let src = &w.q[b * BLOCK_N * kp..(b + 1) * BLOCK_N * kp];
+                let scales = &w.scales[b * groups * BLOCK_N..(b + 1) * groups * BLOCK_N];
+                let (mask, shift) = (_mm256_set1_epi32(0xff), _mm256_set1_epi32(128));
+                let (one, bias) = (_mm256_set1_epi32(1), _mm256_set1_epi32(0x7fff));
+                for quad in 0..kp / 4 {
+                    let g = quad * 4 / BLOCK_K;
+                    for h in 0..2 {
+                        // SAFETY: as above; `scales` holds 16 per group.
+                        unsafe {
+                            let x = _mm256_loadu_si256(
+                                src.as_ptr().add(quad * 64 + 32 * h) as *const __m256i
+                            );
+                            let s = _mm256_cvtph_ps(_mm_loadu_si128(
+                                scales.as_ptr().add(g * BLOCK_N + 8 * h) as *const __m128i,
+                            ));
+                            for i in 0..4 {
+                                // Input 4·quad + i of columns 8h..8h + 8: byte i of each lane.
+                                let byte = _mm256_and_si256(
+                                    _mm256_srlv_epi32(x, _mm256_set1_epi32(8 * i as i32)),
+                                    mask,
+                                );
+                                let v = _mm256_mul_ps(
+                                    _mm256_cvtepi32_ps(_mm256_sub_epi32(byte, shift)),
+                                    s,
+                                );
+                                // Round to bf16 (nearest even); the scales are finite.
+                                let bits = _mm256_castps_si256(v);
+                                let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), one);
+                                let r = _mm256_add_epi32(_mm256_add_epi32(bits, bias), odd);
+                                let r = _mm256_and_si256(r, high);
+                                let row =
+                                    out.as_mut_ptr().add((4 * quad + i) * width + col + 8 * h);
+                                _mm256_storeu_ps(row, _mm256_castsi256_ps(r));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Many rows: `c[m × 16·(b1−b0)] = a[m × kp] · W[b0..b1]ᵀ` with `a` already rounded to
+/// bf16 (in f32), one widened panel of ~1 MiB of weights at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tiled(
+    a: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    b0: usize,
+    b1: usize,
+    c: &mut [f32],
+) {
+    let kp = w.kp();
+    let width = BLOCK_N * (b1 - b0);
+    assert!(a.len() >= m * kp && c.len() >= m * width);
+    let panel = ((1 << 20) / (kp * BLOCK_N * 4)).clamp(1, 16);
+    let mut wide = Vec::new();
+    let mut p0 = b0;
+    while p0 < b1 {
+        let p1 = (p0 + panel).min(b1);
+        let cols = BLOCK_N * (p1 - p0);
+        // SAFETY: AVX2, FMA and F16C are present (this function's own features).
+        unsafe { widen_panel(w, p0, p1, &mut wide) };
+        // SAFETY: `a` is m × kp (row stride kp), `wide` is kp × cols (row stride cols),
+        // and `c` from column BLOCK_N·(p0 − b0) holds m rows of cols at stride width.
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                kp,
+                c.as_mut_ptr().add(BLOCK_N * (p0 - b0)),
+                1,
+                width as isize,
+                false,
+                a.as_ptr(),
+                1,
+                kp as isize,
+                wide.as_ptr(),
+                1,
+                cols as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        p0 = p1;
+    }
+}
+
+/// The 8-bit quantization of [`QuantActivations`] (per 32 inputs, scale `max |x| / 127`,
+/// half to even) for whole groups of `row`, written so that it vectorises.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_groups(
+    row: &[f32],
+    q: &mut [i8],
+    scale: &mut [f32],
+    start: &mut [i32],
+) {
+    super::pack::quantize_groups_portable(row, q, scale, start);
+}
