@@ -261,8 +261,16 @@ pub fn attend_each(
         }
         #[cfg(target_arch = "x86_64")]
         if isa().avx2 {
-            // SAFETY: AVX2 and FMA are present (checked at start-up).
-            unsafe { head_avx2(qh, kg, vg, o) };
+            // SAFETY (all three): AVX2 and FMA are present (checked at start-up).
+            match (kg, vg, dim) {
+                (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) => unsafe {
+                    super::avx2::attend_head_bf16_64(qh, kb, vb, o)
+                },
+                (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64) => unsafe {
+                    super::avx2::attend_head_q8_64(qh, (kq, ks), (vq, vs), o)
+                },
+                _ => unsafe { head_avx2(qh, kg, vg, o) },
+            }
             return;
         }
         let _ = wide;

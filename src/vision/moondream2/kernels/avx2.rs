@@ -363,3 +363,180 @@ pub(super) unsafe fn quantize_groups(
 ) {
     super::pack::quantize_groups_portable(row, q, scale, start);
 }
+
+/// Lane `i` of the result is the sum of `d[i]`'s eight lanes (two rounds of pairwise
+/// adds within 128-bit halves, then the halves added).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn sums_of_8(d: &[__m256; 8]) -> __m256 {
+    let h = [
+        _mm256_hadd_ps(d[0], d[1]),
+        _mm256_hadd_ps(d[2], d[3]),
+        _mm256_hadd_ps(d[4], d[5]),
+        _mm256_hadd_ps(d[6], d[7]),
+    ];
+    // Each 128-bit half: [d0, d1, d2, d3] (or d4..d7) summed over that half's lanes.
+    let (a, b) = (_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(a, b),
+        _mm256_permute2f128_ps::<0x31>(a, b),
+    )
+}
+
+/// The decode attention of one head over `len` cached rows of 64: `row(j)` widens
+/// row `j` of the keys or values to eight f32 vectors in the lane order of `q`,
+/// `key_scale`/`value_scale` are the rows' scales (1 for bf16). Returns the weighted
+/// sum of values, normalised, in that lane order. Eight keys' dot products are summed
+/// together by [`sums_of_8`]. (Its own target features, so that its closures get them.)
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn head_64(
+    q: [__m256; 8],
+    len: usize,
+    key: impl Fn(usize) -> [__m256; 8],
+    key_scale: impl Fn(usize) -> f32,
+    value: impl Fn(usize) -> [__m256; 8],
+    value_scale: impl Fn(usize) -> f32,
+) -> [__m256; 8] {
+    // SAFETY: the caller's target features hold (AVX2, FMA); loads go through `key`
+    // and `value`, stores into `scores` (len, padded to 8).
+    unsafe {
+        let dot = |j: usize| {
+            let x = key(j);
+            let mut a = _mm256_mul_ps(q[0], x[0]);
+            let mut b = _mm256_mul_ps(q[1], x[1]);
+            for i in (2..8).step_by(2) {
+                a = _mm256_fmadd_ps(q[i], x[i], a);
+                b = _mm256_fmadd_ps(q[i + 1], x[i + 1], b);
+            }
+            _mm256_add_ps(a, b)
+        };
+        let padded = len.next_multiple_of(8);
+        super::with_scratch(padded, |scores| {
+            let mut j = 0;
+            while j + 8 <= len {
+                let d: [__m256; 8] = std::array::from_fn(|i| dot(j + i));
+                _mm256_storeu_ps(scores.as_mut_ptr().add(j), sums_of_8(&d));
+                j += 8;
+            }
+            for (jj, s) in scores.iter_mut().enumerate().take(len).skip(j) {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), dot(jj));
+                *s = lanes.iter().sum();
+            }
+            let scores = &mut scores[..len];
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s *= key_scale(j);
+            }
+            let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
+            for s in scores.iter_mut() {
+                *s = super::math::exp(*s - max);
+            }
+            let total = super::math::lanes(scores, 0.0, |a, b| a + b);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (j, p) in scores.iter().enumerate() {
+                let w = _mm256_set1_ps(p * value_scale(j));
+                let x = value(j);
+                for (a, x) in acc.iter_mut().zip(x) {
+                    *a = _mm256_fmadd_ps(w, x, *a);
+                }
+            }
+            let inv = _mm256_set1_ps(1.0 / total);
+            acc.map(|a| _mm256_mul_ps(a, inv))
+        })
+    }
+}
+
+/// One head of the decode attention over bf16 cache rows of width 64: `q` `[64]`
+/// (scaled), `k`/`v` `[len × 64]` bf16 bits → `o` `[64]`. A row's four 256-bit loads
+/// hold an even dimension in each 32-bit lane's low half and the next odd one in its
+/// high half, so a shift and a mask widen them (the query and output split alike).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mut [f32]) {
+    const D: usize = 64;
+    assert!(q.len() == D && o.len() == D && k.len() == v.len() && k.len().is_multiple_of(D));
+    let len = k.len() / D;
+    // Vector 2c holds the even dimensions of 16c..16c + 16, vector 2c + 1 the odd ones.
+    let mut split = [[0f32; 8]; 8];
+    for (c, part) in q.chunks_exact(16).enumerate() {
+        for (i, pair) in part.chunks_exact(2).enumerate() {
+            split[2 * c][i] = pair[0];
+            split[2 * c + 1][i] = pair[1];
+        }
+    }
+    // SAFETY: rows j < len of k and v (len × 64 each, asserted) are the only loads.
+    let acc = unsafe {
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let widen = |p: *const u16| -> [__m256; 8] {
+            let x = [0, 16, 32, 48].map(|c| _mm256_loadu_si256(p.add(c) as *const __m256i));
+            std::array::from_fn(|i| {
+                let x = x[i / 2];
+                _mm256_castsi256_ps(if i % 2 == 0 {
+                    _mm256_slli_epi32::<16>(x)
+                } else {
+                    _mm256_and_si256(x, high)
+                })
+            })
+        };
+        let qv = split.map(|s| _mm256_loadu_ps(s.as_ptr()));
+        let (kp, vp) = (k.as_ptr(), v.as_ptr());
+        head_64(
+            qv,
+            len,
+            |j| widen(kp.add(j * D)),
+            |_| 1.0,
+            |j| widen(vp.add(j * D)),
+            |_| 1.0,
+        )
+    };
+    let mut lanes = [[0f32; 8]; 8];
+    for (l, a) in lanes.iter_mut().zip(acc) {
+        // SAFETY: 8 floats into an array of 8.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
+    }
+    for (c, part) in o.chunks_exact_mut(16).enumerate() {
+        for (i, pair) in part.chunks_exact_mut(2).enumerate() {
+            pair[0] = lanes[2 * c][i];
+            pair[1] = lanes[2 * c + 1][i];
+        }
+    }
+}
+
+/// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
+/// `[len]` scales); each row is widened to f32 and its scale applied to its score (keys)
+/// or its weight (values), as the portable path does.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn attend_head_q8_64(
+    q: &[f32],
+    k: (&[i8], &[f32]),
+    v: (&[i8], &[f32]),
+    o: &mut [f32],
+) {
+    const D: usize = 64;
+    let len = k.1.len();
+    assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
+    assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
+    // SAFETY: rows j < len of the keys and values (asserted) are the only loads; `o`
+    // holds 64 floats.
+    unsafe {
+        let widen = |p: *const i8| -> [__m256; 8] {
+            std::array::from_fn(|c| {
+                let bytes = _mm_loadl_epi64(p.add(8 * c) as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+            })
+        };
+        let qv: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(8 * c)));
+        let (kp, vp) = (k.0.as_ptr(), v.0.as_ptr());
+        let acc = head_64(
+            qv,
+            len,
+            |j| widen(kp.add(j * D)),
+            |j| *k.1.get_unchecked(j),
+            |j| widen(vp.add(j * D)),
+            |j| *v.1.get_unchecked(j),
+        );
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
+        }
+    }
+}
