@@ -457,13 +457,7 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
     assert!(q.len() == D && o.len() == D && k.len() == v.len() && k.len().is_multiple_of(D));
     let len = k.len() / D;
     // Vector 2c holds the even dimensions of 16c..16c + 16, vector 2c + 1 the odd ones.
-    let mut split = [[0f32; 8]; 8];
-    for (c, part) in q.chunks_exact(16).enumerate() {
-        for (i, pair) in part.chunks_exact(2).enumerate() {
-            split[2 * c][i] = pair[0];
-            split[2 * c + 1][i] = pair[1];
-        }
-    }
+    let split: [[f32; 8]; 8] = super::split_even_odd(q);
     // SAFETY: rows j < len of k and v (len × 64 each, asserted) are the only loads.
     let acc = unsafe {
         let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
@@ -494,12 +488,7 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
         // SAFETY: 8 floats into an array of 8.
         unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
     }
-    for (c, part) in o.chunks_exact_mut(16).enumerate() {
-        for (i, pair) in part.chunks_exact_mut(2).enumerate() {
-            pair[0] = lanes[2 * c][i];
-            pair[1] = lanes[2 * c + 1][i];
-        }
-    }
+    super::merge_even_odd(&lanes, o);
 }
 
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,

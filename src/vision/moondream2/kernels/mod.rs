@@ -273,48 +273,49 @@ impl OutColumns {
 }
 
 fn small_bf16(isa: &Isa, a: &[u16], m: usize, w: &PackedBf16, b0: usize, b1: usize, c: &mut [f32]) {
+    let (kp, bw, blocks, ldc) = (w.kp, w.block_range(b0, b1), b1 - b0, BLOCK_N * (b1 - b0));
     #[cfg(target_arch = "x86_64")]
     if isa.avx512bf16 {
         // SAFETY: the CPU has AVX512-BF16 (checked at start-up); slices are sized by pack.
-        unsafe {
-            x86::bf16_rows_into(
-                a,
-                m,
-                w.kp,
-                w.block_range(b0, b1),
-                b1 - b0,
-                c,
-                BLOCK_N * (b1 - b0),
-            )
-        };
+        unsafe { x86::bf16_rows_into(a, m, kp, bw, blocks, c, ldc) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
     if isa.avx2 {
         // SAFETY: the CPU has AVX2 and FMA (checked at start-up); slices are sized by pack.
-        unsafe {
-            avx2::bf16_rows_into(
-                a,
-                m,
-                w.kp,
-                w.block_range(b0, b1),
-                b1 - b0,
-                c,
-                BLOCK_N * (b1 - b0),
-            )
-        };
+        unsafe { avx2::bf16_rows_into(a, m, kp, bw, blocks, c, ldc) };
         return;
     }
     let _ = isa;
-    scalar::bf16_rows_into(
-        a,
-        m,
-        w.kp,
-        w.block_range(b0, b1),
-        b1 - b0,
-        c,
-        BLOCK_N * (b1 - b0),
-    );
+    scalar::bf16_rows_into(a, m, kp, bw, blocks, c, ldc);
+}
+
+/// A row of 64 as the bf16 kernels' vectors see it, `N` vectors of `L` lanes: vector
+/// `2c` holds the even dimensions of the `c`-th run of `2L`, vector `2c + 1` the odd
+/// ones (each 32-bit lane of a bf16 row load holds an even and the next odd value).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn split_even_odd<const L: usize, const N: usize>(row: &[f32]) -> [[f32; L]; N] {
+    assert_eq!(row.len(), L * N);
+    let mut out = [[0f32; L]; N];
+    for (c, part) in row.chunks_exact(2 * L).enumerate() {
+        for (i, pair) in part.chunks_exact(2).enumerate() {
+            out[2 * c][i] = pair[0];
+            out[2 * c + 1][i] = pair[1];
+        }
+    }
+    out
+}
+
+/// The inverse of [`split_even_odd`]: `lanes` back into `row`'s order.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn merge_even_odd<const L: usize, const N: usize>(lanes: &[[f32; L]; N], row: &mut [f32]) {
+    assert_eq!(row.len(), L * N);
+    for (c, part) in row.chunks_exact_mut(2 * L).enumerate() {
+        for (i, pair) in part.chunks_exact_mut(2).enumerate() {
+            pair[0] = lanes[2 * c][i];
+            pair[1] = lanes[2 * c + 1][i];
+        }
+    }
 }
 
 fn small_q8(

@@ -545,13 +545,7 @@ pub(super) unsafe fn attend_head_bf16_64(
     assert!(q.len() == D && o.len() == D && k.len() == v.len() && k.len().is_multiple_of(D));
     let len = k.len() / D;
     // Query lanes as the loads see them: [even, odd] dimensions of 0..32, then of 32..64.
-    let mut split = [[0f32; 16]; 4];
-    for (c, half) in q.chunks_exact(32).enumerate() {
-        for (i, pair) in half.chunks_exact(2).enumerate() {
-            split[2 * c][i] = pair[0];
-            split[2 * c + 1][i] = pair[1];
-        }
-    }
+    let split: [[f32; 16]; 4] = super::split_even_odd(q);
     let mut scores = vec![0f32; len];
     // SAFETY: every load below is within k and v (len × 64 each) as asserted, every
     // store within scores (len) or the 16-float arrays.
@@ -638,12 +632,7 @@ pub(super) unsafe fn attend_head_bf16_64(
             let sum = _mm512_mul_ps(_mm512_add_ps(acc[c], acc[4 + c]), inv);
             _mm512_storeu_ps(out.as_mut_ptr(), sum);
         }
-        for (c, half) in o.chunks_exact_mut(32).enumerate() {
-            for (i, pair) in half.chunks_exact_mut(2).enumerate() {
-                pair[0] = lanes[2 * c][i];
-                pair[1] = lanes[2 * c + 1][i];
-            }
-        }
+        super::merge_even_odd(&lanes, o);
     }
 }
 
@@ -831,11 +820,6 @@ unsafe fn q8_head(
             let sum = _mm512_add_ps(_mm512_cvtepi32_ps(acc[c]), _mm512_cvtepi32_ps(acc[4 + c]));
             _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, scale));
         }
-        for (c, half) in o.chunks_exact_mut(32).enumerate() {
-            for (i, pair) in half.chunks_exact_mut(2).enumerate() {
-                pair[0] = lanes[2 * c][i];
-                pair[1] = lanes[2 * c + 1][i];
-            }
-        }
+        super::merge_even_odd(&lanes, o);
     }
 }
