@@ -10,6 +10,21 @@ use std::arch::x86_64::*;
 use super::pack::{PackedQ8, PackedWeight, QuantActivations};
 use super::{BLOCK_K, BLOCK_N};
 
+/// Eight f32 rounded to bf16 (nearest even; a NaN stays a NaN, made quiet), as f32
+/// bit patterns whose low 16 bits are zero.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn round_bf16(x: __m256) -> __m256i {
+    let bits = _mm256_castps_si256(x);
+    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(bits), _mm256_set1_epi32(1));
+    let biased = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd);
+    let rounded = _mm256_and_si256(biased, high);
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+    let kept = _mm256_or_si256(_mm256_and_si256(bits, high), _mm256_set1_epi32(0x0040_0000));
+    _mm256_blendv_epi8(rounded, kept, nan)
+}
+
 /// f32 → bf16 bits (round to nearest even, NaN kept a quiet NaN), 8 at a time.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
@@ -17,17 +32,8 @@ pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
     let mut i = 0;
     // SAFETY: every load and store covers i..i + 8 with i + 8 ≤ n.
     unsafe {
-        let (one, bias) = (_mm256_set1_epi32(1), _mm256_set1_epi32(0x7fff));
-        let quiet = _mm256_set1_epi32(0x0040);
         while i + 8 <= n {
-            let x = _mm256_loadu_ps(src.as_ptr().add(i));
-            let bits = _mm256_castps_si256(x);
-            let odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
-            let rounded =
-                _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, bias), odd), 16);
-            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-            let kept = _mm256_or_si256(_mm256_srli_epi32(bits, 16), quiet);
-            let v = _mm256_blendv_epi8(rounded, kept, nan);
+            let v = _mm256_srli_epi32::<16>(round_bf16(_mm256_loadu_ps(src.as_ptr().add(i))));
             // Narrow the eight 32-bit lanes (each below 2¹⁶) to 16 bits, in order.
             let packed = _mm256_packus_epi32(v, v);
             let ordered = _mm256_permute4x64_epi64::<0b1000>(packed);
@@ -43,11 +49,22 @@ pub(super) unsafe fn f32_to_bf16(src: &[f32], dst: &mut [u16]) {
     }
 }
 
-/// bf16 bits → f32 (exact).
+/// `src` rounded to bf16 but kept in f32 (the values [`f32_to_bf16`] gives, widened),
+/// into `dst` (as long), 8 at a time.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn bf16_to_f32(src: &[u16], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src) {
-        *d = f32::from_bits(u32::from(*s) << 16);
+pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    // SAFETY: every load and store covers i..i + 8 with i + 8 ≤ n.
+    unsafe {
+        while i + 8 <= n {
+            let v = round_bf16(_mm256_loadu_ps(src.as_ptr().add(i)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_castsi256_ps(v));
+            i += 8;
+        }
+    }
+    for j in i..n {
+        dst[j] = half::bf16::from_f32(src[j]).to_f32();
     }
 }
 
@@ -384,19 +401,17 @@ fn sums_of_8(d: &[__m256; 8]) -> __m256 {
 }
 
 /// The decode attention of one head over `len` cached rows of 64: `row(j)` widens
-/// row `j` of the keys or values to eight f32 vectors in the lane order of `q`,
-/// `key_scale`/`value_scale` are the rows' scales (1 for bf16). Returns the weighted
-/// sum of values, normalised, in that lane order. Eight keys' dot products are summed
-/// together by [`sums_of_8`]. (Its own target features, so that its closures get them.)
+/// row `j` of the keys or values to eight f32 vectors in the lane order of `q`.
+/// Returns the weighted sum of values, normalised, in that lane order. Eight keys' dot
+/// products are summed together by [`sums_of_8`]. (Its own target features, so that
+/// its closures get them.)
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn head_64(
     q: [__m256; 8],
     len: usize,
     key: impl Fn(usize) -> [__m256; 8],
-    key_scale: impl Fn(usize) -> f32,
     value: impl Fn(usize) -> [__m256; 8],
-    value_scale: impl Fn(usize) -> f32,
 ) -> [__m256; 8] {
     // SAFETY: the caller's target features hold (AVX2, FMA); loads go through `key`
     // and `value`, stores into `scores` (len, padded to 8).
@@ -425,9 +440,6 @@ unsafe fn head_64(
                 *s = lanes.iter().sum();
             }
             let scores = &mut scores[..len];
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s *= key_scale(j);
-            }
             let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
             for s in scores.iter_mut() {
                 *s = super::math::exp(*s - max);
@@ -435,7 +447,7 @@ unsafe fn head_64(
             let total = super::math::lanes(scores, 0.0, |a, b| a + b);
             let mut acc = [_mm256_setzero_ps(); 8];
             for (j, p) in scores.iter().enumerate() {
-                let w = _mm256_set1_ps(p * value_scale(j));
+                let w = _mm256_set1_ps(*p);
                 let x = value(j);
                 for (a, x) in acc.iter_mut().zip(x) {
                     *a = _mm256_fmadd_ps(w, x, *a);
@@ -474,14 +486,7 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
         };
         let qv = split.map(|s| _mm256_loadu_ps(s.as_ptr()));
         let (kp, vp) = (k.as_ptr(), v.as_ptr());
-        head_64(
-            qv,
-            len,
-            |j| widen(kp.add(j * D)),
-            |_| 1.0,
-            |j| widen(vp.add(j * D)),
-            |_| 1.0,
-        )
+        head_64(qv, len, |j| widen(kp.add(j * D)), |j| widen(vp.add(j * D)))
     };
     let mut lanes = [[0f32; 8]; 8];
     for (l, a) in lanes.iter_mut().zip(acc) {
@@ -492,8 +497,12 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
 }
 
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
-/// `[len]` scales); each row is widened to f32 and its scale applied to its score (keys)
-/// or its weight (values), as the portable path does.
+/// `[len]` scales). Integer products, with the AVX512-VNNI kernel's rounding
+/// (`x86::attend_head_q8_64`): the query rounded to 16 bits (one scale for the head),
+/// key rows sign-extended to 16 bits and multiplied by `vpmaddwd` (exact in 32 bits);
+/// the softmax weights times each value row's scale rounded to 16 bits too (their
+/// total capped so that every sum fits an i32), two value rows interleaved per
+/// `vpmaddwd`. About half the instructions of widening every value to f32.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],
@@ -501,31 +510,164 @@ pub(super) unsafe fn attend_head_q8_64(
     v: (&[i8], &[f32]),
     o: &mut [f32],
 ) {
-    const D: usize = 64;
     let len = k.1.len();
-    assert!(q.len() == D && o.len() == D && k.0.len() == len * D);
-    assert!(v.0.len() == len * D && v.1.len() == len && len > 0);
-    // SAFETY: rows j < len of the keys and values (asserted) are the only loads; `o`
-    // holds 64 floats.
+    assert!(q.len() == 64 && o.len() == 64 && k.0.len() == len * 64);
+    assert!(v.0.len() == len * 64 && v.1.len() == len && len > 0);
+    // Scores (len, padded to 8), then the 16-bit weights (len + 1, two to a float).
+    let padded = len.next_multiple_of(8);
+    super::with_scratch(padded + padded / 2 + 1, |buf| {
+        let (scores, weights) = buf.split_at_mut(padded);
+        // SAFETY: the caller's guarantees (the CPU features) hold; `weights` holds at
+        // least len + 1 16-bit values.
+        unsafe { q8_head(q, k, v, o, scores, weights.as_mut_ptr() as *mut i16) }
+    })
+}
+
+/// The body of [`attend_head_q8_64`]: `scores` holds `len` rounded up to 8 floats,
+/// `weights` room for `len + 1` 16-bit values (contents on entry are stale).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_head(
+    q: &[f32],
+    k: (&[i8], &[f32]),
+    v: (&[i8], &[f32]),
+    o: &mut [f32],
+    scores: &mut [f32],
+    weights: *mut i16,
+) {
+    const D: usize = 64;
+    // The largest total of 16-bit weights whose products with values up to 127 still
+    // add up within an i32 (2³¹ / 127, less a margin for rounding up), as on AVX512.
+    const WEIGHT_BUDGET: f32 = 16_900_000.0;
+    let len = k.1.len();
+    // SAFETY: every load is within q (64), k and v (len × 64 values, len scales), q16
+    // (64), scores (len padded to 8) or weights (len + 1); every store within scores,
+    // weights, q16 or o (64).
     unsafe {
-        let widen = |p: *const i8| -> [__m256; 8] {
+        // Eight 32-bit floats as eight 16-bit integers (rounded half to even, the
+        // default mode), in order. The values lie within ±32767.
+        let to_i16 = |x: __m256, dst: *mut i16| {
+            let i = _mm256_cvtps_epi32(x);
+            let packed = _mm256_permute4x64_epi64::<0b1000>(_mm256_packs_epi32(i, i));
+            _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(packed));
+        };
+        let q_max = super::math::lanes(q, 0.0, |m, x| m.max(x.abs()));
+        let q_scale = q_max / 32767.0;
+        let q_inv = _mm256_set1_ps(if q_scale > 0.0 { 1.0 / q_scale } else { 0.0 });
+        let mut q16 = [0i16; D];
+        for c in 0..8 {
+            let x = _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(8 * c)), q_inv);
+            to_i16(x, q16.as_mut_ptr().add(8 * c));
+        }
+        let qv: [__m256i; 4] =
+            std::array::from_fn(|c| _mm256_loadu_si256(q16.as_ptr().add(16 * c) as *const _));
+        // A row's 64 values as four vectors of sixteen 16-bit integers, in order.
+        let wide = |row: *const i8| -> [__m256i; 4] {
             std::array::from_fn(|c| {
-                let bytes = _mm_loadl_epi64(p.add(8 * c) as *const __m128i);
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes))
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(row.add(16 * c) as *const __m128i))
             })
         };
-        let qv: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(q.as_ptr().add(8 * c)));
+        // Eight partial sums of a key's dot product with the query.
+        let dot = |row: *const i8| -> __m256i {
+            let x = wide(row);
+            let a = _mm256_add_epi32(
+                _mm256_madd_epi16(x[0], qv[0]),
+                _mm256_madd_epi16(x[1], qv[1]),
+            );
+            let b = _mm256_add_epi32(
+                _mm256_madd_epi16(x[2], qv[2]),
+                _mm256_madd_epi16(x[3], qv[3]),
+            );
+            _mm256_add_epi32(a, b)
+        };
         let (kp, vp) = (k.0.as_ptr(), v.0.as_ptr());
-        let acc = head_64(
-            qv,
-            len,
-            |j| widen(kp.add(j * D)),
-            |j| *k.1.get_unchecked(j),
-            |j| widen(vp.add(j * D)),
-            |j| *v.1.get_unchecked(j),
-        );
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(o.as_mut_ptr().add(8 * c), *a);
+        let qs = _mm256_set1_ps(q_scale);
+        let mut j = 0;
+        while j + 8 <= len {
+            let d: [__m256i; 8] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
+            let sums = _mm256_cvtepi32_ps(int_sums_of_8(&d));
+            let scale = _mm256_mul_ps(_mm256_loadu_ps(k.1.as_ptr().add(j)), qs);
+            _mm256_storeu_ps(scores.as_mut_ptr().add(j), _mm256_mul_ps(sums, scale));
+            j += 8;
+        }
+        while j < len {
+            let mut lanes = [0i32; 8];
+            _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, dot(kp.add(j * D)));
+            scores[j] = lanes.iter().sum::<i32>() as f32 * (k.1[j] * q_scale);
+            j += 1;
+        }
+        let scores = &mut scores[..len];
+        let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
+        for s in scores.iter_mut() {
+            *s = super::math::exp(*s - max);
+        }
+        let total = super::math::lanes(scores, 0.0, |a, b| a + b);
+        for (s, scale) in scores.iter_mut().zip(v.1) {
+            *s *= scale;
+        }
+        let w_max = super::math::lanes(scores, 0.0, f32::max);
+        let w_sum = super::math::lanes(scores, 0.0, |a, b| a + b);
+        let w_scale = (w_max / 32767.0).max(w_sum / WEIGHT_BUDGET);
+        let w_inv = if w_scale > 0.0 { 1.0 / w_scale } else { 0.0 };
+        let mut j = 0;
+        while j + 8 <= len {
+            let x = _mm256_mul_ps(
+                _mm256_loadu_ps(scores.as_ptr().add(j)),
+                _mm256_set1_ps(w_inv),
+            );
+            to_i16(_mm256_min_ps(x, _mm256_set1_ps(32767.0)), weights.add(j));
+            j += 8;
+        }
+        for (jj, s) in scores.iter().enumerate().skip(j) {
+            *weights.add(jj) = (s * w_inv).round_ties_even().min(32767.0) as i16;
+        }
+        // An odd last row is paired with a weight of 0 (and itself as the other row).
+        *weights.add(len) = 0;
+        // Rows j and j + 1 interleaved 16 bits at a time, times the pair of weights
+        // (w_j, w_j+1): each 32-bit lane gets one dimension of both rows. Within each
+        // 128-bit half, the low unpack holds dimensions 0–3 (of its 8), the high 4–7.
+        let mut acc = [_mm256_setzero_si256(); 8];
+        let mut j = 0;
+        while j < len {
+            let next = if j + 1 < len { j + 1 } else { j };
+            let (x, y) = (wide(vp.add(j * D)), wide(vp.add(next * D)));
+            let w = _mm256_set1_epi32((weights.add(j) as *const i32).read_unaligned());
+            for c in 0..4 {
+                let (lo, hi) = (
+                    _mm256_unpacklo_epi16(x[c], y[c]),
+                    _mm256_unpackhi_epi16(x[c], y[c]),
+                );
+                acc[2 * c] = _mm256_add_epi32(acc[2 * c], _mm256_madd_epi16(lo, w));
+                acc[2 * c + 1] = _mm256_add_epi32(acc[2 * c + 1], _mm256_madd_epi16(hi, w));
+            }
+            j += 2;
+        }
+        let scale = _mm256_set1_ps(w_scale / total);
+        for c in 0..4 {
+            // acc[2c]: dimensions 16c + (0–3, 8–11); acc[2c + 1]: 16c + (4–7, 12–15).
+            let (a, b) = (acc[2 * c], acc[2 * c + 1]);
+            let first = _mm256_permute2x128_si256::<0x20>(a, b);
+            let second = _mm256_permute2x128_si256::<0x31>(a, b);
+            for (h, x) in [first, second].into_iter().enumerate() {
+                let out = _mm256_mul_ps(_mm256_cvtepi32_ps(x), scale);
+                _mm256_storeu_ps(o.as_mut_ptr().add(16 * c + 8 * h), out);
+            }
         }
     }
+}
+
+/// [`sums_of_8`] for 32-bit integers: lane `i` is the sum of `d[i]`'s eight lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn int_sums_of_8(d: &[__m256i; 8]) -> __m256i {
+    let h = [
+        _mm256_hadd_epi32(d[0], d[1]),
+        _mm256_hadd_epi32(d[2], d[3]),
+        _mm256_hadd_epi32(d[4], d[5]),
+        _mm256_hadd_epi32(d[6], d[7]),
+    ];
+    let (a, b) = (_mm256_hadd_epi32(h[0], h[1]), _mm256_hadd_epi32(h[2], h[3]));
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(a, b),
+        _mm256_permute2x128_si256::<0x31>(a, b),
+    )
 }

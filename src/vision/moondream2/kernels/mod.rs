@@ -104,12 +104,15 @@ fn matmul_on(
         }
         #[cfg(target_arch = "x86_64")]
         _ if isa.avx2 && !isa.amx && !isa.avx512bf16 => {
-            // Activations rounded to bf16 as on every other path, then held in f32.
+            // Activations rounded to bf16 as on every other path, held in f32 (rows of
+            // kp, zero-padded).
             let kp = w.kp();
-            let rounded = pack::activations_bf16(isa, a, m, k, kp, m);
-            let mut a = vec![0f32; m * kp];
-            // SAFETY: AVX2 is present; `a` is as long as `rounded`.
-            unsafe { avx2::bf16_to_f32(&rounded, &mut a) };
+            let mut rounded = vec![0f32; m * kp];
+            for (src, dst) in a.chunks_exact(k).zip(rounded.chunks_exact_mut(kp)) {
+                // SAFETY: AVX2 is present; both slices hold k values.
+                unsafe { avx2::round_to_bf16(src, &mut dst[..k]) };
+            }
+            let a = rounded;
             run_blocks(
                 w.blocks(),
                 m,
