@@ -293,7 +293,12 @@ fn bf16_conversion_equals_the_half_crate_bit_for_bit_on_every_path() {
         // SAFETY: AVX2 is present; the slices are as long.
         unsafe { super::avx2::round_to_bf16(&x, &mut got) };
         for ((g, w), v) in got.iter().zip(&want).zip(&x) {
-            assert_eq!(g.to_bits(), u32::from(*w) << 16, "{v:e} ({:#x})", v.to_bits());
+            assert_eq!(
+                g.to_bits(),
+                u32::from(*w) << 16,
+                "{v:e} ({:#x})",
+                v.to_bits()
+            );
         }
     }
 }
