@@ -1,9 +1,11 @@
 //! AVX2 kernels for CPUs without AVX512 (most desktop and laptop CPUs): few rows with
 //! the weights widened in registers, many rows with a panel of the weights widened to
-//! f32 and handed to the `gemm` crate. Every result equals the scalar path's up to the
+//! f32 and handed to the `gemm` crate. Every product equals the scalar path's up to the
 //! order of f32 additions: the same bf16 rounding of activations and of widened 8-bit
-//! weights, the same exact integer dot products. Every function here requires the
-//! instruction sets named in its `target_feature` (the caller checks [`super::isa`]).
+//! weights, the same exact integer dot products. The decode attention over 8-bit cache
+//! rows rounds as the AVX512-VNNI kernel does instead (query and weights in 16 bits).
+//! Every function here requires the instruction sets named in its `target_feature`
+//! (the caller checks [`super::isa`]).
 
 use std::arch::x86_64::*;
 
