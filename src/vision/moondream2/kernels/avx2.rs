@@ -383,6 +383,49 @@ pub(super) unsafe fn quantize_groups(
     super::pack::quantize_groups_portable(row, q, scale, start);
 }
 
+/// `e^x` on eight lanes: [`super::math::exp`]'s operations in its order, so its results
+/// bit for bit. In intrinsics because the dev and test profiles build this crate at
+/// opt-level 1, where the scalar loops over it are not vectorised.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn exp8(x: __m256) -> __m256 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0;
+    let (add, sub, mul, all) = (_mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, _mm256_set1_ps);
+    // As `clamp`: a NaN stays NaN (min/max return their second operand then).
+    let x = _mm256_min_ps(all(88.0), _mm256_max_ps(all(-87.0), x));
+    let n = sub(add(mul(x, all(LOG2E)), all(MAGIC)), all(MAGIC));
+    let r = sub(sub(x, mul(n, all(LN2_HI))), mul(n, all(LN2_LO)));
+    let mut p = add(all(8.333_452e-3), mul(r, all(1.393_739e-3)));
+    for c in [4.166_662e-2, 1.666_666_7e-1, 0.5, 1.0, 1.0] {
+        p = add(all(c), mul(r, p));
+    }
+    let biased = _mm256_sub_epi32(
+        _mm256_castps_si256(add(add(n, all(127.0)), all(MAGIC))),
+        _mm256_set1_epi32(0x4B40_0000),
+    );
+    mul(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
+}
+
+/// `x ← e^(x − shift)` for every value of `xs`, eight at a time ([`exp8`]; the tail
+/// by [`super::math::exp`], which gives the same results).
+#[target_feature(enable = "avx2")]
+pub(super) fn exp_shifted(xs: &mut [f32], shift: f32) {
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: `c` holds eight floats.
+        unsafe {
+            let x = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), _mm256_set1_ps(shift));
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8(x));
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x = super::math::exp(*x - shift);
+    }
+}
+
 /// Lane `i` of the result is the sum of `d[i]`'s eight lanes (two rounds of pairwise
 /// adds within 128-bit halves, then the halves added).
 #[inline]
@@ -443,9 +486,7 @@ unsafe fn head_64(
             }
             let scores = &mut scores[..len];
             let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
-            for s in scores.iter_mut() {
-                *s = super::math::exp(*s - max);
-            }
+            exp_shifted(scores, max);
             let total = super::math::lanes(scores, 0.0, |a, b| a + b);
             let mut acc = [_mm256_setzero_ps(); 8];
             for (j, p) in scores.iter().enumerate() {
@@ -599,9 +640,7 @@ unsafe fn q8_head(
         }
         let scores = &mut scores[..len];
         let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
-            *s = super::math::exp(*s - max);
-        }
+        exp_shifted(scores, max);
         let total = super::math::lanes(scores, 0.0, |a, b| a + b);
         for (s, scale) in scores.iter_mut().zip(v.1) {
             *s *= scale;
