@@ -40,6 +40,59 @@ impl FromStr for Durability {
     }
 }
 
+/// One migration file of `migrations/`, embedded at build time: its version and
+/// description (the file name `NNNN_description.sql`) and its SQL.
+type MigrationFile = (i64, &'static str, &'static str);
+
+/// The SQLite schema, in order (`migrations/sqlite/`).
+const SQLITE_MIGRATIONS: &[MigrationFile] = &[
+    (
+        1,
+        "jobs",
+        include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    ),
+    (
+        2,
+        "calibrations",
+        include_str!("../../migrations/sqlite/0002_calibrations.sql"),
+    ),
+    (
+        3,
+        "library",
+        include_str!("../../migrations/sqlite/0003_library.sql"),
+    ),
+];
+
+/// The PostgreSQL schema, in order (`migrations/postgres/`).
+const POSTGRES_MIGRATIONS: &[MigrationFile] = &[(
+    1,
+    "queue",
+    include_str!("../../migrations/postgres/0001_queue.sql"),
+)];
+
+/// The migrator `sqlx::migrate!` would build from the files' folder (same versions,
+/// descriptions and checksums, so a database migrated by either accepts the other),
+/// without sqlx's compile-time macros and their second SQLite build.
+fn migrator(files: &[MigrationFile]) -> sqlx::migrate::Migrator {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    Migrator::with_migrations(
+        files
+            .iter()
+            .map(|&(version, description, sql)| {
+                let no_tx = sql.starts_with("-- no-transaction");
+                let sql = sqlx::SqlSafeStr::into_sql_str(sql);
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql,
+                    no_tx,
+                )
+            })
+            .collect(),
+    )
+}
+
 /// Queue store errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -878,7 +931,7 @@ impl SqliteStore {
             Ok(s) => return Err(corrupt(s)),
             Err(e) => return Err(classify_open_error(e, &corrupt)),
         }
-        sqlx::migrate!("./migrations/sqlite").run(&write).await?;
+        migrator(SQLITE_MIGRATIONS).run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
             .connect_with(base.read_only(true))
@@ -1709,4 +1762,40 @@ pub(crate) use read_job;
 
 fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
     read_job!(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{MigrationFile, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, migrator};
+
+    /// The embedded migrations are exactly what sqlx resolves from each folder, so
+    /// databases made by earlier builds (`sqlx::migrate!`) keep their checksums.
+    #[tokio::test]
+    async fn the_embedded_migrations_equal_the_migrations_folders() {
+        for (folder, files) in [
+            ("sqlite", SQLITE_MIGRATIONS),
+            ("postgres", POSTGRES_MIGRATIONS),
+        ] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(folder);
+            let want = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+            let got = migrator(files as &[MigrationFile]);
+            let key = |m: &sqlx::migrate::Migration| {
+                (
+                    m.version,
+                    m.description.to_string(),
+                    m.migration_type,
+                    m.checksum.to_vec(),
+                    m.no_tx,
+                    m.sql.as_str().to_owned(),
+                )
+            };
+            let want: Vec<_> = want.iter().map(key).collect();
+            let got: Vec<_> = got.iter().map(key).collect();
+            assert_eq!(got, want, "migrations/{folder}");
+        }
+    }
 }

@@ -289,7 +289,9 @@ impl PgStore {
             .acquire_timeout(opts.busy_timeout.max(Duration::from_secs(5)))
             .connect_with(connect)
             .await?;
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        super::migrator(super::POSTGRES_MIGRATIONS)
+            .run(&pool)
+            .await?;
         let (tx, rx) = mpsc::channel(4096);
         tokio::spawn(run_finisher(pool.clone(), rx));
         Ok(Self { pool, finisher: tx })
