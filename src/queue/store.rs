@@ -1768,7 +1768,7 @@ fn job_from_row(r: &SqliteRow) -> StoreResult<Job> {
 mod tests {
     use std::path::Path;
 
-    use super::{MigrationFile, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, migrator};
+    use super::{POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS, migrator};
 
     /// The embedded migrations are exactly what sqlx resolves from each folder, so
     /// databases made by earlier builds (`sqlx::migrate!`) keep their checksums.
@@ -1782,7 +1782,7 @@ mod tests {
                 .join("migrations")
                 .join(folder);
             let want = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-            let got = migrator(files as &[MigrationFile]);
+            let got = migrator(files);
             let key = |m: &sqlx::migrate::Migration| {
                 (
                     m.version,
