@@ -381,3 +381,59 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     }
     total
 }
+
+/// The rounding rules of the integer decode attention over 8-bit cache rows, shared by
+/// the AVX512-VNNI and AVX2 kernels so that they round alike: the query and the softmax
+/// weights (times each value row's scale) in 16 bits, each with one step per head.
+pub(super) mod q8_rounding {
+    /// The largest 16-bit magnitude a rounded value takes.
+    pub const TOP: f32 = 32_767.0;
+
+    /// The largest total of 16-bit weights whose products with values up to 127 still
+    /// add up within an i32 (2³¹ / 127, less a margin for rounding up).
+    const WEIGHT_BUDGET: f32 = 16_900_000.0;
+
+    /// The query's rounding step for its largest magnitude `max`, and its inverse
+    /// (0 for an all-zero query): half a step of error is 2⁻¹⁶ of `max`.
+    pub fn query_step(max: f32) -> (f32, f32) {
+        with_inverse(max / TOP)
+    }
+
+    /// Turns the softmax numerators `scores` into weights in place (times the value
+    /// rows' `scales`) and returns the weights' rounding step and its inverse:
+    /// 1/32,767 of the largest, coarser only where their total must be capped at
+    /// [`WEIGHT_BUDGET`] (flat attention past 516 positions: 2⁻¹⁴ at 2,048).
+    #[inline(always)]
+    pub fn weights_step(scores: &mut [f32], scales: &[f32]) -> (f32, f32) {
+        assert_eq!(scores.len(), scales.len());
+        // Sixteen independent maxima and sums, so that the pass vectorises.
+        let (mut max, mut sum) = ([0f32; 16], [0f32; 16]);
+        let mut chunks = scores.chunks_exact_mut(16);
+        let mut rows = scales.chunks_exact(16);
+        for (c, r) in (&mut chunks).zip(&mut rows) {
+            for i in 0..16 {
+                c[i] *= r[i];
+                max[i] = max[i].max(c[i]);
+                sum[i] += c[i];
+            }
+        }
+        for (i, (x, r)) in chunks
+            .into_remainder()
+            .iter_mut()
+            .zip(rows.remainder())
+            .enumerate()
+        {
+            *x *= r;
+            max[i] = max[i].max(*x);
+            sum[i] += *x;
+        }
+        let max = max.iter().fold(0f32, |m, x| m.max(*x));
+        let sum: f32 = sum.iter().sum();
+        with_inverse((max / TOP).max(sum / WEIGHT_BUDGET))
+    }
+
+    /// `step` and `1 / step` (0 for a step of 0).
+    fn with_inverse(step: f32) -> (f32, f32) {
+        (step, if step > 0.0 { 1.0 / step } else { 0.0 })
+    }
+}

@@ -3,7 +3,8 @@
 //! f32 and handed to the `gemm` crate. Every product equals the scalar path's up to the
 //! order of f32 additions: the same bf16 rounding of activations and of widened 8-bit
 //! weights, the same exact integer dot products. The decode attention over 8-bit cache
-//! rows rounds as the AVX512-VNNI kernel does instead (query and weights in 16 bits).
+//! rows rounds as the AVX512-VNNI kernel does instead (query and weights in 16 bits,
+//! `attention::q8_rounding`).
 //! Every function here requires the instruction sets named in its `target_feature`
 //! (the caller checks [`super::isa`]).
 
@@ -540,8 +541,8 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
 }
 
 /// [`attend_head_bf16_64`] over 8-bit cache rows: `k`/`v` are (`[len × 64]` values,
-/// `[len]` scales). Integer products, with the AVX512-VNNI kernel's rounding
-/// (`x86::attend_head_q8_64`): the query rounded to 16 bits (one scale for the head),
+/// `[len]` scales). Integer products, rounded as the AVX512-VNNI kernel's
+/// ([`super::attention::q8_rounding`]): the query rounded to 16 bits (one scale for the head),
 /// key rows sign-extended to 16 bits and multiplied by `vpmaddwd` (exact in 32 bits);
 /// the softmax weights times each value row's scale rounded to 16 bits too (their
 /// total capped so that every sum fits an i32), two value rows interleaved per
@@ -577,10 +578,8 @@ unsafe fn q8_head(
     scores: &mut [f32],
     weights: *mut i16,
 ) {
+    use super::attention::q8_rounding::{TOP, query_step, weights_step};
     const D: usize = 64;
-    // The largest total of 16-bit weights whose products with values up to 127 still
-    // add up within an i32 (2³¹ / 127, less a margin for rounding up), as on AVX512.
-    const WEIGHT_BUDGET: f32 = 16_900_000.0;
     let len = k.1.len();
     // SAFETY: every load is within q (64), k and v (len × 64 values, len scales), q16
     // (64), scores (len padded to 8) or weights (len + 1); every store within scores,
@@ -594,8 +593,8 @@ unsafe fn q8_head(
             _mm_storeu_si128(dst as *mut __m128i, _mm256_castsi256_si128(packed));
         };
         let q_max = super::math::lanes(q, 0.0, |m, x| m.max(x.abs()));
-        let q_scale = q_max / 32767.0;
-        let q_inv = _mm256_set1_ps(if q_scale > 0.0 { 1.0 / q_scale } else { 0.0 });
+        let (q_scale, q_inv) = query_step(q_max);
+        let q_inv = _mm256_set1_ps(q_inv);
         let mut q16 = [0i16; D];
         for c in 0..8 {
             let x = _mm256_mul_ps(_mm256_loadu_ps(q.as_ptr().add(8 * c)), q_inv);
@@ -642,24 +641,18 @@ unsafe fn q8_head(
         let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
         exp_shifted(scores, max);
         let total = super::math::lanes(scores, 0.0, |a, b| a + b);
-        for (s, scale) in scores.iter_mut().zip(v.1) {
-            *s *= scale;
-        }
-        let w_max = super::math::lanes(scores, 0.0, f32::max);
-        let w_sum = super::math::lanes(scores, 0.0, |a, b| a + b);
-        let w_scale = (w_max / 32767.0).max(w_sum / WEIGHT_BUDGET);
-        let w_inv = if w_scale > 0.0 { 1.0 / w_scale } else { 0.0 };
+        let (w_scale, w_inv) = weights_step(scores, v.1);
         let mut j = 0;
         while j + 8 <= len {
             let x = _mm256_mul_ps(
                 _mm256_loadu_ps(scores.as_ptr().add(j)),
                 _mm256_set1_ps(w_inv),
             );
-            to_i16(_mm256_min_ps(x, _mm256_set1_ps(32767.0)), weights.add(j));
+            to_i16(_mm256_min_ps(x, _mm256_set1_ps(TOP)), weights.add(j));
             j += 8;
         }
         for (jj, s) in scores.iter().enumerate().skip(j) {
-            *weights.add(jj) = (s * w_inv).round_ties_even().min(32767.0) as i16;
+            *weights.add(jj) = (s * w_inv).round_ties_even().min(TOP) as i16;
         }
         // An odd last row is paired with a weight of 0 (and itself as the other row).
         *weights.add(len) = 0;

@@ -642,9 +642,8 @@ pub(super) unsafe fn attend_head_bf16_64(
 /// 16 bits and multiplied by `vpdpwssd` (exact in 32 bits); the softmax weights, times
 /// each value row's scale, are rounded to 16 bits too and multiply the value rows the
 /// same way, even and odd dimensions in separate sums. About a third of the
-/// instructions of widening to f32. Rounding: half a step of 1/32767 of the largest
-/// query value and weight (2⁻¹⁶), coarser for the weights only when their total must
-/// be capped (flat attention past 516 positions: 2⁻¹⁴ at 2,048).
+/// instructions of widening to f32. Rounding: [`super::attention::q8_rounding`] (as
+/// the AVX2 kernel).
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
 pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],
@@ -684,11 +683,9 @@ unsafe fn q8_head(
     odd: &mut [f32],
 ) {
     const D: usize = 64;
+    use super::attention::q8_rounding::{TOP, query_step, weights_step};
     // Rows prefetched ahead: 4 KiB, as for bf16 rows.
     const AHEAD: usize = 64;
-    // The largest total of 16-bit weights whose products with values up to 127 still
-    // add up within an i32 (2³¹ / 127, less a margin for rounding up).
-    const WEIGHT_BUDGET: f32 = 16_900_000.0;
     let len = k.1.len();
     let padded = len.next_multiple_of(16);
     assert!(scores.len() == padded && even.len() == padded && odd.len() == padded);
@@ -702,8 +699,8 @@ unsafe fn q8_head(
         let q_max = qf
             .iter()
             .fold(0f32, |m, x| m.max(_mm512_reduce_max_ps(_mm512_abs_ps(*x))));
-        let q_scale = q_max / 32767.0;
-        let q_inv = _mm512_set1_ps(if q_scale > 0.0 { 1.0 / q_scale } else { 0.0 });
+        let (q_scale, q_inv) = query_step(q_max);
+        let q_inv = _mm512_set1_ps(q_inv);
         let mut q16 = [0i16; D];
         for (c, x) in qf.iter().enumerate() {
             let i = _mm512_cvtps_epi32(_mm512_mul_ps(*x, q_inv));
@@ -759,15 +756,10 @@ unsafe fn q8_head(
         let total = super::math::lanes(&scores[..len], 0.0, |a, b| a + b);
         // Weights in 16 bits, as the 32-bit lane patterns (w, 0) and (0, w) that pick
         // the even and the odd dimension of each pair.
-        for (s, scale) in scores.iter_mut().zip(v.1) {
-            *s *= scale;
-        }
-        let w_max = super::math::lanes(&scores[..len], 0.0, f32::max);
-        let w_sum = super::math::lanes(&scores[..len], 0.0, |a, b| a + b);
-        let w_scale = (w_max / 32767.0).max(w_sum / WEIGHT_BUDGET);
-        let w_inv = _mm512_set1_ps(if w_scale > 0.0 { 1.0 / w_scale } else { 0.0 });
+        let (w_scale, w_inv) = weights_step(&mut scores[..len], v.1);
+        let w_inv = _mm512_set1_ps(w_inv);
         scores[len..].fill(0.0);
-        let top = _mm512_set1_epi32(32767);
+        let top = _mm512_set1_epi32(TOP as i32);
         for j in (0..padded).step_by(16) {
             let w = _mm512_cvtps_epi32(_mm512_mul_ps(
                 _mm512_loadu_ps(scores.as_ptr().add(j)),
