@@ -288,6 +288,7 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
                 overwrite,
             };
             let s = export::export(&store, &opts).await?;
+            let finished = store.counts(None).await?.succeeded;
             store.close().await;
             for n in &s.notes {
                 eprintln!("note: {n}");
@@ -297,6 +298,9 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
             }
             for e in &s.errors {
                 eprintln!("error: {e}");
+            }
+            if s.with_result == 0 && s.images > 0 && finished > 0 {
+                eprintln!("note: {}", no_results_hint(&opts.model));
             }
             eprintln!(
                 "export: {} images, {} with a result; {} written, {} unchanged, {} kept, {} errors",
@@ -310,6 +314,17 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
             Ok(if s.errors.is_empty() { 0 } else { 1 })
         }
     }
+}
+
+/// Why a report found no results although the queue has finished jobs: results are
+/// kept per model and task, so the report's flags must match the run's.
+fn no_results_hint(model: &ModelIdentity) -> String {
+    format!(
+        "no results for model {} with these task settings, though the queue has finished \
+         jobs: results are kept per model and task, so pass the --model-dir (or \
+         --model-repo) and the --length or --question that the run used",
+        model.name
+    )
 }
 
 /// Opens the data dir's database for reading reports; refuses to create one.
@@ -363,6 +378,9 @@ async fn status(
         c.cancelled,
         c.total()
     );
+    if n("succeeded") == 0 && !rows.is_empty() && c.succeeded > 0 {
+        println!("note:    {}", no_results_hint(&opts.model));
+    }
     for r in rows.iter().filter(|r| r.state == "failed") {
         println!(
             "failed:  {}: {}",

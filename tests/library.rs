@@ -161,6 +161,33 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
         out.contains("library: 8 images (7 distinct)  done 5  failed 3"),
         "{out}"
     );
+    assert!(!out.contains("note:"), "{out}");
+
+    // Settings no run used find nothing, and say why instead of only "not captioned".
+    let (code, out, _) = run(
+        &data,
+        &["status", &lib.display().to_string(), "--length", "long"],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("done 0  failed 0"), "{out}");
+    assert!(out.contains("note:    no results for model dir:"), "{out}");
+    assert!(
+        out.contains("--length or --question that the run used"),
+        "{out}"
+    );
+    let (code, _, err) = run(
+        &data,
+        &[
+            "export",
+            &lib.display().to_string(),
+            "--format",
+            "jsonl",
+            "--length",
+            "long",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("note: no results for model dir:"), "{err}");
 }
 
 #[test]
