@@ -220,16 +220,27 @@ mod tests {
         if !super::isa().avx2 {
             return;
         }
-        let mut xs: Vec<f32> = (-300_000..300_000).map(|i| i as f32 * 3.3e-4).collect();
-        xs.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-30]);
-        for shift in [0.0, 1.5, -40.0] {
-            let want: Vec<u32> = xs.iter().map(|x| super::exp(x - shift).to_bits()).collect();
-            let mut got = xs.clone();
-            // SAFETY: AVX2 is present (checked above).
-            unsafe { super::super::avx2::exp_shifted(&mut got, shift) };
-            for ((g, w), x) in got.iter().zip(&want).zip(&xs) {
-                let same = g.to_bits() == *w || (g.is_nan() && f32::from_bits(*w).is_nan());
-                assert!(same, "e^({x} - {shift}): {g} vs {}", f32::from_bits(*w));
+        let mut xs = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e-30,
+            88.5,
+        ];
+        xs.extend((-300_000..300_000).map(|i| i as f32 * 3.3e-4));
+        // Whole, and lengths that end in each path (32 at a time, 8 at a time, one).
+        for n in [xs.len(), 45, 40, 13, 3] {
+            let xs = &xs[..n];
+            for shift in [0.0, 1.5, -40.0] {
+                let want: Vec<u32> = xs.iter().map(|x| super::exp(x - shift).to_bits()).collect();
+                let mut got = xs.to_vec();
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { super::super::avx2::exp_shifted(&mut got, shift) };
+                for ((g, w), x) in got.iter().zip(&want).zip(xs) {
+                    let same = g.to_bits() == *w || (g.is_nan() && f32::from_bits(*w).is_nan());
+                    assert!(same, "e^({x} - {shift}): {g} vs {}", f32::from_bits(*w));
+                }
             }
         }
     }
