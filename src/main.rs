@@ -288,7 +288,9 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
                 overwrite,
             };
             let s = export::export(&store, &opts).await?;
-            let finished = store.counts(None).await?.succeeded;
+            // Only a report that found nothing asks the queue why.
+            let finished_elsewhere =
+                s.with_result == 0 && s.images > 0 && store.counts(None).await?.succeeded > 0;
             store.close().await;
             for n in &s.notes {
                 eprintln!("note: {n}");
@@ -299,7 +301,7 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
             for e in &s.errors {
                 eprintln!("error: {e}");
             }
-            if s.with_result == 0 && s.images > 0 && finished > 0 {
+            if finished_elsewhere {
                 eprintln!("note: {}", no_results_hint(&opts.model));
             }
             eprintln!(
