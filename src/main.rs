@@ -288,9 +288,12 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
                 overwrite,
             };
             let s = export::export(&store, &opts).await?;
-            // Only a report that found nothing asks the queue why.
-            let finished_elsewhere =
-                s.with_result == 0 && s.images > 0 && store.counts(None).await?.succeeded > 0;
+            // Only a report that missed images asks the queue why.
+            let why = if s.with_result < s.images {
+                other_settings_note(&store, &opts.model, &opts.spec).await?
+            } else {
+                Vec::new()
+            };
             store.close().await;
             for n in &s.notes {
                 eprintln!("note: {n}");
@@ -301,8 +304,8 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
             for e in &s.errors {
                 eprintln!("error: {e}");
             }
-            if finished_elsewhere {
-                eprintln!("note: {}", no_results_hint(&opts.model));
+            for line in &why {
+                eprintln!("note: {line}");
             }
             eprintln!(
                 "export: {} images, {} with a result; {} written, {} unchanged, {} kept, {} errors",
@@ -318,15 +321,31 @@ async fn run(cli: Cli, bind_given: bool) -> Result<i32> {
     }
 }
 
-/// Why a report found no results although the queue has finished jobs: results are
-/// kept per model and task, so the report's flags must match the run's.
-fn no_results_hint(model: &ModelIdentity) -> String {
-    format!(
-        "no results for model {} with these task settings, though the queue has finished \
-         jobs: results are kept per model and task, so pass the --model-dir (or \
-         --model-repo) and the --length or --question that the run used",
-        model.name
-    )
+/// Lines that explain images without a result when the queue holds library results made
+/// with other settings: results are kept per model and task, so a report's flags must
+/// match the run's. Empty when there are none.
+async fn other_settings_note(
+    store: &Store,
+    model: &ModelIdentity,
+    spec: &TaskSpec,
+) -> Result<Vec<String>> {
+    let others = export::other_settings(store, model, spec).await?;
+    if others.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut lines = vec![
+        "the queue holds library results made with other settings (results are kept per \
+         model and task; pass the flags a run used to see its results):"
+            .to_string(),
+    ];
+    const SHOWN: usize = 5;
+    for o in others.iter().take(SHOWN) {
+        lines.push(format!("  {} results: {}", o.results, o.flags));
+    }
+    if others.len() > SHOWN {
+        lines.push(format!("  and {} more settings", others.len() - SHOWN));
+    }
+    Ok(lines)
 }
 
 /// Opens the data dir's database for reading reports; refuses to create one.
@@ -380,8 +399,10 @@ async fn status(
         c.cancelled,
         c.total()
     );
-    if n("succeeded") == 0 && !rows.is_empty() && c.succeeded > 0 {
-        println!("note:    {}", no_results_hint(&opts.model));
+    if n("missing") + n("cancelled") > 0 {
+        for line in other_settings_note(&store, &opts.model, &opts.spec).await? {
+            println!("note:    {line}");
+        }
     }
     for r in rows.iter().filter(|r| r.state == "failed") {
         println!(

@@ -163,18 +163,26 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
     );
     assert!(!out.contains("note:"), "{out}");
 
-    // Settings no run used find nothing, and say why instead of only "not captioned".
+    // Settings no run used find nothing, and name the settings that have results
+    // instead of only saying "not captioned".
     let (code, out, _) = run(
         &data,
         &["status", &lib.display().to_string(), "--length", "long"],
     );
     assert_eq!(code, 0);
     assert!(out.contains("done 0  failed 0"), "{out}");
-    assert!(out.contains("note:    no results for model dir:"), "{out}");
     assert!(
-        out.contains("--length or --question that the run used"),
+        out.contains("note:    the queue holds library results made with other settings"),
         "{out}"
     );
+    for length in ["normal", "short"] {
+        assert!(
+            out.contains(&format!(
+                "note:      4 results: --length {length} --model-dir "
+            )),
+            "{length}: {out}"
+        );
+    }
     let (code, _, err) = run(
         &data,
         &[
@@ -187,7 +195,30 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
         ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("note: no results for model dir:"), "{err}");
+    assert!(
+        err.contains("note:   4 results: --length short --model-dir "),
+        "{err}"
+    );
+
+    // Partly captioned with these settings: the others are named too.
+    std::fs::write(lib.join("new.png"), common::png(12, 12, 5)).unwrap();
+    let (_, _, err) = run(&data, &strs(&short));
+    assert!(err.contains("captioned 1, failed 0"), "{err}");
+    let (code, out, _) = run(&data, &["status", &lib.display().to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("done 5  failed 3"), "{out}");
+    assert!(out.contains("not captioned 1"), "{out}");
+    assert!(
+        out.contains("note:      5 results: --length short --model-dir "),
+        "{out}"
+    );
+    assert!(!out.contains("--length normal --model-dir"), "{out}");
+    let (_, out, _) = run(
+        &data,
+        &["status", &lib.display().to_string(), "--length", "short"],
+    );
+    assert!(out.contains("done 6  failed 3"), "{out}");
+    assert!(!out.contains("note:"), "{out}");
 }
 
 #[test]

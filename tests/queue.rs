@@ -644,3 +644,77 @@ async fn uploads_no_job_refers_to_are_swept_after_the_grace(db: &Db) {
         .unwrap();
     assert_eq!(swept, Swept::default());
 }
+
+on_both_backends!(
+    #[tokio::test]
+    result_settings_count_succeeded_jobs_under_a_key_prefix_per_settings_and_model
+);
+
+/// What `status` names when a report's settings miss: succeeded jobs whose key has the
+/// prefix, per task, parameters and model; superseded keys, other prefixes, jobs not
+/// succeeded and jobs without a key left out.
+async fn result_settings_count_succeeded_jobs_under_a_key_prefix_per_settings_and_model(db: &Db) {
+    let store = &db.store;
+    let job = |i: usize, key: Option<&str>, length: &str| NewJob {
+        params: serde_json::json!({ "length": length }),
+        idempotency_key: key.map(str::to_string),
+        ..new_job(i)
+    };
+    let specs = [
+        (Some("lib:h1:caption:aa"), "short", "m1", true),
+        (Some("lib:h2:caption:aa"), "short", "m1", true),
+        (Some("lib:h3:caption:aa"), "short", "m2", true),
+        (Some("lib:h4:caption:bb"), "long", "m1", true),
+        (Some("lib:h5:caption:bb"), "long", "m1", false),
+        (Some("lib:h6:caption:aa"), "short", "m1", true),
+        (Some("other:h7"), "short", "m1", true),
+        (None, "short", "m1", true),
+    ];
+    for (i, (key, length, model, succeed)) in specs.iter().enumerate() {
+        store.insert_job(&job(i, *key, length)).await.unwrap();
+        let claimed = store.claim("A", 1, LEASE).await.unwrap().remove(0);
+        let finish = if *succeed {
+            Finish::Succeeded {
+                model: (*model).into(),
+                output: serde_json::json!({"caption": "x"}),
+            }
+        } else {
+            Finish::Failed(err("bad"))
+        };
+        assert!(
+            store
+                .finish(op(&claimed, "A", finish))
+                .await
+                .unwrap()
+                .applied
+        );
+    }
+    // h6's result was superseded by a later run (its key freed).
+    let superseded = store
+        .supersede_keys(&["lib:h6:caption:aa".into()], &[JobState::Succeeded])
+        .await
+        .unwrap();
+    assert_eq!(superseded, 1);
+
+    let got = store.result_settings("lib:").await.unwrap();
+    let got: Vec<(String, serde_json::Value, String, i64)> = got
+        .into_iter()
+        .map(|r| {
+            let params = serde_json::from_str(&r.params).unwrap();
+            (r.task, params, r.model, r.jobs)
+        })
+        .collect();
+    let short = serde_json::json!({ "length": "short" });
+    let long = serde_json::json!({ "length": "long" });
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0], ("caption".into(), short.clone(), "m1".into(), 2));
+    assert!(
+        got.contains(&("caption".into(), short, "m2".into(), 1)),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("caption".into(), long, "m1".into(), 1)),
+        "{got:?}"
+    );
+    assert!(store.result_settings("none:").await.unwrap().is_empty());
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::xmp::{self, Description, Outcome};
-use super::{ModelIdentity, TaskSpec, content_key};
+use super::{KEY_PREFIX, ModelIdentity, TaskSpec, content_key};
 use crate::queue::{JobState, LibraryFile, Store, StoreError};
 
 /// Export formats.
@@ -139,6 +139,82 @@ pub enum ExportError {
         /// The error.
         source: std::io::Error,
     },
+}
+
+/// Library results made with other settings than a report's: how many, and the flags
+/// that select them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherSettings {
+    /// Succeeded jobs (distinct contents) with these settings.
+    pub results: i64,
+    /// The task and model flags that select them (`--length short --model-dir …`).
+    pub flags: String,
+}
+
+/// The settings, other than `model` with `spec`, under which the queue holds library
+/// results (results are kept per model and task, so a report with other flags does not
+/// see them); most results first.
+pub async fn other_settings(
+    store: &Store,
+    model: &ModelIdentity,
+    spec: &TaskSpec,
+) -> Result<Vec<OtherSettings>, ExportError> {
+    let params = serde_json::to_value(&spec.params).unwrap_or_default();
+    Ok(store
+        .result_settings(KEY_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|r| {
+            let stored: serde_json::Value = serde_json::from_str(&r.params).unwrap_or_default();
+            let same =
+                r.task == spec.task.as_str() && stored == params && model_made(model, &r.model);
+            (!same).then(|| OtherSettings {
+                results: r.jobs,
+                flags: format!("{} {}", task_flags(&r.task, &stored), model_flags(&r.model)),
+            })
+        })
+        .collect())
+}
+
+/// Whether `label` (how a worker names its model: a folder, or `repo@revision`) is the
+/// model `model` identifies.
+fn model_made(model: &ModelIdentity, label: &str) -> bool {
+    match model.name.strip_prefix("dir:") {
+        Some(dir) => std::fs::canonicalize(label).is_ok_and(|l| l == Path::new(dir)),
+        None => label == format!("{}@{}", model.name, model.revision),
+    }
+}
+
+/// The `caption`/`status`/`export` flags of a library task's stored parameters.
+fn task_flags(task: &str, params: &serde_json::Value) -> String {
+    let field = |k: &str| params.get(k).and_then(|v| v.as_str());
+    match (task, field("length"), field("question")) {
+        ("caption", Some(length), _) => format!("--length {}", shell_word(length)),
+        ("query", _, Some(q)) => format!("--question {}", shell_word(q)),
+        _ => format!("(task {task}, parameters {params})"),
+    }
+}
+
+/// The model flags that select the model a worker labelled `label`.
+fn model_flags(label: &str) -> String {
+    match label.rsplit_once('@') {
+        Some((repo, rev)) if !Path::new(label).is_absolute() => format!(
+            "--model-repo {} --model-revision {}",
+            shell_word(repo),
+            shell_word(rev)
+        ),
+        _ => format!("--model-dir {}", shell_word(label)),
+    }
+}
+
+/// `s` as one shell word: as is when plain, else single-quoted.
+fn shell_word(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:@=+,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// The rows of the images under `opts.paths` (or the whole library), sorted by path.
@@ -425,5 +501,47 @@ fn export_xmp(opts: &ExportOptions, rows: &[Row], s: &mut ExportSummary) {
             },
             Err(e) => s.errors.push(format!("{shown}: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_settings_read_as_the_flags_that_select_them() {
+        let caption = serde_json::json!({ "length": "short" });
+        assert_eq!(task_flags("caption", &caption), "--length short");
+        let query = serde_json::json!({ "question": "What's in it?" });
+        assert_eq!(
+            task_flags("query", &query),
+            r#"--question 'What'\''s in it?'"#
+        );
+        assert_eq!(
+            model_flags("vikhyatk/moondream2@2025-06-21"),
+            "--model-repo vikhyatk/moondream2 --model-revision 2025-06-21"
+        );
+        assert_eq!(
+            model_flags("/models/my model@v2"),
+            "--model-dir '/models/my model@v2'"
+        );
+        assert_eq!(model_flags("/models/md2"), "--model-dir /models/md2");
+    }
+
+    #[test]
+    fn a_hub_model_is_matched_by_repo_and_revision() {
+        let m = ModelIdentity {
+            name: "vikhyatk/moondream2".into(),
+            revision: "2025-06-21".into(),
+        };
+        assert!(model_made(&m, "vikhyatk/moondream2@2025-06-21"));
+        assert!(!model_made(&m, "vikhyatk/moondream2@2025-01-09"));
+        let dir = tempfile::tempdir().unwrap();
+        let d = ModelIdentity {
+            name: format!("dir:{}", dir.path().canonicalize().unwrap().display()),
+            revision: String::new(),
+        };
+        assert!(model_made(&d, &dir.path().display().to_string()));
+        assert!(!model_made(&d, "/nonexistent/model"));
     }
 }

@@ -96,6 +96,9 @@ impl TaskSpec {
     }
 }
 
+/// What every library result's key starts with.
+pub const KEY_PREFIX: &str = "lib:";
+
 /// The key a library result is stored under: content hash, model and revision, task
 /// and parameters. It is the job's idempotency key, so one content is captioned once.
 /// The settings part is a digest, so the key stays within the 200-character limit.
@@ -111,7 +114,7 @@ pub fn content_key(hash: &str, model: &ModelIdentity, spec: &TaskSpec) -> String
         h.update(part.as_bytes());
     }
     format!(
-        "lib:{hash}:{}:{}",
+        "{KEY_PREFIX}{hash}:{}:{}",
         spec.task.as_str(),
         &h.finalize().to_hex()[..16]
     )

@@ -14,7 +14,8 @@ pub use job::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskK
 pub use retry::RetryPolicy;
 pub use store::{
     BatchSummary, Calibration, CancelOutcome, Durability, Finish, FinishOp, FinishOutcome,
-    Heartbeat, LibraryFile, ListQuery, RetryOutcome, StateCounts, Store, StoreError, StoreOptions,
+    Heartbeat, LibraryFile, ListQuery, ResultSettings, RetryOutcome, StateCounts, Store,
+    StoreError, StoreOptions,
 };
 
 /// Wakes the dispatcher right after a commit that makes work claimable (insert,

@@ -369,7 +369,7 @@ macro_rules! job_columns {
 
 mod library;
 pub(crate) mod postgres;
-pub use library::LibraryFile;
+pub use library::{LibraryFile, ResultSettings};
 
 const SQL_INSERT_JOB: &str = concat!(
     "INSERT INTO jobs (id, task, params, source_kind, source, priority, state, max_attempts, run_at, created_at, idempotency_key, batch_id) ",
@@ -856,6 +856,12 @@ impl Store {
     /// The jobs holding these idempotency keys, by key.
     pub async fn jobs_by_keys(&self, keys: &[String]) -> StoreResult<HashMap<String, Job>> {
         dispatch!(self, s => s.jobs_by_keys(keys).await)
+    }
+
+    /// Succeeded jobs whose idempotency key starts with `key_prefix` (superseded keys
+    /// left out), counted per task, parameters and model; most first.
+    pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
+        dispatch!(self, s => s.result_settings(key_prefix).await)
     }
 
     /// Current states of these jobs (missing ids are left out).

@@ -33,6 +33,13 @@ const SQL_SUPERSEDE: &str = concat!(
     "AND state IN (SELECT value FROM json_each(?2))"
 );
 const SQL_RESULTS_BY_IDS: &str = "SELECT job_id, attempt, model, output, created_at FROM results WHERE job_id IN (SELECT value FROM json_each(?1))";
+/// Succeeded jobs under current (not superseded) keys in a key range, grouped by the
+/// settings that made their results.
+const SQL_RESULT_SETTINGS: &str = concat!(
+    "SELECT j.task, j.params, r.model, COUNT(*) FROM jobs j JOIN results r ON r.job_id = j.id ",
+    "WHERE j.idempotency_key >= ?1 AND j.idempotency_key < ?2 AND instr(j.idempotency_key, '#') = 0 ",
+    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model ORDER BY COUNT(*) DESC, r.model"
+);
 const SQL_GET_EXPORT: &str = "SELECT content_hash FROM export_files WHERE path = ?1";
 const SQL_PUT_EXPORT: &str = concat!(
     "INSERT INTO export_files (path, content_hash, written_at) VALUES (?1, ?2, ?3) ",
@@ -55,6 +62,19 @@ pub struct LibraryFile {
     pub hash: String,
     /// Whether the file was selected as an image (by extension or content).
     pub is_image: bool,
+}
+
+/// How many results one set of settings made: task, parameters (JSON) and model.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ResultSettings {
+    /// The jobs' task (`caption`, `query`, …).
+    pub task: String,
+    /// The jobs' parameters as stored (JSON).
+    pub params: String,
+    /// The model that made the results, as the worker named it.
+    pub model: String,
+    /// How many succeeded jobs.
+    pub jobs: i64,
 }
 
 /// The smallest string greater than every string that starts with `prefix`.
@@ -139,6 +159,25 @@ impl SqliteStore {
             }
         }
         Ok(out)
+    }
+
+    /// Succeeded jobs whose idempotency key starts with `key_prefix` (superseded keys
+    /// left out), counted per task, parameters and model; most first.
+    pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
+            .bind(key_prefix)
+            .bind(prefix_end(key_prefix))
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(task, params, model, jobs)| ResultSettings {
+                task,
+                params,
+                model,
+                jobs,
+            })
+            .collect())
     }
 
     /// Current states of these jobs (missing ids are left out).

@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::{
     ALL, BatchRow, BatchSummary, CANCELLED, Calibration, CancelOutcome, FAILED, FinishOp,
-    FinishOutcome, Heartbeat, LibraryFile, ListQuery, OOM, RELEASED, RETRY, RetryOutcome,
-    SUCCEEDED, StateCounts, StoreError, StoreOptions, StoreResult, by_kind, claim_groups,
-    fold_batch_rows, outcomes, parse_uuid, read_job, reply_all, source_columns,
+    FinishOutcome, Heartbeat, LibraryFile, ListQuery, OOM, RELEASED, RETRY, ResultSettings,
+    RetryOutcome, SUCCEEDED, StateCounts, StoreError, StoreOptions, StoreResult, by_kind,
+    claim_groups, fold_batch_rows, outcomes, parse_uuid, read_job, reply_all, source_columns,
 };
 use crate::queue::{ImageSource, Job, JobErrorInfo, JobResult, JobState, NewJob, TaskKind, now_ms};
 
@@ -222,6 +222,13 @@ const SQL_SUPERSEDE: &str = concat!(
     "AND state IN (SELECT jsonb_array_elements_text($2::jsonb))"
 );
 const SQL_RESULTS_BY_IDS: &str = "SELECT job_id, attempt, model, output, created_at FROM results WHERE job_id IN (SELECT jsonb_array_elements_text($1::jsonb))";
+/// Succeeded jobs under current (not superseded) keys with a prefix, grouped by the
+/// settings that made their results.
+const SQL_RESULT_SETTINGS: &str = concat!(
+    "SELECT j.task, j.params, r.model, COUNT(*) FROM jobs j JOIN results r ON r.job_id = j.id ",
+    "WHERE starts_with(j.idempotency_key, $1) AND strpos(j.idempotency_key, '#') = 0 ",
+    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model ORDER BY COUNT(*) DESC, r.model"
+);
 const SQL_GET_EXPORT: &str = "SELECT content_hash FROM export_files WHERE path = $1";
 const SQL_PUT_EXPORT: &str = concat!(
     "INSERT INTO export_files (path, content_hash, written_at) VALUES ($1, $2, $3) ",
@@ -838,6 +845,22 @@ impl PgStore {
             }
         }
         Ok(out)
+    }
+
+    pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
+        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
+            .bind(key_prefix)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(task, params, model, jobs)| ResultSettings {
+                task,
+                params,
+                model,
+                jobs,
+            })
+            .collect())
     }
 
     pub async fn job_states(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, JobState>> {
