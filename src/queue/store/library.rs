@@ -77,6 +77,18 @@ pub struct ResultSettings {
     pub jobs: i64,
 }
 
+impl From<(String, String, String, i64)> for ResultSettings {
+    /// From a row of task, parameters, model and count.
+    fn from((task, params, model, jobs): (String, String, String, i64)) -> Self {
+        Self {
+            task,
+            params,
+            model,
+            jobs,
+        }
+    }
+}
+
 /// The smallest string greater than every string that starts with `prefix`.
 fn prefix_end(prefix: &str) -> String {
     let mut s = prefix.to_string();
@@ -169,15 +181,7 @@ impl SqliteStore {
             .bind(prefix_end(key_prefix))
             .fetch_all(&self.read)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(task, params, model, jobs)| ResultSettings {
-                task,
-                params,
-                model,
-                jobs,
-            })
-            .collect())
+        Ok(rows.into_iter().map(ResultSettings::from).collect())
     }
 
     /// Current states of these jobs (missing ids are left out).

@@ -852,15 +852,7 @@ impl PgStore {
             .bind(key_prefix)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(task, params, model, jobs)| ResultSettings {
-                task,
-                params,
-                model,
-                jobs,
-            })
-            .collect())
+        Ok(rows.into_iter().map(ResultSettings::from).collect())
     }
 
     pub async fn job_states(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, JobState>> {
