@@ -195,10 +195,12 @@ fn task_flags(task: &str, params: &serde_json::Value) -> String {
     }
 }
 
-/// The model flags that select the model a worker labelled `label`.
+/// The model flags that select the model a worker labelled `label` (a folder, or
+/// `repo@revision`).
 fn model_flags(label: &str) -> String {
+    let folder = Path::new(label).is_absolute() || Path::new(label).is_dir();
     match label.rsplit_once('@') {
-        Some((repo, rev)) if !Path::new(label).is_absolute() => format!(
+        Some((repo, rev)) if !folder => format!(
             "--model-repo {} --model-revision {}",
             shell_word(repo),
             shell_word(rev)
