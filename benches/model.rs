@@ -662,6 +662,7 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
         ));
     }
     println!("engine: {:?}", moondream.engine().stats());
+    let interleaved = interleaved_decode(model, &enc, &prompt, &opts, sizes, device);
     println!("\nsummary (markdown):\n");
     println!(
         "| batch | decode ms/step | decode tokens/s | × batch 1 | encode s/image (b together) | × batch 1 | images/s (end to end) | × batch 1 | device MiB |"
@@ -670,6 +671,85 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
     for r in rows {
         println!("{r}");
     }
+    if !interleaved.is_empty() {
+        println!(
+            "\n| batch | decode ms/step, median (min–max) | decode tokens/s, median | × batch 1 |"
+        );
+        println!("| ---: | ---: | ---: | ---: |");
+        for r in interleaved {
+            println!("{r}");
+        }
+    }
+}
+
+/// Decode alone once more, the sizes interleaved round by round (`--rounds N`, default
+/// 5; 0 skips), so that a machine whose speed drifts (a shared VM) slows every size
+/// alike: each size's median ms/step, its spread, and the ratio of median tokens/s to
+/// batch 1's. Returns the markdown rows.
+fn interleaved_decode(
+    model: &captiond::vision::moondream2::Moondream2,
+    enc: &captiond::vision::moondream2::EncodedImage,
+    prompt: &Tensor,
+    opts: &GenerateOptions,
+    sizes: &[usize],
+    device: &Device,
+) -> Vec<String> {
+    let rounds: usize = arg_value("--rounds")
+        .map(|r| r.parse().expect("--rounds N"))
+        .unwrap_or(5);
+    if rounds == 0 {
+        return Vec::new();
+    }
+    // Per size: (ms per step, tokens/s) of each round.
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sizes.len()];
+    for _ in 0..rounds {
+        for (i, &b) in sizes.iter().enumerate() {
+            let seqs: Vec<_> = (0..b)
+                .map(|_| model.begin_answer(enc.cache(), prompt, opts).unwrap())
+                .collect();
+            let t = Instant::now();
+            let gens = decode_together(model, seqs).unwrap();
+            let _ = device.synchronize();
+            let s = secs(t);
+            let tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
+            let steps = gens.iter().map(|g| g.ids.len()).max().unwrap_or(1).max(2) - 1;
+            runs[i].push((s * 1000.0 / steps as f64, tokens as f64 / s));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    println!(
+        "decode alone, the sizes interleaved over {rounds} rounds: median ms/step (min–max), median tokens/s, × batch 1"
+    );
+    let mut base = 0.0;
+    let mut rows = Vec::new();
+    for (&b, r) in sizes.iter().zip(&runs) {
+        let ms: Vec<f64> = r.iter().map(|x| x.0).collect();
+        let (lo, hi) = (
+            ms.iter().copied().fold(f64::INFINITY, f64::min),
+            ms.iter().copied().fold(0.0, f64::max),
+        );
+        let (ms, tps) = (median(ms), median(r.iter().map(|x| x.1).collect()));
+        if b == 1 || base == 0.0 {
+            base = tps;
+        }
+        println!(
+            "{b:>5} {ms:>8.1} ({lo:.1}–{hi:.1}) {tps:>8.1} {:>6.2}×",
+            tps / base
+        );
+        rows.push(format!(
+            "| {b} | {ms:.1} ({lo:.1}–{hi:.1}) | {tps:.1} | {:.2}× |",
+            tps / base
+        ));
+    }
+    rows
 }
 
 /// `POST /v1/caption` against `captiond serve` on the checkpoint: one warm-up, then
