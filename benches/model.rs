@@ -604,17 +604,7 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
         let _ = device.synchronize();
         let enc_s = secs(t) / b as f64;
         drop(encoded);
-        let seqs: Vec<_> = (0..b)
-            .map(|_| model.begin_answer(enc.cache(), &prompt, &opts).unwrap())
-            .collect();
-        let t = Instant::now();
-        let gens = decode_together(model, seqs).unwrap();
-        let _ = device.synchronize();
-        let decode_s = secs(t);
-        let tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
-        // The last token of each caption is emitted without a further forward pass.
-        let steps = gens.iter().map(|g| g.ids.len()).max().unwrap_or(1).max(2) - 1;
-        let tps = tokens as f64 / decode_s;
+        let (ms_step, tps) = timed_decode(model, &enc, &prompt, &opts, b, device);
         // End to end: b callers at once, each its own image, as b workers would.
         let pngs: Vec<Vec<u8>> = (0..b as u32).map(|i| one_crop_png(i + 1)).collect();
         let (skill, settings) = short_caption();
@@ -648,14 +638,14 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
         };
         println!(
             "{b:>5} {:>12.1} {tps:>10.1} {:>8.2}× {enc_s:>11.2} {:>8.2}× {ips:>16.3} {:>10.2}× {e2e_s:>9.1} {peak:>9}",
-            decode_s * 1000.0 / steps as f64,
+            ms_step,
             tps / base_tps,
             base_enc / enc_s,
             ips / base_ips,
         );
         rows.push(format!(
             "| {b} | {:.1} | {tps:.1} | {:.2}× | {enc_s:.2} | {:.2}× | {ips:.3} | {:.2}× | {peak} |",
-            decode_s * 1000.0 / steps as f64,
+            ms_step,
             tps / base_tps,
             base_enc / enc_s,
             ips / base_ips
@@ -682,6 +672,29 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
     }
 }
 
+/// `b` sequences of the encoded image `enc` answering `prompt`, decoded together:
+/// milliseconds per step and tokens per second.
+fn timed_decode(
+    model: &captiond::vision::moondream2::Moondream2,
+    enc: &captiond::vision::moondream2::EncodedImage,
+    prompt: &Tensor,
+    opts: &GenerateOptions,
+    b: usize,
+    device: &Device,
+) -> (f64, f64) {
+    let seqs: Vec<_> = (0..b)
+        .map(|_| model.begin_answer(enc.cache(), prompt, opts).unwrap())
+        .collect();
+    let t = Instant::now();
+    let gens = decode_together(model, seqs).unwrap();
+    let _ = device.synchronize();
+    let s = secs(t);
+    let tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
+    // The last token of each caption is emitted without a further forward pass.
+    let steps = gens.iter().map(|g| g.ids.len()).max().unwrap_or(1).max(2) - 1;
+    (s * 1000.0 / steps as f64, tokens as f64 / s)
+}
+
 /// Decode alone once more, the sizes interleaved round by round (`--rounds N`, default
 /// 5; 0 skips), so that a machine whose speed drifts (a shared VM) slows every size
 /// alike: each size's median ms/step, its spread, and the ratio of median tokens/s to
@@ -704,16 +717,7 @@ fn interleaved_decode(
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sizes.len()];
     for _ in 0..rounds {
         for (i, &b) in sizes.iter().enumerate() {
-            let seqs: Vec<_> = (0..b)
-                .map(|_| model.begin_answer(enc.cache(), prompt, opts).unwrap())
-                .collect();
-            let t = Instant::now();
-            let gens = decode_together(model, seqs).unwrap();
-            let _ = device.synchronize();
-            let s = secs(t);
-            let tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
-            let steps = gens.iter().map(|g| g.ids.len()).max().unwrap_or(1).max(2) - 1;
-            runs[i].push((s * 1000.0 / steps as f64, tokens as f64 / s));
+            runs[i].push(timed_decode(model, enc, prompt, opts, b, device));
         }
     }
     let median = |mut v: Vec<f64>| {
