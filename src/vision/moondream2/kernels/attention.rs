@@ -230,14 +230,14 @@ pub fn attend_each(
         let rep = heads / k.len();
         let qh = &q[i * dim..(i + 1) * dim];
         let (kg, vg) = (k[h / rep], v[h / rep]);
+        // The keys of the pair this thread most likely takes next, to prefetch while
+        // this one's last values are read.
+        let next = match caches.get((i + 1) / heads) {
+            Some((k, _)) => k[(i + 1) % heads / (heads / k.len())].as_ptr(),
+            None => std::ptr::null(),
+        };
         #[cfg(target_arch = "x86_64")]
         if wide {
-            // The keys of the pair this thread most likely takes next, to prefetch
-            // while this one's last values are read.
-            let next = match caches.get((i + 1) / heads) {
-                Some((k, _)) => k[(i + 1) % heads / (heads / k.len())].as_ptr(),
-                None => std::ptr::null(),
-            };
             match (kg, vg, dim) {
                 (KvRows::Bf16(kb), KvRows::Bf16(vb), 64) => {
                     // SAFETY: AVX512-F and FMA are present whenever either AVX512 family
@@ -267,13 +267,13 @@ pub fn attend_each(
                     super::avx2::attend_head_bf16_64(qh, kb, vb, o)
                 },
                 (KvRows::Q8 { q: kq, scale: ks }, KvRows::Q8 { q: vq, scale: vs }, 64) => unsafe {
-                    super::avx2::attend_head_q8_64(qh, (kq, ks), (vq, vs), o)
+                    super::avx2::attend_head_q8_64(qh, (kq, ks), (vq, vs), next, o)
                 },
                 _ => unsafe { head_avx2(qh, kg, vg, o) },
             }
             return;
         }
-        let _ = wide;
+        let _ = (wide, next);
         head_any(qh, kg, vg, o);
     });
 }

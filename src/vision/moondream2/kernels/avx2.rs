@@ -549,12 +549,14 @@ pub(super) unsafe fn attend_head_bf16_64(q: &[f32], k: &[u16], v: &[u16], o: &mu
 /// key rows sign-extended to 16 bits and multiplied by `vpmaddwd` (exact in 32 bits);
 /// the softmax weights times each value row's scale rounded to 16 bits too (their
 /// total capped so that every sum fits an i32), two value rows interleaved per
-/// `vpmaddwd`. About half the instructions of widening every value to f32.
+/// `vpmaddwd`. About half the instructions of widening every value to f32. `next` (only
+/// prefetched, may be null) is where the keys of the head computed next begin.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn attend_head_q8_64(
     q: &[f32],
     k: (&[i8], &[f32]),
     v: (&[i8], &[f32]),
+    next: *const u8,
     o: &mut [f32],
 ) {
     let len = k.1.len();
@@ -566,7 +568,7 @@ pub(super) unsafe fn attend_head_q8_64(
         let (scores, weights) = buf.split_at_mut(padded);
         // SAFETY: the caller's guarantees (the CPU features) hold; `weights` holds at
         // least len + 1 16-bit values.
-        unsafe { q8_head(q, k, v, o, scores, weights.as_mut_ptr() as *mut i16) }
+        unsafe { q8_head(q, k, v, next, o, scores, weights.as_mut_ptr() as *mut i16) }
     })
 }
 
@@ -577,12 +579,15 @@ unsafe fn q8_head(
     q: &[f32],
     k: (&[i8], &[f32]),
     v: (&[i8], &[f32]),
+    next: *const u8,
     o: &mut [f32],
     scores: &mut [f32],
     weights: *mut i16,
 ) {
     use super::attention::q8_rounding::{TOP, query_step, weights_step};
     const D: usize = 64;
+    // Rows prefetched ahead (4 KiB), as in the AVX512 kernel.
+    const AHEAD: usize = 64;
     let len = k.1.len();
     // SAFETY: every load is within q (64), k and v (len × 64 values, len scales), q16
     // (64), scores (len padded to 8) or weights (len + 1); every store within scores,
@@ -628,6 +633,16 @@ unsafe fn q8_head(
         let qs = _mm256_set1_ps(q_scale);
         let mut j = 0;
         while j + 8 <= len {
+            for i in 0..8 {
+                let ahead = (j + AHEAD + i) * D;
+                _mm_prefetch::<_MM_HINT_T0>(if ahead < len * D {
+                    kp.add(ahead)
+                } else {
+                    vp.wrapping_add(ahead - len * D)
+                });
+                // The values too, into L2, so that memory stays busy during the softmax.
+                _mm_prefetch::<_MM_HINT_T1>(vp.add((j + i) * D));
+            }
             let d: [__m256i; 8] = std::array::from_fn(|i| dot(kp.add((j + i) * D)));
             let sums = _mm256_cvtepi32_ps(int_sums_of_8(&d));
             let scale = _mm256_mul_ps(_mm256_loadu_ps(k.1.as_ptr().add(j)), qs);
@@ -667,6 +682,16 @@ unsafe fn q8_head(
         let mut acc = [_mm256_setzero_si256(); 8];
         let mut j = 0;
         while j < len {
+            for r in [j, j + 1] {
+                // Past the last value, the next head's first keys.
+                _mm_prefetch::<_MM_HINT_T0>(if r + AHEAD < len {
+                    vp.wrapping_add((r + AHEAD) * D)
+                } else {
+                    (next as *const i8).wrapping_add((r + AHEAD - len) * D)
+                });
+                // The next head's keys into L2 meanwhile.
+                _mm_prefetch::<_MM_HINT_T1>((next as *const i8).wrapping_add(r * D));
+            }
             let next = if j + 1 < len { j + 1 } else { j };
             let (x, y) = (wide(vp.add(j * D)), wide(vp.add(next * D)));
             let w = _mm256_set1_epi32((weights.add(j) as *const i32).read_unaligned());

@@ -420,7 +420,15 @@ fn avx2_decode_attention_matches_f64_over_bf16_and_q8_rows() {
         }
         let (kq, vq) = (quantize_rows(&k, dim), quantize_rows(&v, dim));
         // SAFETY: as above.
-        unsafe { super::avx2::attend_head_q8_64(&q, (&kq.0, &kq.1), (&vq.0, &vq.1), &mut out) };
+        unsafe {
+            super::avx2::attend_head_q8_64(
+                &q,
+                (&kq.0, &kq.1),
+                (&vq.0, &vq.1),
+                std::ptr::null(),
+                &mut out,
+            )
+        };
         let widen = |r: &(Vec<i8>, Vec<f32>)| {
             KvRows::Q8 {
                 q: &r.0,
