@@ -77,6 +77,17 @@ fn matmul_on(
     if m == 0 {
         return;
     }
+    // Column chunks: one per thread for the tiled products; four per thread for the
+    // few-row ones (the decode step's), so that a thread that wakes late takes fewer
+    // instead of the others waiting for it. Sixteen 2048 → 8192 products, 40 rounds
+    // interleaved on two Zen 3 vCPUs: 4 rows 13.1 → 11.0 ms (min), 13.6 → 11.8
+    // (median); 1 row alike (9.2, 9.7–9.9); 2 or 8 a thread as 4.
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let (few_rows, many_rows) = (if parallel { 4 * threads } else { 1 }, threads);
     match w {
         PackedWeight::Bf16(w) if m <= SMALL_M => {
             let a = pack::activations_bf16(isa, a, m, k, w.kp, m);
@@ -86,7 +97,7 @@ fn matmul_on(
                 n,
                 (bias, gelu),
                 out,
-                parallel,
+                few_rows,
                 |b0, b1, c| small_bf16(isa, &a, m, w, b0, b1, c),
             );
         }
@@ -98,7 +109,7 @@ fn matmul_on(
                 n,
                 (bias, gelu),
                 out,
-                parallel,
+                few_rows,
                 |b0, b1, c| small_q8(isa, &a, w, b0, b1, c),
             );
         }
@@ -119,7 +130,7 @@ fn matmul_on(
                 n,
                 (bias, gelu),
                 out,
-                parallel,
+                many_rows,
                 // SAFETY: AVX2, FMA and F16C are present; `a` holds m rows of kp and
                 // `c` m rows of the chunk's columns (run_blocks sizes it).
                 |b0, b1, c| unsafe { avx2::tiled(&a, m, w, b0, b1, c) },
@@ -135,14 +146,15 @@ fn matmul_on(
                 n,
                 (bias, gelu),
                 out,
-                parallel,
+                many_rows,
                 |b0, b1, c| tiled(isa, &a, mp, kp, w, b0, b1, c),
             );
         }
     }
 }
 
-/// Splits the column blocks among the CPU threads; each call of `f(b0, b1, c)` fills
+/// Splits the column blocks into up to `parts` chunks run on the CPU threads; each
+/// call of `f(b0, b1, c)` fills
 /// `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; the same thread then adds the
 /// bias (and applies GELU, when `then.1`) and writes those columns of `out`.
 fn run_blocks(
@@ -151,19 +163,15 @@ fn run_blocks(
     n: usize,
     then: (Option<&[f32]>, bool),
     out: &mut [f32],
-    parallel: bool,
+    parts: usize,
     f: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     let m = out.len() / n;
-    let threads = if parallel {
-        rayon::current_num_threads().clamp(1, blocks / 2)
-    } else {
-        1
-    };
+    let parts = parts.clamp(1, (blocks / 2).max(1));
     // Chunks in pairs of blocks, so that the tiled kernels' 32-column steps line up.
     let pairs = blocks / 2;
-    let per = pairs.div_ceil(threads);
-    let chunks: Vec<(usize, usize)> = (0..threads)
+    let per = pairs.div_ceil(parts);
+    let chunks: Vec<(usize, usize)> = (0..parts)
         .map(|t| (2 * (t * per).min(pairs), 2 * ((t + 1) * per).min(pairs)))
         .filter(|(a, b)| a < b)
         .collect();
