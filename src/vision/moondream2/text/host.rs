@@ -129,6 +129,20 @@ impl TextModel {
     pub(super) fn step_host(
         &self,
         rope: &HostRope,
+        x: Vec<f32>,
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<f32>> {
+        // On a thread of the CPU pool (the caller waits): each product and attention
+        // below then starts on that thread at once, and only the others are woken,
+        // instead of this thread handing every one of them to the pool and sleeping
+        // until it is done (about 120 hand-overs a step).
+        rayon::scope(|_| self.step_host_in_pool(rope, x, caches))
+    }
+
+    /// The body of [`Self::step_host`].
+    fn step_host_in_pool(
+        &self,
+        rope: &HostRope,
         mut x: Vec<f32>,
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<f32>> {
