@@ -488,9 +488,7 @@ unsafe fn head_64(
             }
             let scores = &mut scores[..len];
             let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
-            for s in scores.iter_mut() {
-                *s = super::math::exp(*s - max);
-            }
+            exp_shifted(scores, max);
             let total = super::math::lanes(scores, 0.0, |a, b| a + b);
             let mut acc = [_mm256_setzero_ps(); 8];
             for (j, p) in scores.iter().enumerate() {
@@ -657,9 +655,7 @@ unsafe fn q8_head(
         }
         let scores = &mut scores[..len];
         let max = super::math::lanes(scores, f32::NEG_INFINITY, f32::max);
-        for s in scores.iter_mut() {
-            *s = super::math::exp(*s - max);
-        }
+        exp_shifted(scores, max);
         let total = super::math::lanes(scores, 0.0, |a, b| a + b);
         let (w_scale, w_inv) = weights_step(scores, v.1);
         let mut j = 0;
