@@ -688,8 +688,8 @@ unsafe fn q8_head(
                 // The next head's keys into L2 meanwhile.
                 _mm_prefetch::<_MM_HINT_T1>((next as *const i8).wrapping_add(r * D));
             }
-            let next = if j + 1 < len { j + 1 } else { j };
-            let (x, y) = (wide(vp.add(j * D)), wide(vp.add(next * D)));
+            let second = if j + 1 < len { j + 1 } else { j };
+            let (x, y) = (wide(vp.add(j * D)), wide(vp.add(second * D)));
             let w = _mm256_set1_epi32((weights.add(j) as *const i32).read_unaligned());
             for c in 0..4 {
                 let (lo, hi) = (

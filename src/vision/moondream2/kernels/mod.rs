@@ -154,9 +154,9 @@ fn matmul_on(
 }
 
 /// Splits the column blocks into up to `parts` chunks run on the CPU threads; each
-/// call of `f(b0, b1, c)` fills
-/// `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; the same thread then adds the
-/// bias (and applies GELU, when `then.1`) and writes those columns of `out`.
+/// call of `f(b0, b1, c)` fills `c` (`rows × 16·(b1−b0)` f32) for blocks `b0..b1`; the
+/// same thread then adds the bias (and applies GELU, when `then.1`) and writes those
+/// columns of `out`.
 fn run_blocks(
     blocks: usize,
     rows: usize,
