@@ -82,12 +82,12 @@ fn matmul_on(
     // instead of the others waiting for it. Sixteen 2048 → 8192 products, 40 rounds
     // interleaved on two Zen 3 vCPUs: 4 rows 13.1 → 11.0 ms (min), 13.6 → 11.8
     // (median); 1 row alike (9.2, 9.7–9.9); 2 or 8 a thread as 4.
-    let threads = if parallel {
-        rayon::current_num_threads()
+    let (few_rows, many_rows) = if parallel {
+        let threads = rayon::current_num_threads();
+        (4 * threads, threads)
     } else {
-        1
+        (1, 1)
     };
-    let (few_rows, many_rows) = (if parallel { 4 * threads } else { 1 }, threads);
     match w {
         PackedWeight::Bf16(w) if m <= SMALL_M => {
             let a = pack::activations_bf16(isa, a, m, k, w.kp, m);
