@@ -161,11 +161,24 @@ impl TextModel {
                 candle_core::bail!("host step: block {layer} has no packed weights");
             };
             w.ln.apply(&x, &mut h);
-            w.qkv.forward_into(&h, b, false, &mut qkv);
-            let heads = block.attend_rows(&qkv, layer, caches, rope)?;
-            w.proj.forward_into(&heads, b, false, &mut attn);
-            w.fc1.forward_into(&h, b, true, &mut inner);
-            w.fc2.forward_into(&inner, b, false, &mut mlp);
+            // Attention and MLP both read `h` and neither needs the other (the parallel
+            // block): run side by side, the attention's cache reads overlap the MLP's
+            // products and neither waits idle at the other's barriers. In-process A/B,
+            // eight rounds alternating the order: 4 images 99.5 → 88.8 ms a step, one
+            // image 72.0 → 66.9 (medians, two Zen 3 vCPUs, 8-bit weights and cache).
+            let (attended, ()) = rayon::join(
+                || -> Result<()> {
+                    w.qkv.forward_into(&h, b, false, &mut qkv);
+                    let heads = block.attend_rows(&qkv, layer, caches, rope)?;
+                    w.proj.forward_into(&heads, b, false, &mut attn);
+                    Ok(())
+                },
+                || {
+                    w.fc1.forward_into(&h, b, true, &mut inner);
+                    w.fc2.forward_into(&inner, b, false, &mut mlp);
+                },
+            );
+            attended?;
             for ((x, a), m) in x.iter_mut().zip(&attn).zip(&mlp) {
                 *x = (*x + a) + m;
             }
