@@ -7,6 +7,7 @@
 use candle_core::Result;
 use candle_nn::LayerNorm;
 
+use super::super::kernels::isa;
 use super::super::kernels::math::layer_norm_rows;
 use super::super::layers::{LN_EPS, Linear, Mlp, PackedLinear};
 use super::{Block, HEAD_DIM, KvCache, ROT_DIM, TextModel};
@@ -153,6 +154,15 @@ impl TextModel {
         }
         self.check_room(caches)?;
         let mut h = vec![0f32; b * dim];
+        // Attention and MLP both read `h` and neither needs the other (the parallel
+        // block). With the AVX2 kernels they run side by side: the attention's cache
+        // reads overlap the MLP's products (compute-bound at a few rows there) and
+        // neither waits idle at the other's barriers. In-process A/B, eight rounds
+        // alternating the order on two Zen 3 vCPUs (8-bit weights and cache): 4 images
+        // 99.5 → 88.8 ms a step, one image 72.0 → 66.9 (medians). With the AVX512
+        // kernels one after the other, as last measured there: attention beside the
+        // MLP's first product cost one image 3.5 ms (both memory-bound).
+        let side_by_side = !(isa().avx512bf16 || isa().avx512vnni);
         // Buffers reused by every block.
         let (mut qkv, mut attn, mut inner, mut mlp) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -161,24 +171,22 @@ impl TextModel {
                 candle_core::bail!("host step: block {layer} has no packed weights");
             };
             w.ln.apply(&x, &mut h);
-            // Attention and MLP both read `h` and neither needs the other (the parallel
-            // block): run side by side, the attention's cache reads overlap the MLP's
-            // products and neither waits idle at the other's barriers. In-process A/B,
-            // eight rounds alternating the order: 4 images 99.5 → 88.8 ms a step, one
-            // image 72.0 → 66.9 (medians, two Zen 3 vCPUs, 8-bit weights and cache).
-            let (attended, ()) = rayon::join(
-                || -> Result<()> {
-                    w.qkv.forward_into(&h, b, false, &mut qkv);
-                    let heads = block.attend_rows(&qkv, layer, caches, rope)?;
-                    w.proj.forward_into(&heads, b, false, &mut attn);
-                    Ok(())
-                },
-                || {
-                    w.fc1.forward_into(&h, b, true, &mut inner);
-                    w.fc2.forward_into(&inner, b, false, &mut mlp);
-                },
-            );
-            attended?;
+            let mut attention = || -> Result<()> {
+                w.qkv.forward_into(&h, b, false, &mut qkv);
+                let heads = block.attend_rows(&qkv, layer, caches, rope)?;
+                w.proj.forward_into(&heads, b, false, &mut attn);
+                Ok(())
+            };
+            let mut feed_forward = || {
+                w.fc1.forward_into(&h, b, true, &mut inner);
+                w.fc2.forward_into(&inner, b, false, &mut mlp);
+            };
+            if side_by_side {
+                rayon::join(attention, feed_forward).0?;
+            } else {
+                attention()?;
+                feed_forward();
+            }
             for ((x, a), m) in x.iter_mut().zip(&attn).zip(&mlp) {
                 *x = (*x + a) + m;
             }
