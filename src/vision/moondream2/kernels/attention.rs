@@ -26,7 +26,7 @@ pub fn attend_all(
     let nk = k.len() / (kv_heads * dim);
     assert!(out.len() == q.len() && v.len() == k.len() && heads.is_multiple_of(kv_heads));
     let rep = heads / kv_heads;
-    let wide = isa().avx512bf16 || isa().avx512vnni;
+    let wide = isa().avx512();
     out.par_chunks_mut(nq * dim).enumerate().for_each(|(h, o)| {
         let g = h / rep;
         let kh = &k[g * nk * dim..(g + 1) * nk * dim];
@@ -151,7 +151,7 @@ pub fn store_q8(rows: &[f32], dim: usize, q: &mut [i8], scale: &mut [f32]) {
     assert!(dim > 0 && rows.len().is_multiple_of(dim));
     assert!(q.len() == rows.len() && scale.len() == rows.len() / dim);
     #[cfg(target_arch = "x86_64")]
-    if dim == 64 && (isa().avx512bf16 || isa().avx512vnni) {
+    if dim == 64 && isa().avx512() {
         // SAFETY: AVX512-F is present whenever either AVX512 family is; the slices
         // hold the rows.
         unsafe { super::x86::quantize_rows_64(rows, q, scale) };
@@ -223,7 +223,7 @@ pub fn attend_each(
             assert!(kh.values() == vh.values() && kh.values().is_multiple_of(dim));
         }
     }
-    let wide = isa().avx512bf16 || isa().avx512vnni;
+    let wide = isa().avx512();
     out.par_chunks_mut(dim).enumerate().for_each(|(i, o)| {
         let (k, v) = caches[i / heads];
         let h = i % heads;

@@ -30,6 +30,11 @@ impl Isa {
         }
     }
 
+    /// Whether the AVX512 kernels run (either family; each comes with AVX512-F).
+    pub fn avx512(&self) -> bool {
+        self.avx512bf16 || self.avx512vnni
+    }
+
     /// Whether bf16 arithmetic is native (then bf16 and q8 beat f32 on this CPU).
     pub fn fast_bf16(&self) -> bool {
         self.amx || self.avx512bf16

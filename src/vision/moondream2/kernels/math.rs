@@ -42,7 +42,7 @@ pub fn exp(x: f32) -> f32 {
 /// written as `x · σ(2u)`, on the calling thread.
 pub fn gelu_tanh_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa().avx512bf16 || isa().avx512vnni {
+    if isa().avx512() {
         // SAFETY: AVX512-F is present whenever either AVX512 family is.
         unsafe { gelu_avx512(xs) };
         return;
@@ -83,7 +83,7 @@ pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32
     assert!(w.len() == b.len() && !w.is_empty() && x.len() == out.len());
     assert!(x.len().is_multiple_of(w.len()));
     #[cfg(target_arch = "x86_64")]
-    if isa().avx512bf16 || isa().avx512vnni {
+    if isa().avx512() {
         // SAFETY: AVX512-F is present whenever either AVX512 family is.
         unsafe { layer_norm_avx512(x, w, b, eps, out) };
         return;
@@ -144,7 +144,7 @@ pub fn softmax_rows(xs: &mut [f32], len: usize) {
 #[inline(always)]
 fn exp_shifted(xs: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
-    if isa().avx2 && !(isa().avx512bf16 || isa().avx512vnni) {
+    if isa().avx2 && !isa().avx512() {
         // SAFETY: AVX2 is present (checked at start-up).
         unsafe { super::avx2::exp_shifted(xs, shift) };
         return;

@@ -33,7 +33,7 @@ fn paths() -> Vec<Isa> {
             ..scalar
         });
     }
-    if best.avx512bf16 || best.avx512vnni {
+    if best.avx512() {
         out.push(Isa { amx: false, ..best });
     }
     if best.amx {

@@ -162,7 +162,7 @@ impl TextModel {
         // 99.5 → 88.8 ms a step, one image 72.0 → 66.9 (medians). With the AVX512
         // kernels one after the other, as last measured there: attention beside the
         // MLP's first product cost one image 3.5 ms (both memory-bound).
-        let side_by_side = !(isa().avx512bf16 || isa().avx512vnni);
+        let side_by_side = !isa().avx512();
         // Buffers reused by every block.
         let (mut qkv, mut attn, mut inner, mut mlp) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
