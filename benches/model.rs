@@ -663,9 +663,9 @@ fn run_batches(files: &ModelFiles, device: &Device, precision: Precision, sizes:
     }
     if !interleaved.is_empty() {
         println!(
-            "\n| batch | decode ms/step, median (min–max) | decode tokens/s, median | × batch 1 |"
+            "\n| batch | decode ms/step, median (min–max) | decode tokens/s, median | × batch 1 | × batch 1, median of rounds |"
         );
-        println!("| ---: | ---: | ---: | ---: |");
+        println!("| ---: | ---: | ---: | ---: | ---: |");
         for r in interleaved {
             println!("{r}");
         }
@@ -697,8 +697,8 @@ fn timed_decode(
 
 /// Decode alone once more, the sizes interleaved round by round (`--rounds N`, default
 /// 5; 0 skips), so that a machine whose speed drifts (a shared VM) slows every size
-/// alike: each size's median ms/step, its spread, and the ratio of median tokens/s to
-/// batch 1's. Returns the markdown rows.
+/// alike: each size's median ms/step, its spread, the ratio of median tokens/s to the
+/// first size's, and the median of each round's own ratio. Returns the markdown rows.
 fn interleaved_decode(
     model: &captiond::vision::moondream2::Moondream2,
     enc: &captiond::vision::moondream2::EncodedImage,
@@ -713,11 +713,18 @@ fn interleaved_decode(
     if rounds == 0 {
         return Vec::new();
     }
-    // Per size: (ms per step, tokens/s) of each round.
+    // Per size: (ms per step, tokens/s) of each round. The order of the sizes flips
+    // from round to round: a run tends to go a few per cent faster right after another
+    // (warm caches, allocator state), and a fixed order would hand that to the larger
+    // sizes every time.
     let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sizes.len()];
-    for _ in 0..rounds {
-        for (i, &b) in sizes.iter().enumerate() {
-            runs[i].push(timed_decode(model, enc, prompt, opts, b, device));
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..sizes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            runs[i].push(timed_decode(model, enc, prompt, opts, sizes[i], device));
         }
     }
     let median = |mut v: Vec<f64>| {
@@ -730,11 +737,18 @@ fn interleaved_decode(
         }
     };
     println!(
-        "decode alone, the sizes interleaved over {rounds} rounds: median ms/step (min–max), median tokens/s, × batch 1"
+        "decode alone, the sizes interleaved over {rounds} rounds (order flipped each round): \
+         median ms/step (min–max), median tokens/s, × batch 1, median of the rounds' own × batch 1"
     );
+    // The first size's runs, to pair each round with (the ratio within a round).
+    let first: Vec<f64> = runs
+        .first()
+        .map(|r| r.iter().map(|x| x.1).collect())
+        .unwrap_or_default();
     let mut base = 0.0;
     let mut rows = Vec::new();
     for (&b, r) in sizes.iter().zip(&runs) {
+        let paired = median(r.iter().zip(&first).map(|(x, f)| x.1 / f).collect());
         let ms: Vec<f64> = r.iter().map(|x| x.0).collect();
         let (lo, hi) = (
             ms.iter().copied().fold(f64::INFINITY, f64::min),
@@ -745,11 +759,11 @@ fn interleaved_decode(
             base = tps;
         }
         println!(
-            "{b:>5} {ms:>8.1} ({lo:.1}–{hi:.1}) {tps:>8.1} {:>6.2}×",
+            "{b:>5} {ms:>8.1} ({lo:.1}–{hi:.1}) {tps:>8.1} {:>6.2}× {paired:>6.2}×",
             tps / base
         );
         rows.push(format!(
-            "| {b} | {ms:.1} ({lo:.1}–{hi:.1}) | {tps:.1} | {:.2}× |",
+            "| {b} | {ms:.1} ({lo:.1}–{hi:.1}) | {tps:.1} | {:.2}× | {paired:.2}× |",
             tps / base
         ));
     }
