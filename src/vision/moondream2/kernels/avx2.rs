@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 
 use super::pack::{PackedQ8, PackedWeight, QuantActivations};
-use super::{BLOCK_K, BLOCK_N};
+use super::{BLOCK_K, BLOCK_N, Q8_AHEAD};
 
 /// Eight f32 rounded to bf16 (nearest even; a NaN stays a NaN, made quiet), as f32
 /// bit patterns whose low 16 bits are zero.
@@ -74,7 +74,8 @@ pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [f32]) {
 /// The q8 product for blocks `b0..b1` into `c` (`m × 16·(b1−b0)`): per 32-input group
 /// the exact integer dot product of the weights `q` (stored `q + 128`) with the 8-bit
 /// activations, as `vpmaddubsw(|q|, sign(a, q))` (no pair reaches the 16-bit limit,
-/// as both sides lie in −127..=127), then scaled into f32 sums.
+/// as both sides lie in −127..=127), then scaled into f32 sums. The weights are
+/// prefetched [`Q8_AHEAD`] groups ahead.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q8_rows(
     a: &QuantActivations,
@@ -131,6 +132,12 @@ unsafe fn q8_block<const MR: usize>(
             let mut dot = [[_mm256_setzero_si256(); 2]; MR];
             for quad in 0..BLOCK_K / 4 {
                 let at = q.add(g * 512 + quad * 64);
+                if r0 == 0 {
+                    // The first pass streams from memory: one line of a later group
+                    // per quad (past the last group, the start of the next block), as
+                    // the AVX512 kernel does; later passes read the block from cache.
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(Q8_AHEAD * 512) as *const i8);
+                }
                 // Signed weights, −127..=127.
                 let w = [
                     _mm256_xor_si256(_mm256_loadu_si256(at as *const __m256i), flip),

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::pack::{PackedQ8, QuantActivations};
-use super::{BLOCK_K, BLOCK_N};
+use super::{BLOCK_K, BLOCK_N, Q8_AHEAD};
 
 /// f32 → bf16 (round to nearest even), 16 at a time.
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -263,11 +263,6 @@ unsafe fn q8_tile<const MR: usize>(
         }
     }
 }
-
-/// How many 32-input groups ahead [`q8_tile2`] prefetches its weights (4 KiB per
-/// block): from four rows on, the products no longer hide the memory latency by
-/// themselves (4 rows: 15.0 → 12.3–12.9 ms over 285 MB in `bench-model --kernels`).
-const Q8_AHEAD: usize = 8;
 
 /// [`q8_tile`] for column blocks `b` and `b + 1` and rows `r0..r0 + MR` together: the
 /// same products in the same order per column, each activation broadcast used for both
