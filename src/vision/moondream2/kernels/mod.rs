@@ -30,9 +30,11 @@ pub const BLOCK_N: usize = 16;
 pub const BLOCK_K: usize = 32;
 
 /// How many 32-input groups ahead the few-row q8 kernels prefetch their weights (4 KiB
-/// per block). AVX512 from four rows on: 15.0 → 12.3–12.9 ms over 285 MB in
-/// `bench-model --kernels`; AVX2 (Zen 3, eight rounds alternating with no prefetch):
-/// one row 14.0 → 10.2 ms, four rows 20.0 → 18.9 (medians).
+/// per block), on the first pass over a block. AVX512, where from four rows on the
+/// products no longer hide the memory latency by themselves: four rows 15.0 →
+/// 12.3–12.9 ms over 285 MB in `bench-model --kernels`; AVX2 (Zen 3, eight rounds
+/// alternating with no prefetch): one row 14.0 → 10.2 ms, four rows 20.0 → 18.9
+/// (medians).
 #[cfg(target_arch = "x86_64")]
 const Q8_AHEAD: usize = 8;
 
