@@ -394,7 +394,12 @@ pub(super) unsafe fn tiled(
 }
 
 /// The 8-bit quantization of [`QuantActivations`] (per 32 inputs, scale `max |x| / 127`,
-/// half to even) for whole groups of `row`, written so that it vectorises.
+/// half to even) for whole groups of `row`, as the AVX512 kernel does it: the same
+/// values as the portable loop, which the compiler left scalar (rounding and the
+/// saturating cast one value at a time). It runs before each product's threads start,
+/// so both cores waited on it: in-process A/B on Zen 3 (8-bit weights and cache, 24
+/// rounds alternating, 30 steps each), the vector form saved a median 1.8 ms a step
+/// at one image (faster in 20 of 24 rounds) and 7.3 ms at four (19 of 24).
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn quantize_groups(
     row: &[f32],
@@ -402,7 +407,59 @@ pub(super) unsafe fn quantize_groups(
     scale: &mut [f32],
     start: &mut [i32],
 ) {
-    super::pack::quantize_groups_portable(row, q, scale, start);
+    let groups = row.len() / BLOCK_K;
+    assert!(q.len() >= groups * BLOCK_K && scale.len() >= groups && start.len() >= groups);
+    // SAFETY: group g reads row[32g..32g + 32] and writes q[32g..32g + 32], in bounds by
+    // the assert above.
+    unsafe {
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        // The bytes of the two packs below come out as dwords of 4 values in the order
+        // x0 x1 x2 x3 (first halves), then the second halves; this puts them in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for g in 0..groups {
+            let x: [__m256; 4] =
+                std::array::from_fn(|i| _mm256_loadu_ps(row.as_ptr().add(g * BLOCK_K + 8 * i)));
+            let m = _mm256_max_ps(
+                _mm256_max_ps(
+                    _mm256_and_ps(x[0], magnitude),
+                    _mm256_and_ps(x[1], magnitude),
+                ),
+                _mm256_max_ps(
+                    _mm256_and_ps(x[2], magnitude),
+                    _mm256_and_ps(x[3], magnitude),
+                ),
+            );
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let s = amax / 127.0;
+            let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+            // The default rounding mode rounds half to even.
+            let v: [__m256i; 4] = std::array::from_fn(|i| {
+                let v = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));
+                _mm256_min_epi32(_mm256_max_epi32(v, lo), hi)
+            });
+            let total =
+                _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+            let total = _mm_add_epi32(
+                _mm256_castsi256_si128(total),
+                _mm256_extracti128_si256::<1>(total),
+            );
+            let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
+            let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b10_11_00_01>(total));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(v[0], v[1]),
+                _mm256_packs_epi32(v[2], v[3]),
+            );
+            _mm256_storeu_si256(
+                q.as_mut_ptr().add(g * BLOCK_K) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(bytes, order),
+            );
+            scale[g] = s;
+            start[g] = -128 * _mm_cvtsi128_si32(total);
+        }
+    }
 }
 
 /// `e^x` on eight lanes: [`super::math::exp`]'s operations in its order, so its results

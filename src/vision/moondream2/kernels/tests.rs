@@ -446,3 +446,43 @@ fn avx2_decode_attention_matches_f64_over_bf16_and_q8_rows() {
         }
     }
 }
+
+/// The vector quantizations of activations give the portable loop's values exactly:
+/// ties rounded to even, a zero group, a group whose largest value is negative, and
+/// values near the ±127 ends.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn activation_quantization_is_the_portable_one_on_every_path() {
+    type Quantize = dyn Fn(&[f32], &mut [i8], &mut [f32], &mut [i32]);
+    let mut rng = Rng(0x0A11);
+    let groups = 9;
+    let mut row: Vec<f32> = rng.vec(groups * BLOCK_K).iter().map(|x| x * 3.0).collect();
+    // Group 1 all zero; group 2 with exact halves of its step (127 / 127 = 1 a step).
+    row[BLOCK_K..2 * BLOCK_K].fill(0.0);
+    for (i, x) in row[2 * BLOCK_K..3 * BLOCK_K].iter_mut().enumerate() {
+        *x = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+    }
+    // Group 3's largest magnitude is negative; group 4 tiny values.
+    row[3 * BLOCK_K + 7] = -50.0;
+    for x in &mut row[4 * BLOCK_K..5 * BLOCK_K] {
+        *x *= 1e-30;
+    }
+    let run = |f: &Quantize| {
+        let (mut q, mut scale, mut start) =
+            (vec![0i8; row.len()], vec![0f32; groups], vec![0i32; groups]);
+        f(&row, &mut q, &mut scale, &mut start);
+        (q, scale, start)
+    };
+    let want = run(&|r, q, s, t| pack::quantize_groups_portable(r, q, s, t));
+    assert_eq!(&want.0[2 * BLOCK_K..2 * BLOCK_K + 4], &[127, -14, -14, -12]);
+    if isa().avx2 {
+        // SAFETY: AVX2 and FMA are present (checked).
+        let got = run(&|r, q, s, t| unsafe { avx2::quantize_groups(r, q, s, t) });
+        assert_eq!(got, want, "AVX2");
+    }
+    if isa().avx512() {
+        // SAFETY: AVX512-F is present whenever either AVX512 family is.
+        let got = run(&|r, q, s, t| unsafe { x86::quantize_groups(r, q, s, t) });
+        assert_eq!(got, want, "AVX512");
+    }
+}
