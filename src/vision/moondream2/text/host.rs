@@ -156,10 +156,10 @@ impl TextModel {
         let mut h = vec![0f32; b * dim];
         // Attention and MLP both read `h` and neither needs the other (the parallel
         // block). Without the AVX512 kernels they run side by side: the attention's
-        // cache reads overlap the MLP's products (largely compute-bound at a few rows
-        // on AVX2) and neither waits idle at the other's barriers. In-process A/B, eight rounds
-        // alternating the order on two Zen 3 vCPUs (8-bit weights and cache): 4 images
-        // 99.5 → 88.8 ms a step, one image 72.0 → 66.9 (medians). With the AVX512
+        // cache reads overlap the MLP's products and neither waits idle at the other's
+        // barriers. In-process A/B, eight rounds alternating the order on two Zen 3
+        // vCPUs (8-bit weights and cache): 4 images 99.5 → 88.8 ms a step, one image
+        // 72.0 → 66.9 (medians). With the AVX512
         // kernels one after the other, as last measured there: attention beside the
         // MLP's first product cost one image 3.5 ms (both memory-bound).
         let side_by_side = !isa().avx512();
