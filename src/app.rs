@@ -246,6 +246,7 @@ impl App {
         tokio::spawn(sweep_uploads(
             blobs.clone(),
             store.clone(),
+            settings.data.keep_uploads_days.0,
             server_stop.clone(),
         ));
         let state = AppState {
@@ -524,9 +525,15 @@ fn instance_id(data_dir: &std::path::Path) -> String {
     format!("captiond@{host}:{}/", &digest[..12])
 }
 
-/// Deletes uploads that no job refers to (see [`BlobStore::sweep`]) a minute after start
-/// and then every [`crate::blobs::SWEEP_EVERY`], until the server stops.
-async fn sweep_uploads(blobs: BlobStore, store: Store, stop: CancellationToken) {
+/// Deletes uploads that no job needs (see [`BlobStore::sweep`]; `keep_succeeded`: how
+/// long a succeeded job's upload is kept) a minute after start and then every
+/// [`crate::blobs::SWEEP_EVERY`], until the server stops.
+async fn sweep_uploads(
+    blobs: BlobStore,
+    store: Store,
+    keep_succeeded: Option<Duration>,
+    stop: CancellationToken,
+) {
     let mut wait = Duration::from_secs(60);
     loop {
         tokio::select! {
@@ -534,12 +541,15 @@ async fn sweep_uploads(blobs: BlobStore, store: Store, stop: CancellationToken) 
             _ = tokio::time::sleep(wait) => {}
         }
         wait = crate::blobs::SWEEP_EVERY;
-        match blobs.sweep(&store, crate::blobs::SWEEP_GRACE).await {
+        match blobs
+            .sweep(&store, crate::blobs::SWEEP_GRACE, keep_succeeded)
+            .await
+        {
             Ok(s) if s.files > 0 || s.rows > 0 => {
                 info!(
                     files = s.files,
                     rows = s.rows,
-                    "deleted uploads no job refers to"
+                    "deleted uploads no job needs any more"
                 )
             }
             Ok(_) => tracing::debug!("upload sweep: nothing to delete"),

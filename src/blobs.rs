@@ -171,19 +171,27 @@ impl BlobStore {
         }
     }
 
-    /// Deletes the uploads no job refers to that were stored (or stored again) more than
+    /// Deletes the uploads no job needs that were stored (or stored again) more than
     /// `grace` ago: this host's files, leftover temp files of interrupted writes, and
-    /// with PostgreSQL the database rows. Uploads of jobs in any state are kept (a
-    /// failed job can be retried); captiond never deletes jobs, so these are uploads
-    /// whose request failed after storing them, or a re-sent idempotency key's bytes.
+    /// with PostgreSQL the database rows. No job needs an upload whose request failed
+    /// after storing it, a re-sent idempotency key's bytes, or (with `keep_succeeded`)
+    /// one whose jobs all succeeded longer than that ago; waiting, running, failed and
+    /// cancelled jobs (which can be retried) keep theirs, and `None` keeps succeeded
+    /// jobs' uploads for ever. Jobs and their results are never deleted.
     pub async fn sweep(
         &self,
         store: &crate::queue::Store,
         grace: Duration,
+        keep_succeeded: Option<Duration>,
     ) -> Result<Swept, BlobError> {
-        let cutoff = SystemTime::now()
-            .checked_sub(grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let now = SystemTime::now();
+        let cutoff = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        };
+        let succeeded_before =
+            keep_succeeded.map(|k| unix_ms(now.checked_sub(k).unwrap_or(SystemTime::UNIX_EPOCH)));
         let root = self.root.clone();
         let (old, temps) = tokio::task::spawn_blocking(move || old_files(&root, cutoff))
             .await
@@ -198,7 +206,7 @@ impl BlobStore {
             Default::default()
         } else {
             store
-                .blobs_in_use()
+                .blobs_in_use(succeeded_before)
                 .await
                 .map_err(|e| BlobError::Database {
                     id: "uploads in use".into(),
@@ -222,12 +230,8 @@ impl BlobStore {
         }
         let mut rows = 0;
         if let Some(pg) = store.postgres() {
-            let before = cutoff
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
             rows = pg
-                .sweep_blobs(before)
+                .sweep_blobs(unix_ms(cutoff), succeeded_before)
                 .await
                 .map_err(|e| BlobError::Database {
                     id: "unreferenced uploads".into(),

@@ -34,9 +34,38 @@ pub struct DataSettings {
     )]
     pub durability: Durability,
 
+    /// Days an upload is kept once every job that uses it has succeeded (the results stay; the dashboard then shows no thumbnail), or `forever`. Uploads of waiting, failed and cancelled jobs are always kept.
+    #[arg(
+        long,
+        env = "CAPTIOND_KEEP_UPLOADS_DAYS",
+        default_value = "7",
+        value_name = "DAYS|forever"
+    )]
+    pub keep_uploads_days: KeepUploads,
+
     /// Queue database: a `sqlite:PATH`, or a `postgres://user:pass@host/db` URL so several hosts share one queue [default: the SQLite file in the data folder].
     #[arg(long = "database", env = "CAPTIOND_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+}
+
+/// How long the upload of a succeeded job is kept: `None` for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepUploads(pub Option<Duration>);
+
+impl std::str::FromStr for KeepUploads {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("forever") {
+            return Ok(Self(None));
+        }
+        match s.parse::<u64>() {
+            Ok(days) if days <= 100_000 => Ok(Self(Some(Duration::from_secs(days * 86_400)))),
+            _ => Err(format!(
+                "expected a number of days (0 to 100000) or `forever`, got {s:?}"
+            )),
+        }
+    }
 }
 
 impl DataSettings {
@@ -312,4 +341,24 @@ pub struct ServerSettings {
     /// Moondream Station compatibility: listen on port 2020 unless --bind is given.
     #[arg(long, env = "CAPTIOND_STATION", default_value_t = false)]
     pub station: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upload_retention_is_days_or_forever() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!("7".parse(), Ok(KeepUploads(Some(7 * day))));
+        assert_eq!(" 0 ".parse(), Ok(KeepUploads(Some(Duration::ZERO))));
+        assert_eq!("Forever".parse(), Ok(KeepUploads(None)));
+        for bad in ["", "-1", "7d", "1.5", "never", "100001"] {
+            let got: Result<KeepUploads, String> = bad.parse();
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains("forever")),
+                "{bad:?}: {got:?}"
+            );
+        }
+    }
 }

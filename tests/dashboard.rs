@@ -794,6 +794,31 @@ async fn thumbnails_apply_orientation_follow_path_roots_and_limits_and_answer_js
     expect(400, "invalid_query")(app.get(&format!("/v1/jobs/{id}/thumbnail?size=5000")).await);
     expect(400, "invalid_query")(app.get(&format!("/v1/jobs/{id}/thumbnail?size=big")).await);
 
+    // Once the job has succeeded, the sweep deletes its upload after the days it is
+    // kept (`--keep-uploads-days`; here none, from the file and, on PostgreSQL, the
+    // database): the thumbnail is then a 404 that says so.
+    assert_eq!(app.wait_job(&id).await["state"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let state = app.app.as_ref().unwrap().state();
+    let swept = state
+        .blobs
+        .sweep(&state.store, Duration::ZERO, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(
+        (swept.files, swept.rows),
+        (1, u64::from(app.pg.is_some())),
+        "{swept:?}"
+    );
+    let (s, body) = app.get(&format!("/v1/jobs/{id}/thumbnail?size=512")).await;
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (404, Some("image_missing")),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("CAPTIOND_KEEP_UPLOADS_DAYS"), "{message}");
+
     // A path job: its file is checked against the roots and limits again when thumbnailed.
     let file = app.library.join("p.png");
     std::fs::write(&file, png(40, 30, 1)).unwrap();

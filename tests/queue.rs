@@ -5,6 +5,7 @@
 mod common;
 use common::pg;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -584,22 +585,54 @@ fn blob_job(id: &str) -> NewJob {
 
 on_both_backends!(
     #[tokio::test]
-    uploads_no_job_refers_to_are_swept_after_the_grace
+    uploads_no_job_needs_are_swept_after_the_grace
 );
-async fn uploads_no_job_refers_to_are_swept_after_the_grace(db: &Db) {
+async fn uploads_no_job_needs_are_swept_after_the_grace(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
     let blobs = BlobStore::new(dir.path().join("blobs"))
         .unwrap()
         .with_database(&db.store);
-    let ids = put_all(&blobs, &[b"queued", b"failed", b"orphan"]).await;
-    let (queued, failed, orphan) = (&ids[0], &ids[1], &ids[2]);
-    db.store.insert_job(&blob_job(queued)).await.unwrap();
-    let (job, _) = db.store.insert_job(&blob_job(failed)).await.unwrap();
+    let ids = put_all(
+        &blobs,
+        &[b"queued", b"failed", b"orphan", b"succeeded", b"shared"],
+    )
+    .await;
+    let [queued, failed, orphan, succeeded, shared] = &ids[..] else {
+        unreachable!()
+    };
+    // Finished: one failed, one succeeded, and two jobs of one upload, one of each.
+    let ends = [
+        (failed, false),
+        (succeeded, true),
+        (shared, true),
+        (shared, false),
+    ];
+    let mut outcome = HashMap::new();
+    for (blob, ok) in ends {
+        let (job, _) = db.store.insert_job(&blob_job(blob)).await.unwrap();
+        outcome.insert(job.id, ok);
+    }
     let owner = "sweep-test";
-    let claimed = db.store.claim(owner, 2, LEASE).await.unwrap();
-    let job = claimed.iter().find(|j| j.id == job.id).unwrap();
-    let failing = op(job, owner, Finish::Failed(err("bad_image")));
-    assert!(db.store.finish(failing).await.unwrap().applied);
+    let claimed = db.store.claim(owner, 4, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 4);
+    for job in &claimed {
+        let finish = if outcome[&job.id] {
+            Finish::Succeeded {
+                model: "m".into(),
+                output: serde_json::json!({"caption": "x"}),
+            }
+        } else {
+            Finish::Failed(err("bad_image"))
+        };
+        assert!(
+            db.store
+                .finish(op(job, owner, finish))
+                .await
+                .unwrap()
+                .applied
+        );
+    }
+    db.store.insert_job(&blob_job(queued)).await.unwrap();
     // An interrupted write's temp file.
     std::fs::write(
         dir.path().join("blobs").join(&orphan[..2]).join(".tmpXYZ"),
@@ -607,31 +640,78 @@ async fn uploads_no_job_refers_to_are_swept_after_the_grace(db: &Db) {
     )
     .unwrap();
     let pg = u64::from(matches!(db.raw, Raw::Postgres(..)));
-    assert_eq!(blob_rows(db).await, 3 * pg as i64);
+    assert_eq!(blob_rows(db).await, 5 * pg as i64);
+    let present = |expected: &[(&String, bool)]| {
+        let b = blobs.clone();
+        let expected: Vec<(String, bool)> = expected
+            .iter()
+            .map(|(id, on)| ((*id).clone(), *on))
+            .collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                for (id, on) in expected {
+                    match b.get(&id) {
+                        Ok(_) => assert!(on, "{id} should have been swept"),
+                        Err(BlobError::Missing(_)) => assert!(!on, "{id} was swept"),
+                        Err(e) => panic!("{id}: {e}"),
+                    }
+                }
+            })
+            .await
+            .unwrap()
+        }
+    };
 
-    // Everything is newer than the grace: nothing goes.
-    let swept = blobs.sweep(&db.store, SWEEP_GRACE).await.unwrap();
+    // Everything is newer than the grace: nothing goes, even with no keep time.
+    let swept = blobs
+        .sweep(&db.store, SWEEP_GRACE, Some(Duration::ZERO))
+        .await
+        .unwrap();
     assert_eq!(swept, Swept::default());
 
-    // Past the grace: the orphan and the temp file go; uploads of a waiting and of a
-    // failed (retryable) job stay.
+    // Past the grace: the orphan and the temp file go; uploads of a waiting, a failed
+    // (retryable) and, when kept for ever or for a day, a succeeded job stay.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let swept = blobs.sweep(&db.store, Duration::ZERO).await.unwrap();
+    let swept = blobs.sweep(&db.store, Duration::ZERO, None).await.unwrap();
     assert_eq!(swept, Swept { files: 2, rows: pg });
-    let (b, q, f, o) = (
-        blobs.clone(),
-        queued.clone(),
-        failed.clone(),
-        orphan.clone(),
-    );
-    tokio::task::spawn_blocking(move || {
-        assert_eq!(b.get(&q).unwrap(), b"queued");
-        assert_eq!(b.get(&f).unwrap(), b"failed");
-        assert!(matches!(b.get(&o), Err(BlobError::Missing(_))));
-    })
-    .await
-    .unwrap();
-    assert_eq!(blob_rows(db).await, 2 * pg as i64);
+    let day = Duration::from_secs(86_400);
+    let swept = blobs
+        .sweep(&db.store, Duration::ZERO, Some(day))
+        .await
+        .unwrap();
+    assert_eq!(swept, Swept::default());
+    present(&[
+        (queued, true),
+        (failed, true),
+        (succeeded, true),
+        (shared, true),
+        (orphan, false),
+    ])
+    .await;
+    assert_eq!(blob_rows(db).await, 4 * pg as i64);
+
+    // Kept for no time: the succeeded job's upload goes; one that a failed job also
+    // uses stays, and the succeeded job keeps its result.
+    let swept = blobs
+        .sweep(&db.store, Duration::ZERO, Some(Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(swept, Swept { files: 1, rows: pg });
+    present(&[
+        (queued, true),
+        (failed, true),
+        (succeeded, false),
+        (shared, true),
+    ])
+    .await;
+    assert_eq!(blob_rows(db).await, 3 * pg as i64);
+    let ok: Vec<uuid::Uuid> = claimed
+        .iter()
+        .filter(|j| outcome[&j.id] && j.source == ImageSource::Blob(succeeded.clone()))
+        .map(|j| j.id)
+        .collect();
+    let done = db.store.results_of(&ok).await.unwrap();
+    assert_eq!(done[&ok[0]].output["caption"], "x");
 
     // Stored again, an old orphan's time is renewed: a request that is about to insert
     // its job keeps it through a sweep.
@@ -639,7 +719,7 @@ async fn uploads_no_job_refers_to_are_swept_after_the_grace(db: &Db) {
     tokio::time::sleep(Duration::from_millis(700)).await;
     put_all(&blobs, &[b"orphan"]).await;
     let swept = blobs
-        .sweep(&db.store, Duration::from_millis(500))
+        .sweep(&db.store, Duration::from_millis(500), Some(Duration::ZERO))
         .await
         .unwrap();
     assert_eq!(swept, Swept::default());

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::jobs::{parse_id, rfc3339, view_with};
 use super::{ApiError, AppState};
+use crate::blobs::BlobError;
 use crate::queue::{ImageSource, JobState};
 use crate::vision::image::{ImageInputError, decode_rgb};
 
@@ -178,6 +179,7 @@ pub async fn thumbnail(
         .get_job(id)
         .await?
         .ok_or_else(|| ApiError::not_found("job"))?;
+    let succeeded = job.state == JobState::Succeeded;
     let (source, key) = match job.source {
         ImageSource::Path(p) => {
             // Checked again now: the file may have moved, or become a link out of the roots.
@@ -260,7 +262,14 @@ pub async fn thumbnail(
                 })?
             }
             Source::Blob(b) => blobs.get(&b).map_err(|e| {
-                ApiError::new(StatusCode::NOT_FOUND, "image_missing", e.to_string())
+                let message = match e {
+                    BlobError::Missing(_) if succeeded => format!(
+                        "{e}: uploads of succeeded jobs are deleted once \
+                         CAPTIOND_KEEP_UPLOADS_DAYS (--keep-uploads-days) have passed"
+                    ),
+                    e => e.to_string(),
+                };
+                ApiError::new(StatusCode::NOT_FOUND, "image_missing", message)
             })?,
         };
         let rgb = decode_rgb(&bytes, limits).map_err(thumb_error)?;

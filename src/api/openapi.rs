@@ -118,7 +118,7 @@ pub fn table() -> Vec<(RouteDoc, MethodRouter<AppState>)> {
             .body(schema::<super::input::JobRequest>).response(schema::<jobs::JobView>).status(202), post(jobs::create_job)),
         (R::new("get", "/v1/jobs", "listJobs", "jobs", "List jobs by state and batch, with keyset pagination (`after`).")
             .query(schema::<jobs::ListParams>), get(jobs::list_jobs)),
-        (R::new("post", "/v1/jobs/lookup", "lookupJobs", "jobs", "State and error of up to 10,000 jobs at once.")
+        (R::new("post", "/v1/jobs/lookup", "lookupJobs", "jobs", "State and error of up to 10,000 jobs at once, by id or idempotency key.")
             .body(schema::<jobs::LookupRequest>), post(jobs::lookup_jobs)),
         (R::new("get", "/v1/jobs/{id}", "getJob", "jobs", "One job with its result; `?wait=30s` long-polls until it is terminal.")
             .query(schema::<jobs::WaitQuery>).response(schema::<jobs::JobView>), get(jobs::get_job)),
@@ -134,7 +134,7 @@ pub fn table() -> Vec<(RouteDoc, MethodRouter<AppState>)> {
             .media("text/event-stream"), get(events::events)),
         (R::new("get", "/v1/jobs/recent", "recentJobs", "dashboard", "Finished jobs, newest first, with results (`state`, `batch`, `before`, `limit`).")
             .query(schema::<dashboard::RecentQuery>), get(dashboard::recent)),
-        (R::new("get", "/v1/jobs/{id}/thumbnail", "jobThumbnail", "dashboard", "A JPEG thumbnail of the job's image (EXIF orientation applied), `size` 32–1024 px.")
+        (R::new("get", "/v1/jobs/{id}/thumbnail", "jobThumbnail", "dashboard", "A JPEG thumbnail of the job's image (EXIF orientation applied), `size` 32–1024 px; 404 once a succeeded job's upload is deleted (`--keep-uploads-days`).")
             .query(schema::<dashboard::ThumbQuery>).media("image/jpeg"), get(dashboard::thumbnail)),
         (R::new("get", "/v1/batches", "listBatches", "batches", "The newest batches with their counts per state.")
             .query(schema::<dashboard::BatchesQuery>), get(dashboard::list_batches)),

@@ -542,7 +542,8 @@ const SQL_PUT_CALIBRATION: &str = concat!(
 );
 const SQL_CHECKPOINT: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
 /// The upload digests jobs refer to.
-const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob'";
+// ?1: uploads of jobs that succeeded before it are no longer needed (i64::MIN: every upload still is).
+const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob' AND NOT (state = 'succeeded' AND COALESCE(finished_at, ?1) < ?1)";
 const SQL_INTEGRITY: &str = "PRAGMA integrity_check";
 
 /// The queue's database: SQLite (the embedded default) or PostgreSQL (several hosts on
@@ -769,9 +770,13 @@ impl Store {
         dispatch!(self, s => s.counts(batch).await)
     }
 
-    /// The upload digests that jobs (in any state) refer to: one pass over the jobs.
-    pub async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
-        dispatch!(self, s => s.blobs_in_use().await)
+    /// The upload digests that jobs still need: every job's but those of jobs that
+    /// succeeded before `succeeded_before_ms` (`None`: every job's). One pass over the jobs.
+    pub async fn blobs_in_use(
+        &self,
+        succeeded_before_ms: Option<i64>,
+    ) -> StoreResult<HashSet<String>> {
+        dispatch!(self, s => s.blobs_in_use(succeeded_before_ms).await)
     }
 
     /// A batch's creation time and size.
@@ -1209,9 +1214,10 @@ impl SqliteStore {
             .await?)
     }
 
-    /// The upload digests that jobs refer to.
-    async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
+    /// The upload digests that jobs still need (see [`Store::blobs_in_use`]).
+    async fn blobs_in_use(&self, succeeded_before_ms: Option<i64>) -> StoreResult<HashSet<String>> {
         let found: Vec<String> = sqlx::query_scalar(SQL_BLOBS_IN_USE)
+            .bind(succeeded_before_ms.unwrap_or(i64::MIN))
             .fetch_all(&self.read)
             .await?;
         Ok(found.into_iter().collect())

@@ -86,6 +86,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
         data: DataSettings {
             data_dir: Some(data_dir.to_path_buf()),
             durability: Durability::Full,
+            keep_uploads_days: "7".parse().unwrap(),
             database_url: opts.database_url.clone(),
         },
         model: ModelSettings {
@@ -371,12 +372,21 @@ pub fn jpeg_with_orientation(img: &image::RgbImage, orientation: u16) -> Vec<u8>
 /// model, logging warnings only, with no token, server or database inherited from the
 /// environment and no stdin.
 pub fn cli_command(data_dir: &Path, args: &[&str]) -> std::process::Command {
+    cli_command_with_model(data_dir, &tiny_model_dir(), args)
+}
+
+/// [`cli_command`] with the model folder `model`.
+pub fn cli_command_with_model(
+    data_dir: &Path,
+    model: &Path,
+    args: &[&str],
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"));
     cmd.args(args)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--model-dir")
-        .arg(tiny_model_dir())
+        .arg(model)
         .env_remove("CAPTIOND_API_TOKEN")
         .env_remove("CAPTIOND_SERVER")
         .env_remove("CAPTIOND_DATABASE_URL")
@@ -387,7 +397,12 @@ pub fn cli_command(data_dir: &Path, args: &[&str]) -> std::process::Command {
 
 /// Runs [`cli_command`] to the end: (exit code, stdout, stderr).
 pub fn cli_run(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = cli_command(data_dir, args).output().expect("captiond runs");
+    cli_output(cli_command(data_dir, args))
+}
+
+/// Runs `cmd` to the end: (exit code, stdout, stderr).
+pub fn cli_output(mut cmd: std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().expect("captiond runs");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

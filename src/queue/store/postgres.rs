@@ -236,9 +236,10 @@ const SQL_PUT_EXPORT: &str = concat!(
 );
 const SQL_PUT_BLOB: &str = "INSERT INTO blobs (hash, bytes, created_at) VALUES ($1, $2, $3) ON CONFLICT (hash) DO UPDATE SET created_at = EXCLUDED.created_at";
 /// Uploads stored before `$1` that no job refers to.
-const SQL_SWEEP_BLOBS: &str = "DELETE FROM blobs b WHERE b.created_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source_kind = 'blob' AND j.source = b.hash)";
+// $2: uploads of jobs that succeeded before it are no longer needed (i64::MIN: every upload still is).
+const SQL_SWEEP_BLOBS: &str = "DELETE FROM blobs b WHERE b.created_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source_kind = 'blob' AND j.source = b.hash AND NOT (j.state = 'succeeded' AND COALESCE(j.finished_at, $2) < $2))";
 /// The upload digests jobs refer to.
-const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob'";
+const SQL_BLOBS_IN_USE: &str = "SELECT DISTINCT source FROM jobs WHERE source_kind = 'blob' AND NOT (state = 'succeeded' AND COALESCE(finished_at, $1) < $1)";
 const SQL_GET_BLOB: &str = "SELECT bytes FROM blobs WHERE hash = $1";
 
 /// How many values one JSON-array statement carries.
@@ -940,18 +941,27 @@ impl PgStore {
     }
 
     /// Deletes the uploads stored (or stored again) before `before_ms` that no job
-    /// refers to; returns how many.
-    pub async fn sweep_blobs(&self, before_ms: i64) -> StoreResult<u64> {
+    /// needs (see [`crate::queue::Store::blobs_in_use`]); returns how many.
+    pub async fn sweep_blobs(
+        &self,
+        before_ms: i64,
+        succeeded_before_ms: Option<i64>,
+    ) -> StoreResult<u64> {
         Ok(sqlx::query(SQL_SWEEP_BLOBS)
             .bind(before_ms)
+            .bind(succeeded_before_ms.unwrap_or(i64::MIN))
             .execute(&self.pool)
             .await?
             .rows_affected())
     }
 
-    /// The upload digests that jobs refer to.
-    pub(crate) async fn blobs_in_use(&self) -> StoreResult<HashSet<String>> {
+    /// The upload digests that jobs still need (see [`crate::queue::Store::blobs_in_use`]).
+    pub(crate) async fn blobs_in_use(
+        &self,
+        succeeded_before_ms: Option<i64>,
+    ) -> StoreResult<HashSet<String>> {
         let found: Vec<String> = sqlx::query_scalar(SQL_BLOBS_IN_USE)
+            .bind(succeeded_before_ms.unwrap_or(i64::MIN))
             .fetch_all(&self.pool)
             .await?;
         Ok(found.into_iter().collect())
