@@ -177,6 +177,15 @@ async fn hostile_requests_get_4xx_json_errors_and_the_server_stays_up_and_small(
         )
         .await;
     }
+    c.check(
+        "too many ids and keys /v1/jobs/lookup",
+        c.post("/v1/jobs/lookup").json(&json!({
+            "ids": [uuid::Uuid::now_v7()],
+            "keys": vec!["lib:k"; 10_000],
+        })),
+        &[400],
+    )
+    .await;
     // Bodies too large: declared, and streamed without a length.
     let big = vec![b'a'; 100 << 20];
     c.check(

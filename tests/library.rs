@@ -221,6 +221,127 @@ fn a_library_run_captions_each_content_once_and_a_rerun_does_nothing() {
     assert!(!out.contains("note:"), "{out}");
 }
 
+/// `captiond ARGS` on `data` with the model folder `model` (instead of the shared one).
+fn run_with_model(data: &Path, model: &Path, args: &[&str]) -> (i32, String, String) {
+    common::cli_output(common::cli_command_with_model(data, model, args))
+}
+
+/// Gives every library job the key earlier versions stored it under (with the model
+/// folder's path), as a database they wrote has it; returns how many.
+fn rekey_as_before(data: &Path, model: &Path) -> usize {
+    use captiond::library::{ModelIdentity, TaskSpec, path_content_key};
+    let mut settings = common::settings(data, data, &common::TestOptions::default());
+    settings.model.model_dir = Some(model.to_path_buf());
+    let identity = ModelIdentity::from_settings(&settings.model);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("captiond.db"));
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let jobs: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT idempotency_key, task, params FROM jobs WHERE idempotency_key LIKE 'lib:%'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for (key, task, params) in &jobs {
+            let hash = key.split(':').nth(1).unwrap();
+            let spec = TaskSpec {
+                task: captiond::queue::TaskKind::parse(task).unwrap(),
+                params: serde_json::from_str(params).unwrap(),
+            };
+            let before = path_content_key(hash, &identity, &spec).unwrap();
+            assert_ne!(&before, key);
+            sqlx::query("UPDATE jobs SET idempotency_key = ?1 WHERE idempotency_key = ?2")
+                .bind(&before)
+                .bind(key)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        pool.close().await;
+        jobs.len()
+    })
+}
+
+#[test]
+fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lib = tmp.path().join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for i in 0..3u8 {
+        std::fs::write(lib.join(format!("{i}.png")), common::png(20, 14, i)).unwrap();
+    }
+    // A copy of the model that keeps its files' times (as `cp -p` or `mv` do).
+    let model = tmp.path().join("models/moondream");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(common::tiny_model_dir()).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            let to = model.join(f.file_name());
+            std::fs::copy(f.path(), &to).unwrap();
+            let mtime = f.metadata().unwrap().modified().unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&to)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        }
+    }
+    let data = tmp.path().join("data");
+    let libs = lib.display().to_string();
+    let args = ["caption", &libs, "--max-tokens", "4"];
+    let (code, _, err) = run_with_model(&data, &model, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("captioned 3, failed 0"), "{err}");
+
+    // Moved and renamed: its results still count.
+    let moved = tmp.path().join("elsewhere/md2");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&model, &moved).unwrap();
+    let (code, _, err) = run_with_model(&data, &moved, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 3 already done"),
+        "{err}"
+    );
+    let (code, out, _) = run_with_model(&data, &moved, &["status", &libs]);
+    assert_eq!(code, 0);
+    assert!(out.contains("done 3  failed 0"), "{out}");
+
+    // A database written before keys left out the folder's path: its results count in
+    // runs, status and export alike, until --mode all redoes them under the new keys.
+    assert_eq!(rekey_as_before(&data, &moved), 3);
+    let (code, _, err) = run_with_model(&data, &moved, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 3 already done"),
+        "{err}"
+    );
+    let (_, out, _) = run_with_model(&data, &moved, &["status", &libs]);
+    assert!(out.contains("done 3  failed 0"), "{out}");
+    let (code, out, err) = run_with_model(&data, &moved, &["export", &libs, "--format", "jsonl"]);
+    assert_eq!(code, 0, "{err}");
+    let texts = out
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).unwrap()["text"].is_string())
+        .count();
+    assert_eq!(texts, 3, "{out}");
+    let mut all = args.to_vec();
+    all.extend(["--mode", "all"]);
+    let (_, _, err) = run_with_model(&data, &moved, &all);
+    assert!(err.contains("captioned 3, failed 0"), "{err}");
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 6);
+    let (_, _, err) = run_with_model(&data, &moved, &args);
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 3 already done"),
+        "{err}"
+    );
+}
+
 #[test]
 fn sigkill_during_a_run_then_rerun_captions_every_image_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -516,6 +637,25 @@ fn caption_with_server_enqueues_into_a_running_captiond_and_follows_it() {
         "{err}"
     );
     assert!(err.contains("0 opened"), "{err}");
+    // A server database written before keys left out the model folder's path: the
+    // client finds those results by their earlier keys (`/v1/jobs/lookup` by key),
+    // and retries a failure in place.
+    assert_eq!(rekey_as_before(&server_data, &common::tiny_model_dir()), 4);
+    let (code, _, err) = run(&client_data, &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("captioned 0, failed 0, skipped 3 already done and 1 that failed before"),
+        "{err}"
+    );
+    let mut failed = args.to_vec();
+    failed.extend(["--mode", "failed"]);
+    let (code, _, err) = run(&client_data, &failed);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("captioned 0, failed 1"), "{err}");
+    assert_eq!(
+        common::db_scalar(&server_data, "SELECT COUNT(*) FROM jobs"),
+        4
+    );
     // A folder that does not exist is reported, not fatal.
     let (_, err2) = {
         let (c, _, e) = run(

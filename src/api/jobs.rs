@@ -250,25 +250,31 @@ pub async fn create_batch(
         .into_response())
 }
 
-/// Ids to look up at once (`POST /v1/jobs/lookup`).
+/// Jobs to look up at once (`POST /v1/jobs/lookup`), by id and by idempotency key.
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LookupRequest {
-    /// Up to 10,000 job ids.
+    /// Job ids.
+    #[serde(default)]
     pub ids: Vec<Uuid>,
+    /// Idempotency keys: the jobs that hold them are answered with their `key`. Up to
+    /// 10,000 ids and keys together.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 /// The state and error of many jobs at once (`POST /v1/jobs/lookup`): how a client
-/// follows a large run without one request per job. Unknown ids are left out.
+/// follows a large run without one request per job, and finds the jobs that hold
+/// idempotency keys. Unknown ids and keys are left out.
 pub async fn lookup_jobs(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body: LookupRequest = json_body(&state, req).await?;
-    if body.ids.len() > MAX_BATCH {
+    if body.ids.len() + body.keys.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
             "invalid_params",
-            format!("look up at most {MAX_BATCH} ids at once"),
+            format!("look up at most {MAX_BATCH} ids and keys at once"),
         ));
     }
     let states = state.store.job_states(&body.ids).await?;
@@ -281,6 +287,19 @@ pub async fn lookup_jobs(
             None
         };
         jobs.push(serde_json::json!({"id": id, "state": st, "error": error}));
+    }
+    if !body.keys.is_empty() {
+        let held = state.store.jobs_by_keys(&body.keys).await?;
+        for key in &body.keys {
+            let Some(j) = held.get(key) else { continue };
+            let error = j
+                .error
+                .as_ref()
+                .filter(|_| matches!(j.state, JobState::Failed | JobState::Cancelled));
+            jobs.push(
+                serde_json::json!({"id": j.id, "state": j.state, "error": error, "key": key}),
+            );
+        }
     }
     Ok(Json(serde_json::json!({ "jobs": jobs })))
 }

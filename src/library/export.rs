@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::xmp::{self, Description, Outcome};
-use super::{KEY_PREFIX, ModelIdentity, TaskSpec, content_key};
+use super::{KEY_PREFIX, ModelIdentity, TaskSpec, content_key, job_for, path_content_key};
 use crate::queue::{JobState, LibraryFile, Store, StoreError};
 
 /// Export formats.
@@ -237,17 +237,21 @@ pub async fn rows(store: &Store, opts: &ExportOptions) -> Result<Vec<Row>, Expor
     files.retain(|f| f.is_image);
     files.sort_by(|a, b| a.path.cmp(&b.path));
     files.dedup_by(|a, b| a.path == b.path);
-    let keys: HashMap<String, String> = files
+    let keys: HashMap<String, (String, Option<String>)> = files
         .iter()
         .map(|f| {
             (
                 f.hash.clone(),
-                content_key(&f.hash, &opts.model, &opts.spec),
+                (
+                    content_key(&f.hash, &opts.model, &opts.spec),
+                    path_content_key(&f.hash, &opts.model, &opts.spec),
+                ),
             )
         })
         .collect();
     let key_list: Vec<String> = keys
         .values()
+        .flat_map(|(key, path_key)| std::iter::once(key).chain(path_key))
         .cloned()
         .collect::<HashSet<_>>()
         .into_iter()
@@ -264,7 +268,10 @@ pub async fn rows(store: &Store, opts: &ExportOptions) -> Result<Vec<Row>, Expor
     Ok(files
         .into_iter()
         .map(|f| {
-            let job = keys.get(f.hash.as_str()).and_then(|k| jobs.get(k));
+            let job = keys
+                .get(f.hash.as_str())
+                .and_then(|(key, path_key)| job_for(&jobs, key, path_key.as_deref()))
+                .map(|(_, j)| j);
             let text = job
                 .and_then(|j| results.get(&j.id))
                 .and_then(|r| r.output.get(field))

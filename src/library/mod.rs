@@ -7,6 +7,7 @@ pub mod run;
 pub mod scan;
 pub mod xmp;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Serialize;
@@ -102,11 +103,44 @@ pub const KEY_PREFIX: &str = "lib:";
 /// The key a library result is stored under: content hash, model and revision, task
 /// and parameters. It is the job's idempotency key, so one content is captioned once.
 /// The settings part is a digest, so the key stays within the 200-character limit.
+/// A local folder enters it by its fingerprint alone, not its path, so a moved or
+/// renamed model folder keeps its results.
 pub fn content_key(hash: &str, model: &ModelIdentity, spec: &TaskSpec) -> String {
+    let name = if model.name.starts_with("dir:") {
+        "dir"
+    } else {
+        model.name.as_str()
+    };
+    key_for(hash, name, &model.revision, spec)
+}
+
+/// The key a local folder's results had before keys left out the folder's path
+/// (captiond before 2026-12-07): looked up too, so that results made then still count.
+/// `None` for a hub model, whose key is unchanged.
+pub fn path_content_key(hash: &str, model: &ModelIdentity, spec: &TaskSpec) -> Option<String> {
+    model
+        .name
+        .starts_with("dir:")
+        .then(|| key_for(hash, &model.name, &model.revision, spec))
+}
+
+/// The job that holds a content's result among `jobs` (by key): the one under `key`,
+/// else one under the key from before keys left out a folder's path; with its key.
+pub fn job_for<'a, J>(
+    jobs: &'a HashMap<String, J>,
+    key: &'a str,
+    path_key: Option<&'a str>,
+) -> Option<(&'a str, &'a J)> {
+    std::iter::once(key)
+        .chain(path_key)
+        .find_map(|k| jobs.get(k).map(|j| (k, j)))
+}
+
+fn key_for(hash: &str, name: &str, revision: &str, spec: &TaskSpec) -> String {
     let mut h = blake3::Hasher::new();
     for part in [
-        model.name.as_str(),
-        model.revision.as_str(),
+        name,
+        revision,
         spec.task.as_str(),
         spec.params_json().as_str(),
     ] {
@@ -118,4 +152,69 @@ pub fn content_key(hash: &str, model: &ModelIdentity, spec: &TaskSpec) -> String
         spec.task.as_str(),
         &h.finalize().to_hex()[..16]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vision::CaptionLength;
+
+    fn spec() -> TaskSpec {
+        TaskSpec {
+            task: TaskKind::Caption,
+            params: TaskParams {
+                length: Some(CaptionLength::Short),
+                ..TaskParams::default()
+            },
+        }
+    }
+
+    fn folder(path: &str, fingerprint: &str) -> ModelIdentity {
+        ModelIdentity {
+            name: format!("dir:{path}"),
+            revision: fingerprint.into(),
+        }
+    }
+
+    #[test]
+    fn a_folder_is_keyed_by_its_files_not_its_path_and_its_earlier_keys_are_kept() {
+        let h = "ab".repeat(32);
+        let (here, moved) = (
+            folder("/models/moondream2", "0123456789abcdef"),
+            folder("/data/md2", "0123456789abcdef"),
+        );
+        assert_eq!(
+            content_key(&h, &here, &spec()),
+            content_key(&h, &moved, &spec())
+        );
+        let changed = folder("/models/moondream2", "fedcba9876543210");
+        assert_ne!(
+            content_key(&h, &here, &spec()),
+            content_key(&h, &changed, &spec())
+        );
+        // The keys earlier versions stored, pinned: a database written by them keeps
+        // its results (computed with the code of commit 48f8e2d).
+        let prefix = format!("lib:{h}:caption:");
+        assert_eq!(
+            path_content_key(&h, &here, &spec()),
+            Some(format!("{prefix}ea4dce904052ffa3"))
+        );
+        let hub = ModelIdentity {
+            name: "vikhyatk/moondream2".into(),
+            revision: "2025-06-21".into(),
+        };
+        assert_eq!(
+            content_key(&h, &hub, &spec()),
+            format!("{prefix}55ef2c83867c0eab")
+        );
+        assert_eq!(path_content_key(&h, &hub, &spec()), None);
+
+        let key = content_key(&h, &here, &spec());
+        let old = path_content_key(&h, &here, &spec()).unwrap();
+        let mut jobs = HashMap::from([(old.clone(), 1)]);
+        assert_eq!(job_for(&jobs, &key, Some(&old)), Some((old.as_str(), &1)));
+        jobs.insert(key.clone(), 2);
+        assert_eq!(job_for(&jobs, &key, Some(&old)), Some((key.as_str(), &2)));
+        assert_eq!(job_for(&jobs, "other", None), None);
+    }
 }

@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
 use super::scan::{Classified, classify, walk};
-use super::{ModelIdentity, TaskSpec, content_key};
+use super::{ModelIdentity, TaskSpec, content_key, job_for, path_content_key};
 use crate::app::{App, Engine, Settings, StartError};
 use crate::config::DataSettings;
 use crate::queue::{ImageSource, JobState, NewJob, Store, StoreError};
@@ -114,6 +114,8 @@ struct Plan {
     groups: BTreeMap<String, Vec<String>>,
     /// Hash → key.
     keys: HashMap<String, String>,
+    /// Hash → the key with a local model folder's path that earlier versions used.
+    path_keys: HashMap<String, String>,
 }
 
 impl Plan {
@@ -129,11 +131,39 @@ impl Plan {
             .keys()
             .map(|h| (h.clone(), content_key(h, model, spec)))
             .collect();
-        Self { groups, keys }
+        let path_keys = groups
+            .keys()
+            .filter_map(|h| Some((h.clone(), path_content_key(h, model, spec)?)))
+            .collect();
+        Self {
+            groups,
+            keys,
+            path_keys,
+        }
     }
 
+    /// Every key a content's result may be under.
     fn key_list(&self) -> Vec<String> {
-        self.groups.keys().map(|h| self.keys[h].clone()).collect()
+        let earlier = self.groups.keys().filter_map(|h| self.path_keys.get(h));
+        self.groups
+            .keys()
+            .map(|h| &self.keys[h])
+            .chain(earlier)
+            .cloned()
+            .collect()
+    }
+
+    /// The job (among `jobs`, by key) that holds a content's result, with its key.
+    fn job_of<'a, J>(
+        &'a self,
+        hash: &str,
+        jobs: &'a HashMap<String, J>,
+    ) -> Option<(&'a str, &'a J)> {
+        job_for(
+            jobs,
+            &self.keys[hash],
+            self.path_keys.get(hash).map(String::as_str),
+        )
     }
 }
 
@@ -294,8 +324,8 @@ async fn run_on_app(
     let mut follow = HashMap::new();
     for (hash, paths) in &plan.groups {
         let key = &plan.keys[hash];
-        let job = existing.get(key).map(|j| (j.id, j.state));
-        match decide(opts.mode, job) {
+        let found = plan.job_of(hash, &existing);
+        match decide(opts.mode, found.map(|(_, j)| (j.id, j.state))) {
             None => {}
             Some(Action::SkipDone) => summary.already_done += 1,
             Some(Action::SkipFailed) => summary.failed_before += 1,
@@ -303,7 +333,11 @@ async fn run_on_app(
                 follow.insert(id, hash.clone());
             }
             Some(Action::Retry(_)) => {
-                to_supersede.push(key.clone());
+                // Frees the key that holds the job (an earlier version's, maybe): the
+                // new job takes this version's.
+                if let Some((held, _)) = found {
+                    to_supersede.push(held.to_string());
+                }
                 to_insert.push((hash, paths, key));
             }
             Some(Action::Enqueue) => to_insert.push((hash, paths, key)),
@@ -472,6 +506,9 @@ struct RemoteJob {
     id: Uuid,
     state: JobState,
     error: Option<crate::queue::JobErrorInfo>,
+    /// The idempotency key it was looked up by.
+    #[serde(default)]
+    key: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -558,8 +595,26 @@ pub async fn run_remote(
     let planned = scan_and_plan(&store, walked, &stats.model, &opts.spec, &progress).await;
     store.close().await;
     let (plan, mut summary) = planned?;
-    let hashes: Vec<&String> = plan.groups.keys().collect();
+    let earlier = earlier_jobs(remote, &client, &plan).await?;
     let mut follow = HashMap::new();
+    for (hash, (id, st)) in &earlier {
+        settle(
+            remote,
+            &client,
+            opts.mode,
+            hash,
+            *id,
+            *st,
+            &mut summary,
+            &mut follow,
+        )
+        .await?;
+    }
+    let hashes: Vec<&String> = plan
+        .groups
+        .keys()
+        .filter(|h| !earlier.contains_key(*h))
+        .collect();
     let params =
         serde_json::to_value(&opts.spec.params).map_err(|e| RunError::Invalid(e.to_string()))?;
     for chunk in hashes.chunks(5_000) {
@@ -587,25 +642,17 @@ pub async fn run_remote(
             )
             .await?;
         for ((h, id), st) in chunk.iter().zip(batch.job_ids).zip(batch.states) {
-            match decide(opts.mode, Some((id, st))) {
-                None => {}
-                Some(Action::SkipDone) => summary.already_done += 1,
-                Some(Action::SkipFailed) => summary.failed_before += 1,
-                Some(Action::Follow(_)) | Some(Action::Enqueue) => {
-                    follow.insert(id, (*h).clone());
-                }
-                Some(Action::Retry(id)) => {
-                    let _: serde_json::Value = remote
-                        .call(
-                            &client,
-                            reqwest::Method::POST,
-                            &format!("/v1/jobs/{id}/retry"),
-                            None,
-                        )
-                        .await?;
-                    follow.insert(id, (*h).clone());
-                }
-            }
+            settle(
+                remote,
+                &client,
+                opts.mode,
+                h,
+                id,
+                st,
+                &mut summary,
+                &mut follow,
+            )
+            .await?;
         }
     }
     summary.worked = follow.len();
@@ -643,6 +690,81 @@ pub async fn run_remote(
         }
     }
     Ok(f.end(&progress, started))
+}
+
+/// Counts, follows or retries (on the server) the job `id` that holds the content
+/// `hash`, as `mode` says.
+#[allow(clippy::too_many_arguments)]
+async fn settle(
+    remote: &Remote,
+    client: &reqwest::Client,
+    mode: Mode,
+    hash: &str,
+    id: Uuid,
+    state: JobState,
+    summary: &mut RunSummary,
+    follow: &mut HashMap<Uuid, String>,
+) -> Result<(), RunError> {
+    match decide(mode, Some((id, state))) {
+        None => {}
+        Some(Action::SkipDone) => summary.already_done += 1,
+        Some(Action::SkipFailed) => summary.failed_before += 1,
+        Some(Action::Follow(_)) | Some(Action::Enqueue) => {
+            follow.insert(id, hash.to_string());
+        }
+        Some(Action::Retry(id)) => {
+            let _: serde_json::Value = remote
+                .call(
+                    client,
+                    reqwest::Method::POST,
+                    &format!("/v1/jobs/{id}/retry"),
+                    None,
+                )
+                .await?;
+            follow.insert(id, hash.to_string());
+        }
+    }
+    Ok(())
+}
+
+/// With a server whose model is a local folder: the jobs (by content hash) that hold
+/// results under the keys earlier versions gave such a folder's results, with its path.
+async fn earlier_jobs(
+    remote: &Remote,
+    client: &reqwest::Client,
+    plan: &Plan,
+) -> Result<HashMap<String, (Uuid, JobState)>, RunError> {
+    let hash_of: HashMap<&str, &String> = plan
+        .path_keys
+        .iter()
+        .map(|(h, k)| (k.as_str(), h))
+        .collect();
+    let keys: Vec<&str> = hash_of.keys().copied().collect();
+    let mut found = HashMap::new();
+    for chunk in keys.chunks(10_000) {
+        let got: RemoteLookup = remote
+            .call(
+                client,
+                reqwest::Method::POST,
+                "/v1/jobs/lookup",
+                Some(serde_json::json!({ "keys": chunk })),
+            )
+            .await
+            .map_err(|e| match e {
+                RunError::Server(m) if m.contains("unknown field") => RunError::Server(format!(
+                    "{m} (the server is older than this captiond and cannot look up the \
+                     results its model folder made before; upgrade it, or they would be \
+                     captioned again)"
+                )),
+                e => e,
+            })?;
+        for j in got.jobs {
+            if let Some(h) = j.key.as_deref().and_then(|k| hash_of.get(k)) {
+                found.insert((*h).clone(), (j.id, j.state));
+            }
+        }
+    }
+    Ok(found)
 }
 
 #[cfg(test)]
