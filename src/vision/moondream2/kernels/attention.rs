@@ -157,6 +157,18 @@ pub fn store_q8(rows: &[f32], dim: usize, q: &mut [i8], scale: &mut [f32]) {
         unsafe { super::x86::quantize_rows_64(rows, q, scale) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if dim == 64 && isa().avx2 {
+        // SAFETY: AVX2 and FMA are present (checked at start-up); the slices hold the
+        // rows.
+        unsafe { super::avx2::quantize_rows_64(rows, q, scale) };
+        return;
+    }
+    store_q8_portable(rows, dim, q, scale);
+}
+
+/// [`store_q8`] without vector kernels.
+pub(super) fn store_q8_portable(rows: &[f32], dim: usize, q: &mut [i8], scale: &mut [f32]) {
     // Adding and taking away 1.5·2²³ rounds half to even (and vectorises).
     const MAGIC: f32 = 12_582_912.0;
     for ((row, out), s) in rows

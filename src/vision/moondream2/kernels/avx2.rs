@@ -75,7 +75,10 @@ pub(super) unsafe fn round_to_bf16(src: &[f32], dst: &mut [f32]) {
 /// the exact integer dot product of the weights `q` (stored `q + 128`) with the 8-bit
 /// activations, as `vpmaddubsw(|q|, sign(a, q))` (no pair reaches the 16-bit limit,
 /// as both sides lie in −127..=127), then scaled into f32 sums. The weights are
-/// prefetched [`Q8_AHEAD`] groups ahead.
+/// prefetched [`Q8_AHEAD`] groups ahead. At four rows this is bound by its arithmetic
+/// (eight vector operations per row for each 64 weight bytes): on two Zen 3 vCPUs
+/// 285 MB took 11.9 ms at four rows in slow and fast hours alike, and 8.0 ms at one row
+/// when memory was fast (`scripts/bench-model --kernels`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn q8_rows(
     a: &QuantActivations,
@@ -412,34 +415,11 @@ pub(super) unsafe fn quantize_groups(
     // SAFETY: group g reads row[32g..32g + 32] and writes q[32g..32g + 32], in bounds by
     // the assert above.
     unsafe {
-        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-        // The bytes of the two packs below come out as dwords of 4 values in the order
-        // x0 x1 x2 x3 (first halves), then the second halves; this puts them in order.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for g in 0..groups {
             let x: [__m256; 4] =
                 std::array::from_fn(|i| _mm256_loadu_ps(row.as_ptr().add(g * BLOCK_K + 8 * i)));
-            let m = _mm256_max_ps(
-                _mm256_max_ps(
-                    _mm256_and_ps(x[0], magnitude),
-                    _mm256_and_ps(x[1], magnitude),
-                ),
-                _mm256_max_ps(
-                    _mm256_and_ps(x[2], magnitude),
-                    _mm256_and_ps(x[3], magnitude),
-                ),
-            );
-            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-            let s = amax / 127.0;
-            let inv = _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
-            // The default rounding mode rounds half to even.
-            let v: [__m256i; 4] = std::array::from_fn(|i| {
-                let v = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));
-                _mm256_min_epi32(_mm256_max_epi32(v, lo), hi)
-            });
+            let (s, inv) = q8_scale(&x);
+            let v = store_q8_32(&x, inv, q.as_mut_ptr().add(g * BLOCK_K));
             let total =
                 _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
             let total = _mm_add_epi32(
@@ -448,18 +428,80 @@ pub(super) unsafe fn quantize_groups(
             );
             let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
             let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b10_11_00_01>(total));
-            let bytes = _mm256_packs_epi16(
-                _mm256_packs_epi32(v[0], v[1]),
-                _mm256_packs_epi32(v[2], v[3]),
-            );
-            _mm256_storeu_si256(
-                q.as_mut_ptr().add(g * BLOCK_K) as *mut __m256i,
-                _mm256_permutevar8x32_epi32(bytes, order),
-            );
             scale[g] = s;
             start[g] = -128 * _mm_cvtsi128_si32(total);
         }
     }
+}
+
+/// Rows of 64 → 8 bits with one scale per row (`max |x| / 127`, half to even), as
+/// [`super::attention::store_q8`] does them: the AVX2 twin of
+/// [`super::x86::quantize_rows_64`] (the cache rows each decoded token appends). On Zen
+/// 3, the 6,144 rows of a four-image step (24 layers, K and V, 32 heads) take 0.08 ms
+/// against 0.47 ms in the portable loop (release build, five rounds of twenty).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_rows_64(rows: &[f32], q: &mut [i8], scale: &mut [f32]) {
+    const D: usize = 64;
+    let n = rows.len() / D;
+    assert!(q.len() >= n * D && scale.len() >= n);
+    // SAFETY: row r reads rows[64r..64r + 64] and writes q[64r..64r + 64], in bounds by
+    // the assert above.
+    unsafe {
+        for (r, s_out) in scale.iter_mut().enumerate().take(n) {
+            let x: [__m256; 8] =
+                std::array::from_fn(|i| _mm256_loadu_ps(rows.as_ptr().add(r * D + 8 * i)));
+            let (s, inv) = q8_scale(&x);
+            for half in 0..2 {
+                let part = [0, 1, 2, 3].map(|i| x[4 * half + i]);
+                store_q8_32(&part, inv, q.as_mut_ptr().add(r * D + 32 * half));
+            }
+            *s_out = s;
+        }
+    }
+}
+
+/// The 8-bit scale of the values in `x` (`max |x| / 127`) and its inverse (0 for an
+/// all-zero block), computed as the portable loops do.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q8_scale(x: &[__m256]) -> (f32, __m256) {
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let m = x.iter().fold(_mm256_setzero_ps(), |m, v| {
+        _mm256_max_ps(m, _mm256_and_ps(*v, magnitude))
+    });
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let s = amax / 127.0;
+    (s, _mm256_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 }))
+}
+
+/// Rounds `x · inv` half to even, clamps to ±127 and stores the 32 bytes at `out` in
+/// order; returns the clamped values (as dwords, lane order of `x`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn store_q8_32(x: &[__m256; 4], inv: __m256, out: *mut i8) -> [__m256i; 4] {
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    // The default rounding mode rounds half to even.
+    let v: [__m256i; 4] = std::array::from_fn(|i| {
+        let v = _mm256_cvtps_epi32(_mm256_mul_ps(x[i], inv));
+        _mm256_min_epi32(_mm256_max_epi32(v, lo), hi)
+    });
+    // The bytes of the two packs come out as dwords of 4 values in the order x0 x1 x2
+    // x3 (first halves), then the second halves; the permute puts them in order.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(v[0], v[1]),
+        _mm256_packs_epi32(v[2], v[3]),
+    );
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    // SAFETY: the caller gives 32 writable bytes at `out`.
+    unsafe {
+        _mm256_storeu_si256(
+            out as *mut __m256i,
+            _mm256_permutevar8x32_epi32(bytes, order),
+        )
+    };
+    v
 }
 
 /// `e^x` on eight lanes: [`super::math::exp`]'s operations in its order, so its results

@@ -239,12 +239,43 @@ fn kv_rows_are_stored_rounded_to_nearest_even() {
     for (i, v) in x[128..192].iter_mut().enumerate() {
         *v = if i == 0 { 127.0 } else { (i % 9) as f32 - 4.5 };
     }
-    let (mut q, mut scale) = (vec![3i8; 1 + x.len()], vec![0.5f32; 1 + x.len() / 64]);
-    store_q8(&x, 64, &mut q[1..], &mut scale[1..]);
+    // A row whose largest magnitude is negative, and one of tiny values.
+    x[192 + 9] = -40.0;
+    for v in &mut x[256..320] {
+        *v *= 1e-30;
+    }
     let want = quantize_rows(&x, 64);
-    assert_eq!((&q[1..], &scale[1..]), (&want.0[..], &want.1[..]));
-    assert_eq!((q[0], scale[0]), (3, 0.5), "writes only where told");
-    assert_eq!(&q[1 + 128..1 + 134], &[127, -4, -2, -2, 0, 0]);
+    type Store = dyn Fn(&[f32], &mut [i8], &mut [f32]);
+    let mut paths: Vec<(&str, Box<Store>)> = vec![
+        ("dispatched", Box::new(|r, q, s| store_q8(r, 64, q, s))),
+        (
+            "portable",
+            Box::new(|r, q, s| super::attention::store_q8_portable(r, 64, q, s)),
+        ),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx2 {
+        // SAFETY: AVX2 and FMA are present (checked).
+        paths.push((
+            "AVX2",
+            Box::new(|r, q, s| unsafe { avx2::quantize_rows_64(r, q, s) }),
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa().avx512() {
+        // SAFETY: AVX512-F is present whenever either AVX512 family is.
+        paths.push((
+            "AVX512",
+            Box::new(|r, q, s| unsafe { x86::quantize_rows_64(r, q, s) }),
+        ));
+    }
+    for (name, f) in &paths {
+        let (mut q, mut scale) = (vec![3i8; 1 + x.len()], vec![0.5f32; 1 + x.len() / 64]);
+        f(&x, &mut q[1..], &mut scale[1..]);
+        assert_eq!((&q[1..], &scale[1..]), (&want.0[..], &want.1[..]), "{name}");
+        assert_eq!((q[0], scale[0]), (3, 0.5), "{name}: writes only where told");
+        assert_eq!(&q[1 + 128..1 + 134], &[127, -4, -2, -2, 0, 0], "{name}");
+    }
     let mut b = vec![7u16; 1 + x.len()];
     store_bf16(&x, &mut b[1..]);
     let want: Vec<u16> = x
