@@ -311,10 +311,39 @@ fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_co
     let (code, out, _) = run_with_model(&data, &moved, &["status", &libs]);
     assert_eq!(code, 0);
     assert!(out.contains("done 3  failed 0"), "{out}");
+    // A folder captioned only with other settings: status names those, and not the
+    // results made under the old path, which are this model's.
+    let new = tmp.path().join("new");
+    std::fs::create_dir_all(&new).unwrap();
+    std::fs::write(new.join("n.png"), common::png(22, 15, 9)).unwrap();
+    let news = new.display().to_string();
+    let short = ["caption", &news, "--max-tokens", "4", "--length", "short"];
+    let (_, _, err) = run_with_model(&data, &moved, &short);
+    assert!(err.contains("captioned 1, failed 0"), "{err}");
+    let only_other_settings = |out: &str| {
+        assert!(out.contains("done 0  failed 0"), "{out}");
+        assert!(
+            out.contains("note:      1 results: --length short --model-dir "),
+            "{out}"
+        );
+        assert!(!out.contains("3 results"), "{out}");
+    };
+    let (code, out, _) = run_with_model(&data, &moved, &["status", &news]);
+    assert_eq!(code, 0);
+    only_other_settings(&out);
+    let (_, out, _) = run_with_model(&data, &moved, &["status", &news, "--length", "long"]);
+    assert!(
+        out.contains("note:      3 results: --length normal --model-dir "),
+        "{out}"
+    );
+    assert!(
+        out.contains("note:      1 results: --length short --model-dir "),
+        "{out}"
+    );
 
     // A database written before keys left out the folder's path: its results count in
     // runs, status and export alike, until --mode all redoes them under the new keys.
-    assert_eq!(rekey_as_before(&data, &moved), 3);
+    assert_eq!(rekey_as_before(&data, &moved), 4);
     let (code, _, err) = run_with_model(&data, &moved, &args);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -323,6 +352,8 @@ fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_co
     );
     let (_, out, _) = run_with_model(&data, &moved, &["status", &libs]);
     assert!(out.contains("done 3  failed 0"), "{out}");
+    let (_, out, _) = run_with_model(&data, &moved, &["status", &news]);
+    only_other_settings(&out);
     let (code, out, err) = run_with_model(&data, &moved, &["export", &libs, "--format", "jsonl"]);
     assert_eq!(code, 0, "{err}");
     let texts = out
@@ -334,7 +365,7 @@ fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_co
     all.extend(["--mode", "all"]);
     let (_, _, err) = run_with_model(&data, &moved, &all);
     assert!(err.contains("captioned 3, failed 0"), "{err}");
-    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 6);
+    assert_eq!(common::db_scalar(&data, "SELECT COUNT(*) FROM jobs"), 7);
     let (_, _, err) = run_with_model(&data, &moved, &args);
     assert!(
         err.contains("captioned 0, failed 0, skipped 3 already done"),

@@ -740,15 +740,18 @@ async fn result_settings_count_succeeded_jobs_under_a_key_prefix_per_settings_an
         idempotency_key: key.map(str::to_string),
         ..new_job(i)
     };
+    // Library keys end in a 16-character digest of their settings: h8's differs from
+    // h1's (another key format of the same task and model).
     let specs = [
-        (Some("lib:h1:caption:aa"), "short", "m1", true),
-        (Some("lib:h2:caption:aa"), "short", "m1", true),
-        (Some("lib:h3:caption:aa"), "short", "m2", true),
-        (Some("lib:h4:caption:bb"), "long", "m1", true),
-        (Some("lib:h5:caption:bb"), "long", "m1", false),
-        (Some("lib:h6:caption:aa"), "short", "m1", true),
+        (Some("lib:h1:caption:aaaaaaaaaaaaaaaa"), "short", "m1", true),
+        (Some("lib:h2:caption:aaaaaaaaaaaaaaaa"), "short", "m1", true),
+        (Some("lib:h3:caption:aaaaaaaaaaaaaaaa"), "short", "m2", true),
+        (Some("lib:h4:caption:bbbbbbbbbbbbbbbb"), "long", "m1", true),
+        (Some("lib:h5:caption:bbbbbbbbbbbbbbbb"), "long", "m1", false),
+        (Some("lib:h6:caption:aaaaaaaaaaaaaaaa"), "short", "m1", true),
         (Some("other:h7"), "short", "m1", true),
         (None, "short", "m1", true),
+        (Some("lib:h8:caption:cccccccccccccccc"), "short", "m1", true),
     ];
     for (i, (key, length, model, succeed)) in specs.iter().enumerate() {
         store.insert_job(&job(i, *key, length)).await.unwrap();
@@ -771,30 +774,41 @@ async fn result_settings_count_succeeded_jobs_under_a_key_prefix_per_settings_an
     }
     // h6's result was superseded by a later run (its key freed).
     let superseded = store
-        .supersede_keys(&["lib:h6:caption:aa".into()], &[JobState::Succeeded])
+        .supersede_keys(
+            &["lib:h6:caption:aaaaaaaaaaaaaaaa".into()],
+            &[JobState::Succeeded],
+        )
         .await
         .unwrap();
     assert_eq!(superseded, 1);
 
     let got = store.result_settings("lib:").await.unwrap();
-    let got: Vec<(String, serde_json::Value, String, i64)> = got
+    let got: Vec<(String, serde_json::Value, String, String, i64)> = got
         .into_iter()
         .map(|r| {
             let params = serde_json::from_str(&r.params).unwrap();
-            (r.task, params, r.model, r.jobs)
+            (r.task, params, r.model, r.key_tail, r.jobs)
         })
         .collect();
     let short = serde_json::json!({ "length": "short" });
     let long = serde_json::json!({ "length": "long" });
-    assert_eq!(got.len(), 3, "{got:?}");
-    assert_eq!(got[0], ("caption".into(), short.clone(), "m1".into(), 2));
-    assert!(
-        got.contains(&("caption".into(), short, "m2".into(), 1)),
-        "{got:?}"
-    );
-    assert!(
-        got.contains(&("caption".into(), long, "m1".into(), 1)),
-        "{got:?}"
-    );
+    let row = |params: &serde_json::Value, model: &str, tail: &str, jobs| {
+        (
+            "caption".to_string(),
+            params.clone(),
+            model.to_string(),
+            tail.to_string(),
+            jobs,
+        )
+    };
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[0], row(&short, "m1", "aaaaaaaaaaaaaaaa", 2));
+    for want in [
+        row(&short, "m2", "aaaaaaaaaaaaaaaa", 1),
+        row(&long, "m1", "bbbbbbbbbbbbbbbb", 1),
+        row(&short, "m1", "cccccccccccccccc", 1),
+    ] {
+        assert!(got.contains(&want), "{want:?} in {got:?}");
+    }
     assert!(store.result_settings("none:").await.unwrap().is_empty());
 }

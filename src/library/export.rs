@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::xmp::{self, Description, Outcome};
-use super::{KEY_PREFIX, ModelIdentity, TaskSpec, content_key, job_for, path_content_key};
+use super::{
+    KEY_PREFIX, ModelIdentity, TaskSpec, content_key, job_for, path_content_key, settings_tails,
+};
 use crate::queue::{JobState, LibraryFile, Store, StoreError};
 
 /// Export formats.
@@ -153,27 +155,36 @@ pub struct OtherSettings {
 
 /// The settings, other than `model` with `spec`, under which the queue holds library
 /// results (results are kept per model and task, so a report with other flags does not
-/// see them); most results first.
+/// see them); most results first. Results that `model` finds (by their keys' settings
+/// digest: a moved model folder's, made under its old path) are not other settings.
 pub async fn other_settings(
     store: &Store,
     model: &ModelIdentity,
     spec: &TaskSpec,
 ) -> Result<Vec<OtherSettings>, ExportError> {
     let params = serde_json::to_value(&spec.params).unwrap_or_default();
-    Ok(store
-        .result_settings(KEY_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|r| {
-            let stored: serde_json::Value = serde_json::from_str(&r.params).unwrap_or_default();
-            let same =
-                r.task == spec.task.as_str() && stored == params && model_made(model, &r.model);
-            (!same).then(|| OtherSettings {
+    let found = settings_tails(model, spec);
+    let mut out: Vec<OtherSettings> = Vec::new();
+    for r in store.result_settings(KEY_PREFIX).await? {
+        let stored: serde_json::Value = serde_json::from_str(&r.params).unwrap_or_default();
+        let same = found.contains(&r.key_tail)
+            || (r.task == spec.task.as_str() && stored == params && model_made(model, &r.model));
+        if same {
+            continue;
+        }
+        let flags = format!("{} {}", task_flags(&r.task, &stored), model_flags(&r.model));
+        // Key formats of one model and task (before and after keys left out a
+        // folder's path) are one line.
+        match out.iter_mut().find(|o| o.flags == flags) {
+            Some(o) => o.results += r.jobs,
+            None => out.push(OtherSettings {
                 results: r.jobs,
-                flags: format!("{} {}", task_flags(&r.task, &stored), model_flags(&r.model)),
-            })
-        })
-        .collect())
+                flags,
+            }),
+        }
+    }
+    out.sort_by_key(|o| std::cmp::Reverse(o.results));
+    Ok(out)
 }
 
 /// Whether `label` (how a worker names its model: a folder, or `repo@revision`) is the

@@ -124,6 +124,17 @@ pub fn path_content_key(hash: &str, model: &ModelIdentity, spec: &TaskSpec) -> O
         .then(|| key_for(hash, &model.name, &model.revision, spec))
 }
 
+/// The settings digests (a key's last 16 characters) under which `model` and `spec`
+/// find their results: the path-free key's, and for a local folder the one from before
+/// keys left out its path.
+pub fn settings_tails(model: &ModelIdentity, spec: &TaskSpec) -> Vec<String> {
+    let tail = |key: String| key[key.len().saturating_sub(16)..].to_string();
+    std::iter::once(content_key("", model, spec))
+        .chain(path_content_key("", model, spec))
+        .map(tail)
+        .collect()
+}
+
 /// The job that holds a content's result among `jobs` (by key): the one under `key`,
 /// else one under the key from before keys left out a folder's path; with its key.
 pub fn job_for<'a, J>(

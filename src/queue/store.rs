@@ -864,7 +864,8 @@ impl Store {
     }
 
     /// Succeeded jobs whose idempotency key starts with `key_prefix` (superseded keys
-    /// left out), counted per task, parameters and model; most first.
+    /// left out), counted per task, parameters, model and the keys' last 16 characters;
+    /// most first.
     pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
         dispatch!(self, s => s.result_settings(key_prefix).await)
     }

@@ -36,9 +36,10 @@ const SQL_RESULTS_BY_IDS: &str = "SELECT job_id, attempt, model, output, created
 /// Succeeded jobs under current (not superseded) keys in a key range, grouped by the
 /// settings that made their results.
 const SQL_RESULT_SETTINGS: &str = concat!(
-    "SELECT j.task, j.params, r.model, COUNT(*) FROM jobs j JOIN results r ON r.job_id = j.id ",
+    "SELECT j.task, j.params, r.model, substr(j.idempotency_key, -16) AS tail, COUNT(*) ",
+    "FROM jobs j JOIN results r ON r.job_id = j.id ",
     "WHERE j.idempotency_key >= ?1 AND j.idempotency_key < ?2 AND instr(j.idempotency_key, '#') = 0 ",
-    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model ORDER BY COUNT(*) DESC, r.model"
+    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model, tail ORDER BY COUNT(*) DESC, r.model, tail"
 );
 const SQL_GET_EXPORT: &str = "SELECT content_hash FROM export_files WHERE path = ?1";
 const SQL_PUT_EXPORT: &str = concat!(
@@ -64,7 +65,8 @@ pub struct LibraryFile {
     pub is_image: bool,
 }
 
-/// How many results one set of settings made: task, parameters (JSON) and model.
+/// How many results one set of settings made: task, parameters (JSON), model and the
+/// keys' last 16 characters (where a library key holds the digest of its settings).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ResultSettings {
     /// The jobs' task (`caption`, `query`, …).
@@ -73,17 +75,20 @@ pub struct ResultSettings {
     pub params: String,
     /// The model that made the results, as the worker named it.
     pub model: String,
+    /// The last 16 characters of the jobs' idempotency keys.
+    pub key_tail: String,
     /// How many succeeded jobs.
     pub jobs: i64,
 }
 
-impl From<(String, String, String, i64)> for ResultSettings {
-    /// From a row of task, parameters, model and count.
-    fn from((task, params, model, jobs): (String, String, String, i64)) -> Self {
+impl From<(String, String, String, String, i64)> for ResultSettings {
+    /// From a row of task, parameters, model, key tail and count.
+    fn from((task, params, model, key_tail, jobs): (String, String, String, String, i64)) -> Self {
         Self {
             task,
             params,
             model,
+            key_tail,
             jobs,
         }
     }
@@ -176,7 +181,7 @@ impl SqliteStore {
     /// Succeeded jobs whose idempotency key starts with `key_prefix` (superseded keys
     /// left out), counted per task, parameters and model; most first.
     pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
             .bind(key_prefix)
             .bind(prefix_end(key_prefix))
             .fetch_all(&self.read)

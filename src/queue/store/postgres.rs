@@ -225,9 +225,10 @@ const SQL_RESULTS_BY_IDS: &str = "SELECT job_id, attempt, model, output, created
 /// Succeeded jobs under current (not superseded) keys with a prefix, grouped by the
 /// settings that made their results.
 const SQL_RESULT_SETTINGS: &str = concat!(
-    "SELECT j.task, j.params, r.model, COUNT(*) FROM jobs j JOIN results r ON r.job_id = j.id ",
+    "SELECT j.task, j.params, r.model, right(j.idempotency_key, 16) AS tail, COUNT(*) ",
+    "FROM jobs j JOIN results r ON r.job_id = j.id ",
     "WHERE starts_with(j.idempotency_key, $1) AND strpos(j.idempotency_key, '#') = 0 ",
-    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model ORDER BY COUNT(*) DESC, r.model"
+    "AND j.state = 'succeeded' GROUP BY j.task, j.params, r.model, tail ORDER BY COUNT(*) DESC, r.model, tail"
 );
 const SQL_GET_EXPORT: &str = "SELECT content_hash FROM export_files WHERE path = $1";
 const SQL_PUT_EXPORT: &str = concat!(
@@ -849,7 +850,7 @@ impl PgStore {
     }
 
     pub async fn result_settings(&self, key_prefix: &str) -> StoreResult<Vec<ResultSettings>> {
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
+        let rows: Vec<(String, String, String, String, i64)> = sqlx::query_as(SQL_RESULT_SETTINGS)
             .bind(key_prefix)
             .fetch_all(&self.pool)
             .await?;
