@@ -414,18 +414,34 @@ pub(super) mod q8_rounding {
     /// Turns the softmax numerators `scores` into weights in place (times the value
     /// rows' `scales`) and returns the weights' rounding step and its inverse:
     /// 1/32,767 of the largest, coarser only where their total must be capped at
-    /// [`WEIGHT_BUDGET`] (flat attention past 516 positions: 2⁻¹⁴ at 2,048).
-    #[inline(always)]
+    /// [`WEIGHT_BUDGET`] (flat attention past 516 positions: 2⁻¹⁴ at 2,048). The
+    /// kernels compute it a vector at a time (`x86::weights_step`, `avx2::weights_step`),
+    /// tested against this.
+    #[cfg(test)]
     pub fn weights_step(scores: &mut [f32], scales: &[f32]) -> (f32, f32) {
+        weights_step_from(scores, scales, [0.0; 16], [0.0; 16])
+    }
+
+    /// `weights_step` where the first values are done: `max` and `sum` hold its sixteen
+    /// lanes' maxima and sums after them (lane `i` over values `i`, `i + 16`, …) and
+    /// `scores`/`scales` are the rest. The vector kernels do whole vectors of sixteen
+    /// and finish here, so that every path gives the same step bit for bit.
+    #[inline(always)]
+    pub fn weights_step_from(
+        scores: &mut [f32],
+        scales: &[f32],
+        mut max: [f32; 16],
+        mut sum: [f32; 16],
+    ) -> (f32, f32) {
         assert_eq!(scores.len(), scales.len());
-        // Sixteen independent maxima and sums, so that the pass vectorises.
-        let (mut max, mut sum) = ([0f32; 16], [0f32; 16]);
+        // Sixteen independent maxima and sums (maxima as compares, which is what
+        // `vmaxps` does; the weights are never NaN).
         let mut chunks = scores.chunks_exact_mut(16);
         let mut rows = scales.chunks_exact(16);
         for (c, r) in (&mut chunks).zip(&mut rows) {
             for i in 0..16 {
                 c[i] *= r[i];
-                max[i] = max[i].max(c[i]);
+                max[i] = larger(max[i], c[i]);
                 sum[i] += c[i];
             }
         }
@@ -436,12 +452,18 @@ pub(super) mod q8_rounding {
             .enumerate()
         {
             *x *= r;
-            max[i] = max[i].max(*x);
+            max[i] = larger(max[i], *x);
             sum[i] += *x;
         }
         let max = max.iter().fold(0f32, |m, x| m.max(*x));
         let sum: f32 = sum.iter().sum();
         with_inverse((max / TOP).max(sum / WEIGHT_BUDGET))
+    }
+
+    /// `x` if it is larger than `m`, else `m`: `vmaxps(x, m)`.
+    #[inline(always)]
+    fn larger(m: f32, x: f32) -> f32 {
+        if x > m { x } else { m }
     }
 
     /// `step` and `1 / step` (0 for a step of 0).

@@ -690,6 +690,46 @@ pub(super) unsafe fn attend_head_q8_64(
     })
 }
 
+/// [`super::attention::q8_rounding::weights_step`], the same values bit for bit, its
+/// sixteen lanes as two vectors (the compiler left its loop scalar).
+#[target_feature(enable = "avx2")]
+pub(super) fn weights_step(scores: &mut [f32], scales: &[f32]) -> (f32, f32) {
+    let len = scores.len();
+    assert_eq!(scales.len(), len);
+    let whole = len / 16 * 16;
+    let (mut max, mut sum) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+    for j in (0..whole).step_by(16) {
+        for h in 0..2 {
+            let at = j + 8 * h;
+            // SAFETY: at + 8 ≤ len for both slices.
+            unsafe {
+                let x = _mm256_mul_ps(
+                    _mm256_loadu_ps(scores.as_ptr().add(at)),
+                    _mm256_loadu_ps(scales.as_ptr().add(at)),
+                );
+                _mm256_storeu_ps(scores.as_mut_ptr().add(at), x);
+                // `vmaxps(x, max)`: x where it is larger, as the portable loop compares.
+                max[h] = _mm256_max_ps(x, max[h]);
+                sum[h] = _mm256_add_ps(sum[h], x);
+            }
+        }
+    }
+    let (mut max_lanes, mut sum_lanes) = ([0f32; 16], [0f32; 16]);
+    for h in 0..2 {
+        // SAFETY: each array holds 16 values; 8h + 8 ≤ 16.
+        unsafe {
+            _mm256_storeu_ps(max_lanes.as_mut_ptr().add(8 * h), max[h]);
+            _mm256_storeu_ps(sum_lanes.as_mut_ptr().add(8 * h), sum[h]);
+        }
+    }
+    super::attention::q8_rounding::weights_step_from(
+        &mut scores[whole..],
+        &scales[whole..],
+        max_lanes,
+        sum_lanes,
+    )
+}
+
 /// The body of [`attend_head_q8_64`]: `scores` holds `len` rounded up to 8 floats,
 /// `weights` room for `len + 1` 16-bit values (contents on entry are stale).
 #[target_feature(enable = "avx2,fma")]
@@ -702,7 +742,7 @@ unsafe fn q8_head(
     scores: &mut [f32],
     weights: *mut i16,
 ) {
-    use super::attention::q8_rounding::{TOP, query_step, weights_step};
+    use super::attention::q8_rounding::{TOP, query_step};
     const D: usize = 64;
     // Rows prefetched ahead (4 KiB), as in the AVX512 kernel.
     const AHEAD: usize = 64;

@@ -517,3 +517,50 @@ fn activation_quantization_is_the_portable_one_on_every_path() {
         assert_eq!(got, want, "AVX512");
     }
 }
+
+/// The vector kernels' weight steps of the 8-bit attention are the portable
+/// `weights_step`'s bit for bit (step, inverse and the weights left in place), over
+/// lengths around whole vectors, zero weights and ties for the largest.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn q8_attention_weight_steps_are_the_portable_ones_bit_for_bit() {
+    use super::attention::q8_rounding::weights_step;
+    let mut rng = Rng(0x05ee_d0f5_ca1e);
+    // Peaked weights (the largest sets the step), then flat ones past 516 positions
+    // (the total does).
+    let peaked = [1, 5, 8, 15, 16, 17, 31, 32, 33, 100, 730, 931].map(|n| (n, false));
+    for (len, flat) in peaked
+        .into_iter()
+        .chain([(600, true), (931, true), (2047, true)])
+    {
+        let mut scores: Vec<f32> = rng.vec(len).iter().map(|x| x.abs()).collect();
+        let mut scales: Vec<f32> = rng.vec(len).iter().map(|x| x.abs() * 0.02).collect();
+        if flat {
+            scores.iter_mut().for_each(|x| *x = 0.9 + 0.1 * *x);
+            scales.iter_mut().for_each(|x| *x = 0.019 + 0.05 * *x);
+        }
+        scores[len / 2] = 0.0;
+        scores[len - 1] = 1.0;
+        scores[0] = 1.0;
+        let want = {
+            let mut s = scores.clone();
+            let step = weights_step(&mut s, &scales);
+            (step.0.to_bits(), step.1.to_bits(), s)
+        };
+        let bits = |f: &dyn Fn(&mut [f32]) -> (f32, f32)| {
+            let mut s = scores.clone();
+            let step = f(&mut s);
+            (step.0.to_bits(), step.1.to_bits(), s)
+        };
+        if isa().avx2 {
+            // SAFETY: AVX2 is present (checked).
+            let got = bits(&|s| unsafe { avx2::weights_step(s, &scales) });
+            assert_eq!(got, want, "AVX2 len {len}");
+        }
+        if isa().avx512() {
+            // SAFETY: AVX512-F is present whenever either AVX512 family is.
+            let got = bits(&|s| unsafe { x86::weights_step(s, &scales) });
+            assert_eq!(got, want, "AVX512 len {len}");
+        }
+    }
+}
