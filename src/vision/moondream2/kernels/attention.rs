@@ -434,8 +434,8 @@ pub(super) mod q8_rounding {
         mut sum: [f32; 16],
     ) -> (f32, f32) {
         assert_eq!(scores.len(), scales.len());
-        // Sixteen independent maxima and sums (maxima as compares, which is what
-        // `vmaxps` does; the weights are never NaN).
+        // Sixteen independent maxima and sums; the maxima as compares, which is what
+        // `vmaxps` does (a NaN weight is passed over, as `f32::max` did).
         let mut chunks = scores.chunks_exact_mut(16);
         let mut rows = scales.chunks_exact(16);
         for (c, r) in (&mut chunks).zip(&mut rows) {

@@ -690,8 +690,9 @@ pub(super) unsafe fn attend_head_q8_64(
     })
 }
 
-/// [`super::attention::q8_rounding::weights_step`], the same values bit for bit, its
-/// sixteen lanes as two vectors (the compiler left its loop scalar).
+/// The 8-bit attention's weight step, `attention::q8_rounding::weights_step` (the
+/// portable definition, which the tests hold this to bit for bit), its sixteen lanes as
+/// two vectors (the compiler left its loop scalar).
 #[target_feature(enable = "avx2")]
 pub(super) fn weights_step(scores: &mut [f32], scales: &[f32]) -> (f32, f32) {
     let len = scores.len();

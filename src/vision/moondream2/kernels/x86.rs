@@ -663,9 +663,9 @@ pub(super) unsafe fn attend_head_q8_64(
     })
 }
 
-/// [`super::attention::q8_rounding::weights_step`], the same values bit for bit,
-/// sixteen lanes a vector: the compiler left its loop scalar, about a tenth of the 8-bit
-/// attention's time.
+/// The 8-bit attention's weight step, `attention::q8_rounding::weights_step` (the
+/// portable definition, which the tests hold this to bit for bit), sixteen lanes a
+/// vector: the compiler left its loop scalar, about a tenth of the attention's time.
 #[target_feature(enable = "avx512f")]
 pub(super) fn weights_step(scores: &mut [f32], scales: &[f32]) -> (f32, f32) {
     let len = scores.len();
