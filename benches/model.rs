@@ -207,10 +207,18 @@ impl Limits {
 }
 
 /// The decode step's two memory-bound kernels, streaming from memory (not cache): q8
-/// products at 1–8 rows over 285 MB of weights, and one sequence's attention over a
-/// 730-position bf16 KV cache of 24 layers × 32 heads (143 MB).
+/// products at 1–8 rows over 285 MB of weights in the MLP's two shapes (fc1's short
+/// rows, fc2's long ones), and one sequence's attention over a 730-position KV cache of
+/// 24 layers × 32 heads (143 MB in bf16, 76 MB in 8 bits).
 fn decode_kernels() {
-    let (k, n, mats) = (2048usize, 8192usize, 16usize);
+    for (k, n) in [(2048, 8192), (8192, 2048)] {
+        q8_products(k, n, 16);
+    }
+    decode_attention();
+}
+
+/// q8 products of 1, 2, 4 and 8 rows over `mats` matrices `k → n`.
+fn q8_products(k: usize, n: usize, mats: usize) {
     let ws: Vec<PackedWeight> = (0..mats)
         .map(|j| {
             let w: Vec<f32> = (0..n * k)
@@ -237,6 +245,10 @@ fn decode_kernels() {
             rate / 1e9
         );
     }
+}
+
+/// One sequence's decode attention over a 730-position cache, bf16 then 8-bit rows.
+fn decode_attention() {
     let (len, dim, heads, layers) = (730usize, 64usize, 32usize, 24usize);
     let rows = |seed: usize| -> Vec<u16> {
         (0..len * dim)
