@@ -246,7 +246,7 @@ impl App {
         tokio::spawn(sweep_uploads(
             blobs.clone(),
             store.clone(),
-            settings.data.keep_uploads_days.0,
+            settings.server.keep_uploads_days.0,
             server_stop.clone(),
         ));
         let state = AppState {

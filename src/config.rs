@@ -34,15 +34,6 @@ pub struct DataSettings {
     )]
     pub durability: Durability,
 
-    /// Days an upload is kept once every job that uses it has succeeded (the results stay; the dashboard then shows no thumbnail), or `forever`. Uploads of waiting, failed and cancelled jobs are always kept.
-    #[arg(
-        long,
-        env = "CAPTIOND_KEEP_UPLOADS_DAYS",
-        default_value = "7",
-        value_name = "DAYS|forever"
-    )]
-    pub keep_uploads_days: KeepUploads,
-
     /// Queue database: a `sqlite:PATH`, or a `postgres://user:pass@host/db` URL so several hosts share one queue [default: the SQLite file in the data folder].
     #[arg(long = "database", env = "CAPTIOND_DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
@@ -51,6 +42,13 @@ pub struct DataSettings {
 /// How long the upload of a succeeded job is kept: `None` for ever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeepUploads(pub Option<Duration>);
+
+impl Default for KeepUploads {
+    /// A week, as `--keep-uploads-days` defaults to.
+    fn default() -> Self {
+        Self(Some(Duration::from_secs(7 * 86_400)))
+    }
+}
 
 impl std::str::FromStr for KeepUploads {
     type Err = String;
@@ -341,6 +339,15 @@ pub struct ServerSettings {
     /// Moondream Station compatibility: listen on port 2020 unless --bind is given.
     #[arg(long, env = "CAPTIOND_STATION", default_value_t = false)]
     pub station: bool,
+
+    /// Days an upload is kept once every job that uses it has succeeded (the results stay; the dashboard then shows no thumbnail), or `forever`. Uploads of waiting, failed and cancelled jobs are always kept.
+    #[arg(
+        long,
+        env = "CAPTIOND_KEEP_UPLOADS_DAYS",
+        default_value = "7",
+        value_name = "DAYS|forever"
+    )]
+    pub keep_uploads_days: KeepUploads,
 }
 
 #[cfg(test)]
@@ -353,6 +360,11 @@ mod tests {
         assert_eq!("7".parse(), Ok(KeepUploads(Some(7 * day))));
         assert_eq!(" 0 ".parse(), Ok(KeepUploads(Some(Duration::ZERO))));
         assert_eq!("Forever".parse(), Ok(KeepUploads(None)));
+        assert_eq!(
+            "7".parse(),
+            Ok(KeepUploads::default()),
+            "the flag's default"
+        );
         for bad in ["", "-1", "7d", "1.5", "never", "100001"] {
             let got: Result<KeepUploads, String> = bad.parse();
             assert!(

@@ -469,6 +469,8 @@ async fn caption(
                     body_timeout_secs: 60,
                     header_timeout_secs: 30,
                     station: false,
+                    // A library run enqueues no uploads.
+                    keep_uploads_days: Default::default(),
                 },
             };
             run_local(&settings, &opts, shutdown_signal()).await?

@@ -1,5 +1,6 @@
 //! The documentation cannot drift from the code: the README's state table is the
-//! code's transition table, and `.env.example` lists every `CAPTIOND_*` variable.
+//! code's transition table, `.env.example` lists every `CAPTIOND_*` variable, and each
+//! command's `--help` offers only the settings that command uses.
 
 use captiond::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
 use captiond::queue::job::TRANSITIONS;
@@ -45,5 +46,28 @@ fn every_environment_variable_is_documented_in_env_example() {
             example.contains(&format!("{var}=")),
             "{var} is missing from .env.example"
         );
+    }
+}
+
+/// `captiond <args>`'s standard output (it must succeed).
+fn help_of(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_captiond"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn upload_retention_is_offered_by_serve_alone() {
+    // Only the HTTP service keeps uploads; the library commands have none to keep.
+    let serve = help_of(&["serve", "--help"]);
+    assert!(serve.contains("--keep-uploads-days"), "{serve}");
+    assert!(serve.contains("--data-dir"), "{serve}");
+    for command in ["caption", "status", "export"] {
+        let help = help_of(&[command, "--help"]);
+        assert!(help.contains("--data-dir"), "{command}: {help}");
+        assert!(!help.contains("keep-uploads"), "{command}: {help}");
     }
 }

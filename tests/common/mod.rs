@@ -86,7 +86,6 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
         data: DataSettings {
             data_dir: Some(data_dir.to_path_buf()),
             durability: Durability::Full,
-            keep_uploads_days: "7".parse().unwrap(),
             database_url: opts.database_url.clone(),
         },
         model: ModelSettings {
@@ -127,6 +126,7 @@ pub fn settings(data_dir: &Path, library: &Path, opts: &TestOptions) -> Settings
             body_timeout_secs: 5,
             header_timeout_secs: 5,
             station: false,
+            keep_uploads_days: "7".parse().unwrap(),
         },
     }
 }
