@@ -332,14 +332,21 @@ fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_co
     assert_eq!(code, 0);
     only_other_settings(&out);
     let (_, out, _) = run_with_model(&data, &moved, &["status", &news, "--length", "long"]);
+    // The results made under the old path are named by the folder where it is now.
+    let here = moved.canonicalize().unwrap().display().to_string();
     assert!(
-        out.contains("note:      3 results: --length normal --model-dir "),
+        out.contains(&format!(
+            "note:      3 results: --length normal --model-dir {here}\n"
+        )),
         "{out}"
     );
     assert!(
-        out.contains("note:      1 results: --length short --model-dir "),
+        out.contains(&format!(
+            "note:      1 results: --length short --model-dir {here}\n"
+        )),
         "{out}"
     );
+    assert!(!out.contains("no longer there"), "{out}");
 
     // A database written before keys left out the folder's path: its results count in
     // runs, status and export alike, until --mode all redoes them under the new keys.
@@ -370,6 +377,28 @@ fn a_moved_model_folder_keeps_its_results_and_results_keyed_by_its_path_still_co
     assert!(
         err.contains("captioned 0, failed 0, skipped 3 already done"),
         "{err}"
+    );
+    // Results of another model folder (a copy with new file times is another model)
+    // that has since been deleted: its old path, said to be gone.
+    let other = tmp.path().join("other-model");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in std::fs::read_dir(&moved).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), other.join(f.file_name())).unwrap();
+        }
+    }
+    let other_path = other.canonicalize().unwrap().display().to_string();
+    let (_, _, err) = run_with_model(&data, &other, &["caption", &news, "--max-tokens", "4"]);
+    assert!(err.contains("captioned 1, failed 0"), "{err}");
+    std::fs::remove_dir_all(&other).unwrap();
+    let (_, out, _) = run_with_model(&data, &moved, &["status", &news, "--length", "long"]);
+    assert!(
+        out.contains(&format!(
+            "note:      1 results: --length normal --model-dir {other_path} (no longer there: \
+             give the folder it moved to)"
+        )),
+        "{out}"
     );
 }
 

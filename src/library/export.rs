@@ -156,7 +156,8 @@ pub struct OtherSettings {
 /// The settings, other than `model` with `spec`, under which the queue holds library
 /// results (results are kept per model and task, so a report with other flags does not
 /// see them); most results first. Results that `model` finds (by their keys' settings
-/// digest: a moved model folder's, made under its old path) are not other settings.
+/// digest: a moved model folder's, made under its old path) are not other settings;
+/// those `model` made with another task are named by `model` as it is now.
 pub async fn other_settings(
     store: &Store,
     model: &ModelIdentity,
@@ -172,7 +173,18 @@ pub async fn other_settings(
         if same {
             continue;
         }
-        let flags = format!("{} {}", task_flags(&r.task, &stored), model_flags(&r.model));
+        // Made by this model (its settings digest for the stored task), maybe under a
+        // folder's old path: named by the model as it is now.
+        let this_model = crate::queue::TaskKind::parse(&r.task)
+            .zip(serde_json::from_str(&r.params).ok())
+            .map(|(task, params)| TaskSpec { task, params })
+            .is_some_and(|s| settings_tails(model, &s).contains(&r.key_tail));
+        let label = if this_model {
+            model_label(model)
+        } else {
+            r.model.clone()
+        };
+        let flags = format!("{} {}", task_flags(&r.task, &stored), model_flags(&label));
         // Key formats of one model and task (before and after keys left out a
         // folder's path) are one line.
         match out.iter_mut().find(|o| o.flags == flags) {
@@ -196,6 +208,14 @@ fn model_made(model: &ModelIdentity, label: &str) -> bool {
     }
 }
 
+/// How a worker labels `model`: its folder, or `repo@revision`.
+fn model_label(model: &ModelIdentity) -> String {
+    match model.name.strip_prefix("dir:") {
+        Some(dir) => dir.to_string(),
+        None => format!("{}@{}", model.name, model.revision),
+    }
+}
+
 /// The `caption`/`status`/`export` flags of a library task's stored parameters.
 fn task_flags(task: &str, params: &serde_json::Value) -> String {
     let field = |k: &str| params.get(k).and_then(|v| v.as_str());
@@ -215,6 +235,10 @@ fn model_flags(label: &str) -> String {
             "--model-repo {} --model-revision {}",
             shell_word(repo),
             shell_word(rev)
+        ),
+        _ if folder && !Path::new(label).exists() => format!(
+            "--model-dir {} (no longer there: give the folder it moved to)",
+            shell_word(label)
         ),
         _ => format!("--model-dir {}", shell_word(label)),
     }
@@ -541,11 +565,18 @@ mod tests {
             model_flags("vikhyatk/moondream2@2025-06-21"),
             "--model-repo vikhyatk/moondream2 --model-revision 2025-06-21"
         );
+        let dir = tempfile::tempdir().unwrap();
+        let spaced = dir.path().join("my model@v2");
+        std::fs::create_dir(&spaced).unwrap();
+        let spaced = spaced.display().to_string();
+        assert_eq!(model_flags(&spaced), format!("--model-dir '{spaced}'"));
+        let plain = dir.path().display().to_string();
+        assert_eq!(model_flags(&plain), format!("--model-dir {plain}"));
+        // A folder that has gone (moved, or deleted) is said to be gone.
         assert_eq!(
-            model_flags("/models/my model@v2"),
-            "--model-dir '/models/my model@v2'"
+            model_flags("/nonexistent/models/md2"),
+            "--model-dir /nonexistent/models/md2 (no longer there: give the folder it moved to)"
         );
-        assert_eq!(model_flags("/models/md2"), "--model-dir /models/md2");
     }
 
     #[test]
