@@ -43,13 +43,6 @@ pub struct DataSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeepUploads(pub Option<Duration>);
 
-impl Default for KeepUploads {
-    /// A week, as `--keep-uploads-days` defaults to.
-    fn default() -> Self {
-        Self(Some(Duration::from_secs(7 * 86_400)))
-    }
-}
-
 impl std::str::FromStr for KeepUploads {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -360,11 +353,6 @@ mod tests {
         assert_eq!("7".parse(), Ok(KeepUploads(Some(7 * day))));
         assert_eq!(" 0 ".parse(), Ok(KeepUploads(Some(Duration::ZERO))));
         assert_eq!("Forever".parse(), Ok(KeepUploads(None)));
-        assert_eq!(
-            "7".parse(),
-            Ok(KeepUploads::default()),
-            "the flag's default"
-        );
         for bad in ["", "-1", "7d", "1.5", "never", "100001"] {
             let got: Result<KeepUploads, String> = bad.parse();
             assert!(

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use captiond::config::{DataSettings, ModelSettings, ServerSettings, WorkerSettings};
+use captiond::config::{DataSettings, KeepUploads, ModelSettings, ServerSettings, WorkerSettings};
 use captiond::library::export::{self, ExportOptions, Format, XmpNaming};
 use captiond::library::run::{Mode, Remote, RunOptions, RunSummary, run_local, run_remote};
 use captiond::library::{ModelIdentity, TaskSpec};
@@ -469,8 +469,9 @@ async fn caption(
                     body_timeout_secs: 60,
                     header_timeout_secs: 30,
                     station: false,
-                    // A library run enqueues no uploads.
-                    keep_uploads_days: Default::default(),
+                    // A library run enqueues no uploads, and leaves the service's
+                    // (its data folder may be one `serve` uses) for `serve` to expire.
+                    keep_uploads_days: KeepUploads(None),
                 },
             };
             run_local(&settings, &opts, shutdown_signal()).await?
