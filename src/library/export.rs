@@ -180,7 +180,7 @@ pub async fn other_settings(
             .map(|(task, params)| TaskSpec { task, params })
             .is_some_and(|s| settings_tails(model, &s).contains(&r.key_tail));
         let label = if this_model {
-            model_label(model)
+            model.label()
         } else {
             r.model.clone()
         };
@@ -204,15 +204,7 @@ pub async fn other_settings(
 fn model_made(model: &ModelIdentity, label: &str) -> bool {
     match model.name.strip_prefix("dir:") {
         Some(dir) => std::fs::canonicalize(label).is_ok_and(|l| l == Path::new(dir)),
-        None => label == format!("{}@{}", model.name, model.revision),
-    }
-}
-
-/// How a worker labels `model`: its folder, or `repo@revision`.
-fn model_label(model: &ModelIdentity) -> String {
-    match model.name.strip_prefix("dir:") {
-        Some(dir) => dir.to_string(),
-        None => format!("{}@{}", model.name, model.revision),
+        None => label == model.label(),
     }
 }
 

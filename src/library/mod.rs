@@ -43,6 +43,14 @@ impl ModelIdentity {
             },
         }
     }
+
+    /// How a worker labels this model in its results: the folder, or `repo@revision`.
+    pub fn label(&self) -> String {
+        match self.name.strip_prefix("dir:") {
+            Some(dir) => dir.to_string(),
+            None => format!("{}@{}", self.name, self.revision),
+        }
+    }
 }
 
 /// A short fingerprint of a model folder: the names, sizes and mtimes of its files.
